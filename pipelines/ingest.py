@@ -1,0 +1,158 @@
+"""Streaming ingest: Parquet shards -> Ray Data -> decoded uint8 canvases on the training device.
+
+The dataset is lazy and streaming: Ray Data reads row groups, decodes them on CPU workers and
+hands batches to the consumer under its object-store budget, so memory does not grow with the
+dataset. Each pass (epoch) re-reads the shards in a new order; a local shuffle buffer mixes rows
+across shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_batch
+from pipelines.quality import QualityLog, check_bad_fraction
+from pipelines.shards import find_shards
+
+CHECK_EVERY_BATCHES = 50
+MIN_SEEN_FOR_EARLY_STOP = 1000
+
+
+@dataclass
+class IngestConfig:
+    """How shards are read and decoded.
+
+    Args:
+        canvas_size: side of the square uint8 canvas every image is decoded to (shorter side
+            resized, centre kept); views are cropped from it on the device.
+        decode_batch_rows: rows per decode task call.
+        decode_num_cpus: CPUs reserved per read/decode task (fractional leaves room for training).
+        shuffle_files: read shards in a new random order each pass.
+        shuffle_buffer: rows in the consumer's local shuffle buffer (0 = off).
+        max_bad_fraction: stop with an error when more than this fraction fails to decode.
+        max_pixels: images with more pixels are refused as decompression bombs.
+        seed: seeds shard order (reseeded each pass) and the shuffle buffer; None = random.
+    """
+
+    canvas_size: int = 64
+    decode_batch_rows: int = 64
+    decode_num_cpus: float = 0.5
+    shuffle_files: bool = True
+    shuffle_buffer: int = 1024
+    max_bad_fraction: float = 0.01
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    seed: int | None = None
+
+    def validate(self) -> None:
+        checks = {
+            "canvas_size": self.canvas_size >= 4,
+            "decode_batch_rows": self.decode_batch_rows >= 1,
+            "decode_num_cpus": 0 < self.decode_num_cpus <= 64,
+            "shuffle_buffer": self.shuffle_buffer >= 0,
+            "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
+            "max_pixels": self.max_pixels >= 1,
+        }
+        allowed = {
+            "canvas_size": "an integer >= 4",
+            "decode_batch_rows": "an integer >= 1",
+            "decode_num_cpus": "a number in (0, 64]",
+            "shuffle_buffer": "an integer >= 0",
+            "max_bad_fraction": "a fraction in [0, 1]",
+            "max_pixels": "an integer >= 1",
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: must be {allowed[key]}")
+
+
+def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool) -> dict[str, np.ndarray]:
+    """map_batches UDF: encoded bytes -> canvases; bad rows are dropped and reported to the log."""
+    images = batch.column("image").to_pylist()
+    id_column = "id" if "id" in batch.column_names else "path"  # the shard's path names the record
+    ids = batch.column(id_column).to_pylist()
+    canvases, kept, bad = decode_batch(images, ids, size, max_pixels)
+    # Waited for, so the totals are complete when the consumer checks them at the end of a pass.
+    ray.get(quality_log.record.remote(len(images), bad))
+    out = {"image": canvases}
+    if with_labels:
+        if "label" in batch.column_names:
+            labels = batch.column("label").fill_null(-1).to_numpy(zero_copy_only=False)
+            out["label"] = labels.astype(np.int64)[kept]
+        else:
+            out["label"] = np.full(len(kept), -1, dtype=np.int64)
+    return out
+
+
+def image_dataset(
+    location: str, config: IngestConfig, quality_log=None, with_labels: bool = False
+) -> tuple[ray.data.Dataset, object]:
+    """A lazy, streaming dataset of `{"image": (S, S, 3) uint8[, "label": int64]}` rows.
+
+    Returns the dataset and the `QualityLog` actor that counts skipped records.
+    """
+    config.validate()
+    shards = find_shards(location)
+    quality_log = quality_log or QualityLog.remote()
+    shuffle = ray.data.FileShuffleConfig(seed=config.seed) if config.shuffle_files else None
+    dataset = ray.data.read_parquet(
+        shards.files,
+        filesystem=shards.filesystem,
+        shuffle=shuffle,
+        include_paths=not shards.has_id,
+        num_cpus=config.decode_num_cpus,
+    )
+    columns = ["image", "id" if shards.has_id else "path"]
+    if with_labels and shards.has_label:
+        columns.append("label")
+    dataset = dataset.select_columns(columns).map_batches(
+        _decode,
+        fn_kwargs=dict(
+            size=config.canvas_size,
+            max_pixels=config.max_pixels,
+            quality_log=quality_log,
+            with_labels=with_labels,
+        ),
+        batch_format="pyarrow",
+        batch_size=config.decode_batch_rows,
+        num_cpus=config.decode_num_cpus,
+    )
+    return dataset, quality_log
+
+
+def iter_canvas_batches(
+    source,
+    batch_size: int,
+    quality_log,
+    config: IngestConfig,
+    device: torch.device | str = "cpu",
+    drop_last: bool = False,
+    where: str = "data",
+    epoch: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over a dataset (or a Ray Train dataset shard) as batches of tensors on `device`.
+
+    Checks the bad-record fraction while streaming (once enough records are seen) and at the end
+    of the pass; raises `BadDataError` when it is over `config.max_bad_fraction`.
+    """
+    seed = None if config.seed is None else config.seed + epoch
+    batches = source.iter_torch_batches(
+        batch_size=batch_size,
+        device=device,
+        drop_last=drop_last,
+        local_shuffle_buffer_size=config.shuffle_buffer or None,
+        local_shuffle_seed=seed if config.shuffle_buffer else None,
+    )
+    for index, batch in enumerate(batches, start=1):
+        if index % CHECK_EVERY_BATCHES == 0:
+            check_bad_fraction(
+                ray.get(quality_log.summary.remote()), config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP
+            )
+        yield batch
+    check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)

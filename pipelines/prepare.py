@@ -1,0 +1,224 @@
+"""`selfsup prepare`: turn an image folder, a Hugging Face-style image Parquet or a bundled sample
+into Parquet shards of the design.md §2 schema, on Ray Data so it scales out.
+
+Every image is fully decoded once to check it; bad ones are skipped, counted and named, and the
+original encoded bytes of the good ones are written unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+import ray.data
+
+from pipelines.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
+from pipelines.quality import QualityLog, check_bad_fraction
+from pipelines.samples import CLASS_NAMES, sample_tables
+from pipelines.shards import SHARD_SCHEMA, DataError, _resolve, find_shards, write_classes
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+MB = 1 << 20
+
+
+@dataclass
+class PrepareConfig:
+    """Args:
+    shard_mb: target size of one Parquet shard (rows per shard = this / mean encoded image size).
+    row_group_mb: target size of one row group, the unit a reader streams.
+    max_pixels: images with more pixels are skipped as decompression bombs.
+    max_bad_fraction: fail when more than this fraction of the source is bad.
+    overwrite: replace shards already in the output folder.
+    """
+
+    shard_mb: float = 256.0
+    row_group_mb: float = 8.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bad_fraction: float = 0.5
+    overwrite: bool = False
+
+
+def _group_rows(mean_bytes: float, config: PrepareConfig) -> int:
+    return max(1, int(min(config.row_group_mb, config.shard_mb) * MB / max(mean_bytes, 1.0)))
+
+
+def _to_shard_rows(batch: pa.Table, quality_log, max_pixels: int) -> pa.Table:
+    """Check every image decodes; keep the good rows in the shard schema, report the bad ones."""
+    images = batch.column("image").to_pylist()
+    ids = batch.column("id").to_pylist()
+    good, bad, encoded = [], [], []
+    for index, value in enumerate(images):
+        data = image_bytes(value)
+        try:
+            open_image(data, max_pixels)
+            good.append(index)
+            encoded.append(data)
+        except BadImage as error:
+            bad.append((ids[index], str(error)))
+    ray.get(quality_log.record.remote(len(images), bad))
+    labels = batch.column("label") if "label" in batch.column_names else pa.nulls(batch.num_rows, pa.int64())
+    return pa.table(
+        {
+            "image": pa.array(encoded, pa.binary()),
+            "label": labels.take(good).cast(pa.int64()),
+            "id": pa.array([str(ids[i]) for i in good], pa.string()),
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+def _with_folder_labels(batch: pa.Table, root: str, class_index: dict[str, int]) -> pa.Table:
+    paths = batch.column("path").to_pylist()
+    relative = [posixpath.relpath(p, root) for p in paths]
+    labels = [class_index.get(r.split("/")[0]) if "/" in r else None for r in relative]
+    return pa.table(
+        {"image": batch.column("bytes"), "label": pa.array(labels, pa.int64()), "id": pa.array(relative)}
+    )
+
+
+def _hf_id(value, shard_path: str) -> str:
+    """A stable id for a row without one: the image's own path, else shard name + content hash."""
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    data = image_bytes(value) or b""
+    return f"{posixpath.basename(shard_path)}:{hashlib.sha1(data).hexdigest()[:16]}"
+
+
+def _with_hf_columns(batch: pa.Table) -> pa.Table:
+    image = batch.column("image")
+    if "id" in batch.column_names:
+        ids = pc.cast(batch.column("id"), pa.string())
+    else:
+        ids = pa.array([_hf_id(v, p) for v, p in zip(image.to_pylist(), batch.column("path").to_pylist())])
+    columns = {"image": image, "id": ids}
+    if "label" in batch.column_names:
+        columns["label"] = batch.column("label")
+    return pa.table(columns)
+
+
+def _list_folder(src: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo], int]:
+    filesystem, root = _resolve(src)
+    root = root.rstrip("/") or "/"
+    entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = [e for e in entries if e.type == pafs.FileType.File and not posixpath.basename(e.path).startswith(".")]
+    images = [e for e in files if posixpath.splitext(e.path)[1].lower() in IMAGE_EXTENSIONS]
+    return filesystem, root, sorted(images, key=lambda e: e.path), len(files) - len(images)
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    filesystem, root = _resolve(out)
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise DataError(f"--out {out}: is a file, expected a folder")
+    if info.type == pafs.FileType.Directory:
+        existing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        if any(e.path.endswith(".parquet") for e in existing):
+            if not overwrite:
+                raise DataError(f"--out {out}: already holds Parquet shards; pass --overwrite to replace them")
+            filesystem.delete_dir_contents(root)
+
+
+def _write(dataset: ray.data.Dataset, out: str, mean_bytes: float, config: PrepareConfig) -> None:
+    dataset.write_parquet(
+        out,
+        # Blocks are gathered into shard-sized writes; min_rows_per_file would instead force the
+        # row group up to the whole file.
+        min_bytes_per_file=int(config.shard_mb * MB),
+        row_group_size=_group_rows(mean_bytes, config),
+    )
+
+
+def plan_source(src: str) -> str:
+    """'sample', 'folder' or 'parquet'; raises DataError for a missing or unusable source."""
+    if src.startswith("sample:"):
+        return "sample"
+    filesystem, root = _resolve(src)
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{src}: no such file or folder (expected an image folder, an image Parquet or sample:NAME)")
+    if info.type == pafs.FileType.File or any(
+        e.path.endswith(".parquet")
+        for e in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        if e.type == pafs.FileType.File
+    ):
+        find_shards(src)  # checks the image column
+        return "parquet"
+    return "folder"
+
+
+def prepare(src: str, out: str, config: PrepareConfig) -> dict:
+    """Write shards for `src` under `out` and return the summary printed as the final JSON line.
+
+    Ray must be initialised. Sample sources are split into `out/train` and `out/test`.
+    """
+    kind = plan_source(src)
+    _check_out(out, config.overwrite)
+    context = ray.data.DataContext.get_current()
+    # Blocks no larger than a shard, so shard sizes land between one and two targets.
+    context.target_max_block_size = min(context.target_max_block_size or 128 * MB, int(config.shard_mb * MB))
+    quality_log = QualityLog.remote()
+    validate = dict(fn_kwargs=dict(quality_log=quality_log, max_pixels=config.max_pixels), batch_format="pyarrow")
+    summary: dict = {"source": src, "kind": kind, "out": out}
+    ignored = 0
+    if kind == "sample":
+        name = src.split(":", 1)[1]
+        tables = sample_tables(name)
+        for split, table in tables.items():
+            mean_bytes = table.column("image").nbytes / table.num_rows
+            rows = max(1, int(config.shard_mb * MB / mean_bytes))
+            blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+            dataset = ray.data.from_arrow(blocks).map_batches(_to_shard_rows, **validate)
+            _write(dataset, f"{out}/{split}", mean_bytes, config)
+            write_classes(f"{out}/{split}", CLASS_NAMES)
+        summary["classes"] = CLASS_NAMES
+        outputs = {split: f"{out}/{split}" for split in tables}
+    elif kind == "folder":
+        filesystem, root, images, ignored = _list_folder(src)
+        if not images:
+            raise DataError(
+                f"{src}: no image files found (expected {'/'.join(sorted(IMAGE_EXTENSIONS))} files, "
+                "optionally one subfolder per class)"
+            )
+        class_names = sorted(
+            {posixpath.relpath(e.path, root).split("/")[0] for e in images if "/" in posixpath.relpath(e.path, root)}
+        )
+        class_index = {name: i for i, name in enumerate(class_names)}
+        dataset = ray.data.read_binary_files(
+            [e.path for e in images], filesystem=filesystem, include_paths=True
+        ).map_batches(_with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
+        dataset = dataset.map_batches(_to_shard_rows, **validate)
+        _write(dataset, out, sum(e.size for e in images) / len(images), config)
+        if class_names:
+            write_classes(out, class_names)
+            summary["classes"] = class_names
+        outputs = {"all": out}
+    else:
+        shards = find_shards(src)
+        mean_bytes = sum(
+            shards.filesystem.get_file_info(f).size for f in shards.files
+        ) / max(shards.num_rows, 1)
+        dataset = ray.data.read_parquet(shards.files, filesystem=shards.filesystem, include_paths=not shards.has_id)
+        keep = ["image", "id" if shards.has_id else "path"] + (["label"] if shards.has_label else [])
+        dataset = dataset.select_columns(keep).map_batches(_with_hf_columns, batch_format="pyarrow")
+        dataset = dataset.map_batches(_to_shard_rows, **validate)
+        _write(dataset, out, mean_bytes, config)
+        outputs = {"all": out}
+
+    quality = ray.get(quality_log.summary.remote())
+    written = {split: find_shards(path) for split, path in outputs.items()}
+    summary.update(
+        images_written=sum(s.num_rows for s in written.values()),
+        shards=sum(len(s.files) for s in written.values()),
+        splits={split: {"path": outputs[split], "images": s.num_rows, "shards": len(s.files)} for split, s in written.items()},
+        bad_skipped=quality["bad"],
+        bad_by_reason=quality["bad_by_reason"],
+        bad_examples=quality["bad_examples"],
+        ignored_non_image_files=ignored,
+    )
+    check_bad_fraction(quality, config.max_bad_fraction, f"prepare {src}")
+    return summary

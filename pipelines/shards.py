@@ -1,0 +1,122 @@
+"""The Parquet shard contract (design.md §2) and checks on a shard location before Ray starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary(), nullable=True),
+        pa.field("label", pa.int64(), nullable=True),
+        pa.field("id", pa.string(), nullable=False),
+    ]
+)
+EXPECTED_SCHEMA_TEXT = (
+    "Parquet with column image: binary (encoded bytes) or struct<bytes: binary, path: string>, "
+    "optional label: int64, optional id: string"
+)
+CLASSES_FILE = "classes.json"
+
+
+class DataError(ValueError):
+    """Bad input data or location; the message is one line naming what and where."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Parquet files found under a location, with the filesystem that reads them."""
+
+    filesystem: pafs.FileSystem
+    root: str
+    files: list[str]
+    image_is_struct: bool
+    has_label: bool
+    has_id: bool
+    num_rows: int
+
+    @property
+    def uris(self) -> list[str]:
+        return list(self.files)
+
+
+def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, ValueError):
+        return pafs.LocalFileSystem(), location
+
+
+def is_image_column(field: pa.Field) -> tuple[bool, bool]:
+    """(accepted, is_struct) for a candidate `image` column type."""
+    kind = field.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True, False
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return True, True
+    return False, False
+
+
+def find_shards(location: str) -> ShardSet:
+    """List the Parquet shards under `location` (folder, file or any URI pyarrow handles) and
+    check the first one carries an `image` column.
+
+    Raises:
+        DataError: missing path, no Parquet files, unreadable file or a wrong schema.
+    """
+    filesystem, root = _resolve(location)
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{location}: no such file or folder (expected {EXPECTED_SCHEMA_TEXT})")
+    if info.type == pafs.FileType.File:
+        files = [root]
+    else:
+        entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(
+            e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet")
+        )
+    if not files:
+        raise DataError(f"{location}: no .parquet files found (expected {EXPECTED_SCHEMA_TEXT})")
+    try:
+        schema = pq.read_schema(files[0], filesystem=filesystem)
+        num_rows = sum(pq.ParquetFile(f, filesystem=filesystem).metadata.num_rows for f in files)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{files[0]}: not a readable Parquet file ({error})") from None
+    if "image" not in schema.names:
+        raise DataError(
+            f"{files[0]}: no 'image' column (found {', '.join(schema.names)}; expected {EXPECTED_SCHEMA_TEXT})"
+        )
+    accepted, is_struct = is_image_column(schema.field("image"))
+    if not accepted:
+        raise DataError(
+            f"{files[0]}: column 'image' is {schema.field('image').type} (expected {EXPECTED_SCHEMA_TEXT})"
+        )
+    return ShardSet(
+        filesystem=filesystem,
+        root=root,
+        files=files,
+        image_is_struct=is_struct,
+        has_label="label" in schema.names,
+        has_id="id" in schema.names,
+        num_rows=num_rows,
+    )
+
+
+def write_classes(folder: str, names: list[str]) -> None:
+    filesystem, root = _resolve(folder)
+    with filesystem.open_output_stream(f"{root.rstrip('/')}/{CLASSES_FILE}") as stream:
+        stream.write(json.dumps(names, indent=1).encode())
+
+
+def read_classes(folder: str) -> list[str] | None:
+    """Class names written beside the shards by `selfsup prepare`, if any."""
+    filesystem, root = _resolve(folder)
+    path = f"{root.rstrip('/')}/{CLASSES_FILE}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())

@@ -1,0 +1,186 @@
+"""Augmented views made batched on the training device with Kornia.
+
+A recipe is data: an ordered mapping of view name -> `ViewSpec`, plus the normalisation. Every
+field can be overridden with `"<view>.<field>": value` (e.g. `"local.copies": 6`), so configs and
+`--set` reach every parameter. Kornia draws random parameters per sample; seeding the torch RNG
+(`torch.manual_seed`) makes a sequence of calls reproducible.
+
+Recipes follow the papers: SimCLR (Chen et al., 2020, appendix A), DINO multi-crop (Caron et al.,
+2021, `DataAugmentationDINO` of the reference code) and MAE (He et al., 2022: crop + flip only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ViewSpec:
+    """One kind of view. Probabilities are per sample; `copies` views of this kind are made."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale: float = 0.2
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.0
+    copies: int = 1
+
+    def validate(self, name: str) -> None:
+        def fail(what: str) -> None:
+            raise ValueError(f"views.{name}.{what}")
+
+        if not (isinstance(self.size, int) and self.size >= 4):
+            fail(f"size={self.size!r}: must be an integer >= 4")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            fail(f"scale={self.scale!r}: must satisfy 0 < low <= high <= 1")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            fail(f"ratio={self.ratio!r}: must satisfy 0 < low <= high")
+        for prob in ("flip", "jitter_p", "grayscale", "blur", "solarize"):
+            if not 0 <= getattr(self, prob) <= 1:
+                fail(f"{prob}={getattr(self, prob)!r}: must be a probability in [0, 1]")
+        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            fail(f"jitter={self.jitter!r}: must be (brightness, contrast, saturation, hue >= 0, hue <= 0.5)")
+        if not (0 < self.blur_sigma[0] <= self.blur_sigma[1]):
+            fail(f"blur_sigma={self.blur_sigma!r}: must satisfy 0 < low <= high")
+        if not (isinstance(self.copies, int) and self.copies >= 0):
+            fail(f"copies={self.copies!r}: must be an integer >= 0")
+
+
+@dataclass
+class ViewRecipe:
+    """Named view kinds in the order their views are returned, and the normalisation."""
+
+    views: dict[str, ViewSpec]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def names(self) -> list[str]:
+        """One name per returned view, e.g. ['global1', 'global2', 'local', 'local', ...]."""
+        return [name for name, spec in self.views.items() for _ in range(spec.copies)]
+
+    def with_overrides(self, overrides: dict) -> ViewRecipe:
+        """A copy with `{"<view>.<field>" or "mean"/"std": value}` applied and validated."""
+        views = {name: dataclasses.replace(spec) for name, spec in self.views.items()}
+        mean, std = self.mean, self.std
+        fields = {f.name: f for f in dataclasses.fields(ViewSpec)}
+        for key, value in overrides.items():
+            if key in ("mean", "std"):
+                if len(value) != 3 or (key == "std" and min(value) <= 0):
+                    raise ValueError(f"views.{key}={value!r}: must be three numbers (std > 0)")
+                mean, std = (tuple(value), std) if key == "mean" else (mean, tuple(value))
+                continue
+            name, _, attribute = key.partition(".")
+            if name not in views or attribute not in fields:
+                raise ValueError(
+                    f"views.{key}: unknown; views are {sorted(views)} with fields {sorted(fields)}"
+                )
+            current = getattr(views[name], attribute)
+            setattr(views[name], attribute, tuple(value) if isinstance(current, tuple) else value)
+        recipe = ViewRecipe(views=views, mean=mean, std=std)
+        recipe.validate()
+        return recipe
+
+    def validate(self) -> None:
+        for name, spec in self.views.items():
+            spec.validate(name)
+        if not self.names:
+            raise ValueError("views: the recipe makes no view (every copies is 0)")
+
+
+def simclr_recipe(size: int = 224, blur: float = 0.5) -> ViewRecipe:
+    """Two views: crop 0.08-1, flip, colour jitter 0.8*(0.4,0.4,0.4,0.1), grayscale 0.2, blur."""
+    return ViewRecipe({"view": ViewSpec(size=size, blur=blur, copies=2)})
+
+
+def dino_recipe(global_size: int = 224, local_size: int = 96, local_copies: int = 8) -> ViewRecipe:
+    """Two global crops (0.4-1; blur 1.0 / 0.1, solarize on the second) and N local crops (0.05-0.4)."""
+    jitter = (0.4, 0.4, 0.2, 0.1)
+    return ViewRecipe(
+        {
+            "global1": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=1.0),
+            "global2": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=0.1, solarize=0.2),
+            "local": ViewSpec(
+                size=local_size, scale=(0.05, 0.4), jitter=jitter, blur=0.5, copies=local_copies
+            ),
+        }
+    )
+
+
+def mae_recipe(size: int = 224) -> ViewRecipe:
+    """One view: random resized crop 0.2-1 and flip only."""
+    return ViewRecipe({"view": ViewSpec(size=size, scale=(0.2, 1.0), jitter_p=0.0, grayscale=0.0)})
+
+
+RECIPES = {"simclr": simclr_recipe, "dino": dino_recipe, "mae": mae_recipe}
+
+
+def _blur_kernel(size: int) -> int:
+    kernel = max(3, int(0.1 * size))
+    return kernel + 1 - kernel % 2  # odd
+
+
+def _augmentation(spec: ViewSpec) -> nn.Module:
+    steps: list[nn.Module] = [
+        K.RandomResizedCrop((spec.size, spec.size), scale=spec.scale, ratio=spec.ratio),
+    ]
+    if spec.flip > 0:
+        steps.append(K.RandomHorizontalFlip(p=spec.flip))
+    if spec.jitter_p > 0 and any(spec.jitter):
+        steps.append(K.ColorJitter(*spec.jitter, p=spec.jitter_p))
+    if spec.grayscale > 0:
+        steps.append(K.RandomGrayscale(p=spec.grayscale))
+    if spec.blur > 0:
+        steps.append(K.RandomGaussianBlur(_blur_kernel(spec.size), spec.blur_sigma, p=spec.blur))
+    if spec.solarize > 0:
+        # thresholds=0 -> exactly 0.5 (the reference code's 128 of 255); nothing added.
+        steps.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize))
+    return K.AugmentationSequential(*steps)
+
+
+class ViewMaker(nn.Module):
+    """Turns a batch of uint8 canvases into the recipe's normalised float views, on their device.
+
+    Args:
+        recipe: the views to make.
+
+    Call with `canvases: (N, H, W, 3) uint8` (as streamed by the ingest) and get a list of
+    `(N, 3, size, size) float32` tensors, one per entry of `recipe.names`.
+    """
+
+    def __init__(self, recipe: ViewRecipe):
+        super().__init__()
+        recipe.validate()
+        self.recipe = recipe
+        self.augmentations = nn.ModuleDict({name: _augmentation(spec) for name, spec in recipe.views.items()})
+        self.normalize = K.Normalize(mean=torch.tensor(recipe.mean), std=torch.tensor(recipe.std))
+
+    @torch.no_grad()
+    def forward(self, canvases: torch.Tensor) -> list[torch.Tensor]:
+        if canvases.dtype != torch.uint8 or canvases.ndim != 4 or canvases.shape[-1] != 3:
+            raise ValueError(f"canvases must be (N, H, W, 3) uint8, got {tuple(canvases.shape)} {canvases.dtype}")
+        images = canvases.permute(0, 3, 1, 2).float().div_(255)
+        views = []
+        for name, spec in self.recipe.views.items():
+            for _ in range(spec.copies):
+                views.append(self.normalize(self.augmentations[name](images)))
+        return views
+
+    def denormalize(self, view: torch.Tensor) -> torch.Tensor:
+        """Back to [0, 1] RGB for display. `view: (N, 3, h, w)`."""
+        mean = torch.tensor(self.recipe.mean, device=view.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.recipe.std, device=view.device).view(1, 3, 1, 1)
+        return (view * std + mean).clamp(0, 1)
