@@ -62,6 +62,44 @@ def cmd_prepare(args) -> dict:
     return prepare(args.src, args.out, config)
 
 
+def _config(args):
+    from pipelines.config import build_config
+
+    try:
+        return build_config(args.method, args.preset, args.config, parse_sets(args.set))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_pretrain(args) -> dict:
+    from pipelines.pretrain import pretrain
+    from pipelines.shards import find_shards
+
+    config = _config(args)
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
+    if config.optim.batch_size % args.workers:
+        raise UsageError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {args.workers} workers")
+    find_shards(args.data)  # a wrong path or schema fails here, before Ray starts
+    if args.val:
+        find_shards(args.val)
+    start_ray(args.num_cpus)
+    return pretrain(config, args.data, val=args.val, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                    storage=args.storage, name=args.name)
+
+
+def cmd_eval(args) -> dict:
+    from pipelines.evaluate import evaluate_checkpoint
+    from pipelines.shards import find_shards
+
+    for location in (args.train, args.test):
+        find_shards(location)
+    if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
+    start_ray(args.num_cpus)
+    return evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
+
+
 def cmd_viz_augment(args) -> dict:
     from pipelines.viz import augment_picture, default_recipe, first_canvases
 
@@ -74,6 +112,46 @@ def cmd_viz_augment(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     picture.save(args.out)
     return {"out": args.out, "images": len(canvases), "views": recipe.names}
+
+
+def cmd_demo(args) -> dict:
+    """The main job on the bundled sample: prepare it, draw the views, pretrain SimCLR for a few
+    CPU minutes, and compare the encoder's kNN with the random-init floor and raw pixels."""
+    from pipelines.config import build_config
+    from pipelines.evaluate import evaluate_checkpoint
+    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.pretrain import pretrain
+    from pipelines.viz import augment_picture, default_recipe, first_canvases
+
+    config = build_config("simclr", "tiny", sets={"optim.epochs": args.epochs, "train.knn_every_epochs": 0})
+    data = os.path.join(args.workdir, "data", args.sample)
+    pictures = os.path.join(args.workdir, "pictures")
+    os.makedirs(pictures, exist_ok=True)
+    start_ray(args.num_cpus)
+    prepared = prepare(f"sample:{args.sample}", data, PrepareConfig(overwrite=True))
+    canvases = first_canvases(f"{data}/train", 6, 32)
+    drawn = {}
+    for method in ("simclr", "dino", "mae"):
+        drawn[method] = os.path.join(pictures, f"augment_{method}.png")
+        augment_picture(canvases, default_recipe(method, 32)).save(drawn[method])
+    print(f"[demo] views drawn in {pictures}; pretraining SimCLR ({args.epochs} epochs)", file=sys.stderr)
+    run = pretrain(config, f"{data}/train", val=f"{data}/test", storage=os.path.join(args.workdir, "runs"),
+                   name=f"demo-{args.sample}")
+    knn = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "knn")
+    print(
+        f"[demo] kNN top-1 on {args.sample} test: SimCLR {knn['top1']:.3f} | random-init encoder "
+        f"{knn['random_init_top1']:.3f} | raw pixels {knn['raw_pixels_top1']:.3f}",
+        file=sys.stderr,
+    )
+    return {"data": data, "images_written": prepared["images_written"], "pictures": drawn,
+            "checkpoint": run["checkpoint"], "pretrain_metrics": run["metrics"], "knn": knn}
+
+
+def _method_args(parser) -> None:
+    parser.add_argument("--method", required=True, help="simclr (mae, dino as they land)")
+    parser.add_argument("--preset", default="tiny", help="tiny (CPU sample) or imagenet")
+    parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +178,33 @@ def build_parser() -> argparse.ArgumentParser:
     augment.add_argument("--seed", type=int, default=0)
     augment.add_argument("--set", action="append", default=[], metavar="VIEW.FIELD=VALUE", help="recipe override")
     augment.set_defaults(run=cmd_viz_augment)
+
+    pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
+    _method_args(pretrain)
+    pretrain.add_argument("--data", required=True, help="training shards (folder or URI)")
+    pretrain.add_argument("--val", help="labeled shards for online kNN")
+    pretrain.add_argument("--workers", type=int, default=1, help="training workers")
+    pretrain.add_argument("--gpus-per-worker", type=float, default=0)
+    pretrain.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
+    pretrain.add_argument("--name", help="run name; a run that exists under --storage is resumed")
+    pretrain.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    pretrain.set_defaults(run=cmd_pretrain)
+
+    evaluate = commands.add_parser("eval", help="kNN or linear probe of a checkpoint's frozen encoder")
+    evaluate.add_argument("protocol", choices=["knn", "linear"])
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--train", required=True, help="labeled shards the kNN bank / probe trains on")
+    evaluate.add_argument("--test", required=True, help="labeled shards to score")
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel floors")
+    evaluate.add_argument("--num-cpus", type=int, default=None)
+    evaluate.set_defaults(run=cmd_eval)
+
+    demo = commands.add_parser("demo", help="the main job on the bundled sample, end to end, on a laptop")
+    demo.add_argument("--sample", default="mnist", choices=["mnist", "digits"])
+    demo.add_argument("--workdir", default="selfsup-demo", help="where data and pictures go")
+    demo.add_argument("--epochs", type=int, default=5, help="SimCLR epochs on the sample")
+    demo.add_argument("--num-cpus", type=int, default=None)
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

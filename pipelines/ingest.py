@@ -8,6 +8,7 @@ across shards.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,7 +33,8 @@ class IngestConfig:
     Args:
         canvas_size: side of the square uint8 canvas every image is decoded to (shorter side
             resized, centre kept); views are cropped from it on the device.
-        decode_batch_rows: rows per decode task call.
+        decode_block_mb: decoded canvases per decode task (MB); also bounds read blocks, so
+            the first batch arrives before a whole shard is read and every CPU decodes.
         decode_num_cpus: CPUs reserved per read/decode task (fractional leaves room for training).
         shuffle_files: read shards in a new random order each pass.
         shuffle_buffer: rows in the consumer's local shuffle buffer (0 = off).
@@ -42,7 +44,7 @@ class IngestConfig:
     """
 
     canvas_size: int = 64
-    decode_batch_rows: int = 64
+    decode_block_mb: float = 4.0
     decode_num_cpus: float = 0.5
     shuffle_files: bool = True
     shuffle_buffer: int = 1024
@@ -50,10 +52,14 @@ class IngestConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     seed: int | None = None
 
+    def decode_rows(self) -> int:
+        """Rows per decode task: `decode_block_mb` of canvases, between 8 and 8192 rows."""
+        return int(min(8192, max(8, self.decode_block_mb * 2**20 // (3 * self.canvas_size**2))))
+
     def validate(self) -> None:
         checks = {
             "canvas_size": self.canvas_size >= 4,
-            "decode_batch_rows": self.decode_batch_rows >= 1,
+            "decode_block_mb": self.decode_block_mb > 0,
             "decode_num_cpus": 0 < self.decode_num_cpus <= 64,
             "shuffle_buffer": self.shuffle_buffer >= 0,
             "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
@@ -61,7 +67,7 @@ class IngestConfig:
         }
         allowed = {
             "canvas_size": "an integer >= 4",
-            "decode_batch_rows": "an integer >= 1",
+            "decode_block_mb": "a number > 0",
             "decode_num_cpus": "a number in (0, 64]",
             "shuffle_buffer": "an integer >= 0",
             "max_bad_fraction": "a fraction in [0, 1]",
@@ -87,13 +93,16 @@ def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_label
             out["label"] = labels.astype(np.int64)[kept]
         else:
             out["label"] = np.full(len(kept), -1, dtype=np.int64)
+        # A stable integer per record (string ids cannot travel as tensors): splits eval sets.
+        out["key"] = np.array([zlib.crc32(str(ids[i]).encode()) for i in kept], dtype=np.int64)
     return out
 
 
 def image_dataset(
     location: str, config: IngestConfig, quality_log=None, with_labels: bool = False
 ) -> tuple[ray.data.Dataset, object]:
-    """A lazy, streaming dataset of `{"image": (S, S, 3) uint8[, "label": int64]}` rows.
+    """A lazy, streaming dataset of `{"image": (S, S, 3) uint8}` rows; `with_labels` adds
+    `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id).
 
     Returns the dataset and the `QualityLog` actor that counts skipped records.
     """
@@ -120,9 +129,10 @@ def image_dataset(
             with_labels=with_labels,
         ),
         batch_format="pyarrow",
-        batch_size=config.decode_batch_rows,
+        batch_size=config.decode_rows(),
         num_cpus=config.decode_num_cpus,
     )
+    dataset.context.target_max_block_size = int(config.decode_block_mb * 2**20)
     return dataset, quality_log
 
 

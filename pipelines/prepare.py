@@ -65,7 +65,7 @@ def _to_shard_rows(batch: pa.Table, quality_log, max_pixels: int) -> pa.Table:
     return pa.table(
         {
             "image": pa.array(encoded, pa.binary()),
-            "label": labels.take(good).cast(pa.int64()),
+            "label": labels.take(pa.array(good, pa.int64())).cast(pa.int64()),
             "id": pa.array([str(ids[i]) for i in good], pa.string()),
         },
         schema=SHARD_SCHEMA,

@@ -1,0 +1,73 @@
+"""Backbones from timm, with a small-image option, and their parameter groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from timm.models.resnet import ResNet
+from torch import nn
+
+
+@dataclass
+class BackboneConfig:
+    """Args:
+    name: any timm model name (`resnet18`, `vit_small_patch16_224`, ...); trained from scratch.
+    small_images: ResNets get a 3x3 stride-1 stem and no max-pool (CIFAR-style), so 32 px
+        images keep their resolution through the network.
+    img_size, patch_size: passed to ViTs (e.g. 32 and 4 for a 32 px sample).
+    kwargs: any other `timm.create_model` arguments (e.g. `channels`, `embed_dim`, `depth`).
+    """
+
+    name: str = "resnet18"
+    small_images: bool = False
+    img_size: int | None = None
+    patch_size: int | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not timm.is_model(self.name):
+            raise ValueError(f"backbone.name={self.name!r}: not a timm model (see timm.list_models())")
+        for key in ("img_size", "patch_size"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"backbone.{key}={value!r}: must be a positive integer or null")
+
+
+def create_backbone(config: BackboneConfig) -> nn.Module:
+    """A timm model without classifier (`num_classes=0`); `.num_features` is its output width.
+
+    `forward(images: (N, 3, H, W)) -> (N, num_features)` pooled features.
+    """
+    kwargs = dict(config.kwargs)
+    for key in ("img_size", "patch_size"):
+        if getattr(config, key) is not None:
+            kwargs[key] = getattr(config, key)
+    if "channels" in kwargs:
+        kwargs["channels"] = tuple(kwargs["channels"])
+    model = timm.create_model(config.name, pretrained=False, num_classes=0, **kwargs)
+    if config.small_images and isinstance(model, ResNet):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def is_no_decay(name: str, parameter: torch.Tensor) -> bool:
+    """Biases, norm weights and ViT tokens/position embeddings take no weight decay (nor LARS
+    adaptation): every 1-d parameter, and names timm marks as such."""
+    return parameter.ndim <= 1 or name.endswith(".bias") or any(
+        token in name for token in ("pos_embed", "cls_token", "mask_token", "reg_token")
+    )
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: `decay` (weight decay applies) and `no_decay` (biases, norms)."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if is_no_decay(name, parameter) else decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "group": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
+    ]

@@ -1,0 +1,237 @@
+"""Run configuration: method defaults <- preset <- YAML file <- `--set key=value`, validated
+before Ray starts. Every error is one line naming the key and what it allows."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from methods.backbone import BackboneConfig
+from pipelines.ingest import IngestConfig
+from pipelines.views import RECIPES, ViewRecipe
+
+SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train")
+
+
+@dataclass
+class OptimConfig:
+    """Args:
+    epochs: passes over the training data.
+    batch_size: the *global* batch (split evenly across workers).
+    base_lr: learning rate before scaling by the global batch (see lr_scaling).
+    lr_scaling: `linear` (base x B/256), `sqrt` (base x sqrt(B)) or null for the method's rule.
+    warmup_epochs: linear warmup from 0, then per-iteration cosine to min_lr.
+    min_lr: final learning rate.
+    weight_decay: on weights only (never biases or norms).
+    momentum: for SGD/LARS; betas: for AdamW.
+    clip_grad: clip the global gradient norm to this (0 = off).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    base_lr: float = 0.3
+    lr_scaling: str | None = None
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 0.0
+
+    def validate(self) -> None:
+        rules = {
+            "epochs": (isinstance(self.epochs, int) and self.epochs >= 1, "an integer >= 1"),
+            "batch_size": (isinstance(self.batch_size, int) and self.batch_size >= 2, "an integer >= 2"),
+            "base_lr": (self.base_lr > 0, "a number > 0"),
+            "lr_scaling": (self.lr_scaling in (None, "linear", "sqrt"), "linear, sqrt or null"),
+            "warmup_epochs": (0 <= self.warmup_epochs <= self.epochs, "in [0, epochs]"),
+            "min_lr": (0 <= self.min_lr, "a number >= 0"),
+            "weight_decay": (0 <= self.weight_decay < 1, "in [0, 1)"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            "clip_grad": (self.clip_grad >= 0, "a number >= 0 (0 = off)"),
+        }
+        for key, (ok, allowed) in rules.items():
+            if not ok:
+                raise ValueError(f"optim.{key}={getattr(self, key)!r}: must be {allowed}")
+
+
+@dataclass
+class TrainConfig:
+    """Args:
+    checkpoint_every_steps: also checkpoint every N steps inside an epoch (0 = epoch ends only).
+    keep_checkpoints: how many checkpoints storage keeps (the latest ones).
+    knn_every_epochs: online kNN on the validation set every K epochs (and at the end).
+    knn_k, knn_temperature: weighted kNN settings (DINO's eval_knn: 20, 0.07).
+    precision: `auto` (bf16 autocast on GPU, fp32 on CPU), `bf16`, `fp16` or `fp32`.
+    seed: seeds models, views and data order.
+    max_failures: worker-group restarts from the last checkpoint before the run fails.
+    cpus_per_worker: CPUs each training worker reserves (the rest decodes data).
+    torch_threads: intra-op threads per worker (0 = from cpus_per_worker).
+    """
+
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    knn_every_epochs: int = 1
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    precision: str = "auto"
+    seed: int = 0
+    max_failures: int = 2
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0
+
+    def validate(self) -> None:
+        rules = {
+            "checkpoint_every_steps": (self.checkpoint_every_steps >= 0, "an integer >= 0"),
+            "keep_checkpoints": (self.keep_checkpoints >= 1, "an integer >= 1"),
+            "knn_every_epochs": (self.knn_every_epochs >= 0, "an integer >= 0 (0 = only at the end)"),
+            "knn_k": (self.knn_k >= 1, "an integer >= 1"),
+            "knn_temperature": (self.knn_temperature > 0, "a number > 0"),
+            "precision": (self.precision in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
+            "max_failures": (self.max_failures >= -1, "an integer >= -1 (-1 = unlimited)"),
+            "cpus_per_worker": (0 < self.cpus_per_worker <= 256, "a number in (0, 256]"),
+            "torch_threads": (self.torch_threads >= 0, "an integer >= 0"),
+        }
+        for key, (ok, allowed) in rules.items():
+            if not ok:
+                raise ValueError(f"train.{key}={getattr(self, key)!r}: must be {allowed}")
+
+
+@dataclass
+class RunConfig:
+    method: str
+    backbone: BackboneConfig
+    hparams: Any
+    views: dict
+    data: IngestConfig
+    optim: OptimConfig
+    train: TrainConfig
+    preset: str = "tiny"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def recipe(self) -> ViewRecipe:
+        return RECIPES[self.method]().with_overrides(self.views)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "views":
+            out[key] = _merge(out[key], value)
+        elif key == "views" and isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_set(config: dict, key: str, value: Any) -> None:
+    """`backbone.kwargs.depth=4` -> config["backbone"]["kwargs"]["depth"] = 4; `views.<view>.<field>`
+    keeps the view key whole."""
+    section, _, rest = key.partition(".")
+    if section not in SECTIONS and section not in ("method", "preset"):
+        raise ValueError(f"--set {key}: unknown section {section!r} (allowed: {', '.join(SECTIONS)})")
+    if not rest:
+        config[section] = value
+        return
+    if section == "views":
+        config.setdefault("views", {})[rest] = value
+        return
+    node = config.setdefault(section, {})
+    parts = rest.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _build(cls, values: dict, section: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{section}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
+    coerced = {}
+    for key, value in values.items():
+        default = fields[key].default
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(default, (int, float, bool)) and not isinstance(default, bool) and isinstance(value, str):
+            raise ValueError(f"{section}.{key}={value!r}: must be a number")
+        coerced[key] = value
+    built = cls(**coerced)
+    try:
+        built.validate()
+    except TypeError as error:
+        raise ValueError(f"{section}: {error}") from None
+    return built
+
+
+def build_config(method: str, preset: str = "tiny", file: str | None = None, sets: dict | None = None) -> RunConfig:
+    """The validated run config. Raises ValueError with a one-line message on any bad input."""
+    from methods.base import get_method
+
+    file_values: dict = {}
+    if file:
+        try:
+            with open(file) as stream:
+                file_values = yaml.safe_load(stream) or {}
+        except OSError as error:
+            raise ValueError(f"--config {file}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {file}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(file_values, dict):
+            raise ValueError(f"--config {file}: must be a mapping of sections")
+        method = file_values.get("method", method)
+        preset = file_values.get("preset", preset)
+    sets = dict(sets or {})
+    method = sets.pop("method", method)
+    preset = sets.pop("preset", preset)
+    method_cls = get_method(method)
+    if preset not in method_cls.presets:
+        raise ValueError(f"preset={preset!r}: unknown for {method} (available: {', '.join(method_cls.presets)})")
+    raw = _merge({section: {} for section in SECTIONS}, method_cls.presets[preset])
+    unknown = sorted(set(file_values) - set(SECTIONS) - {"method", "preset"})
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown config section (allowed: {', '.join(SECTIONS)})")
+    raw = _merge(raw, {k: v for k, v in file_values.items() if k in SECTIONS})
+    for key, value in sets.items():
+        _apply_set(raw, key, value)
+    raw.update(method=method, preset=preset)
+    for section in SECTIONS:
+        if not isinstance(raw.get(section), dict):
+            raise ValueError(f"{section}: must be a mapping, got {raw.get(section)!r}")
+
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """A validated RunConfig from a complete config dict (as built above, or stored in a checkpoint)."""
+    from methods.base import get_method, hparams_from_dict
+
+    method_cls = get_method(raw["method"])
+    config = RunConfig(
+        method=raw["method"],
+        preset=raw.get("preset", "tiny"),
+        backbone=_build(BackboneConfig, raw["backbone"], "backbone"),
+        hparams=hparams_from_dict(method_cls.Hyperparameters, raw["hparams"]),
+        views=raw["views"],
+        data=_build(IngestConfig, raw["data"], "data"),
+        optim=_build(OptimConfig, raw["optim"], "optim"),
+        train=_build(TrainConfig, raw["train"], "train"),
+        raw=raw,
+    )
+    config.recipe()  # validates the view overrides
+    return config
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

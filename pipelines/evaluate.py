@@ -1,0 +1,189 @@
+"""Frozen-feature evaluation: weighted kNN and a linear probe, plus feature extraction with
+Ray Data batch inference for the offline `selfsup eval`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+             test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted kNN on L2-normalised features, as DINO's `eval_knn` (Wu et al. 2018): the k most
+    cosine-similar training samples vote for their class with weight exp(sim / T).
+
+    `train_features: (n, d)`, `train_labels: (n,)`, `test_features: (m, d)` -> top-1 accuracy.
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train))
+    correct = 0
+    for start in range(0, len(test), chunk):
+        similarity = test[start : start + chunk] @ train.T
+        top_sim, top_index = similarity.topk(k, dim=1)
+        votes = torch.zeros(len(top_sim), classes, device=train.device)
+        votes.scatter_add_(1, train_labels[top_index], (top_sim / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[start : start + chunk]).sum().item()
+    return correct / len(test)
+
+
+def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                      test_labels: torch.Tensor, epochs: int = 100, batch_size: int = 256, lr: float = 0.01,
+                      weight_decay: float = 1e-4, batch_norm: bool = True, seed: int = 0) -> float:
+    """A linear classifier trained on frozen features, top-1 on the test features.
+
+    With `batch_norm` the features first go through BatchNorm without affine parameters (MAE's
+    linear-probe protocol; harmless for other methods, and it makes one learning rate fit all).
+    AdamW with a cosine schedule; deterministic for a seed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    dim = train_features.shape[1]
+    torch.manual_seed(seed)
+    probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False) if batch_norm else nn.Identity(),
+                          nn.Linear(dim, classes))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train_features) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    x, y = train_features.float(), train_labels
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            index = order[start : start + batch_size]
+            if len(index) < 2:
+                continue
+            loss = F.cross_entropy(probe(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    probe.eval()
+    with torch.no_grad():
+        return (probe(test_features.float()).argmax(1) == test_labels).float().mean().item()
+
+
+def embedding_std(embeddings: torch.Tensor) -> float:
+    """Collapse indicator: std over the batch of L2-normalised embeddings, averaged over
+    dimensions, times sqrt(d). About 1 for spread-out embeddings; -> 0 when they collapse."""
+    normalised = F.normalize(embeddings.float(), dim=1)
+    return (normalised.std(dim=0).mean() * math.sqrt(normalised.shape[1])).item()
+
+
+def split_bank_queries(keys: torch.Tensor, every: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic bank/query split of a labeled set by record key: key % every == 0 -> query."""
+    query = keys % every == 0
+    return ~query, query
+
+
+def collect_features(batches, method, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, labels and keys of every batch `{"image", "label", "key"}` (eval mode, no grad)."""
+    features, labels, keys = [], [], []
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        for batch in batches:
+            images = method.eval_images(batch["image"].to(device))
+            features.append(method.features(images).float().cpu())
+            labels.append(batch["label"].cpu())
+            keys.append(batch["key"].cpu())
+    method.train(was_training)
+    return torch.cat(features), torch.cat(labels), torch.cat(keys)
+
+
+class FeatureExtractor:
+    """Ray Data batch-inference actor: holds a method's encoder, turns canvases into features."""
+
+    def __init__(self, method_factory, state_dict: dict | None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.method = method_factory()
+        if state_dict is not None:
+            self.method.load_state_dict(state_dict)
+        self.method.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        canvases = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        with torch.no_grad():
+            features = self.method.features(self.method.eval_images(canvases)).float().cpu().numpy()
+        return {"features": features, "label": batch["label"], "key": batch["key"]}
+
+
+def load_checkpoint(path: str):
+    """(method with the checkpoint's weights, its RunConfig). Weights load without unpickling code."""
+    import os
+
+    import yaml
+
+    from pipelines.config import config_from_dict
+    from pipelines.train_loop import CONFIG_FILE, build_method, load_state
+
+    with open(os.path.join(path, CONFIG_FILE)) as stream:
+        config = config_from_dict(yaml.safe_load(stream))
+    method = build_method(config)
+    method.load_state_dict(load_state(path)["method"])
+    return method, config
+
+
+def extract(location: str, method_factory, state_dict, canvas_size: int, batch_size: int = 256):
+    """Features, labels and keys of a labeled shard set, by Ray Data batch inference (actors
+    holding the encoder; a GPU each when the cluster has one)."""
+    import ray
+
+    from pipelines.ingest import IngestConfig, image_dataset
+
+    config = IngestConfig(canvas_size=canvas_size, shuffle_files=False, shuffle_buffer=0)
+    dataset, _ = image_dataset(location, config, with_labels=True)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    features = dataset.map_batches(
+        FeatureExtractor,
+        fn_constructor_args=(method_factory, state_dict),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    parts = list(features.iter_batches(batch_size=None, batch_format="numpy"))
+    stack = lambda key: torch.from_numpy(np.concatenate([p[key] for p in parts]))  # noqa: E731
+    return stack("features"), stack("label"), stack("key")
+
+
+def raw_pixels(location: str, canvas_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened canvases as features (the raw-pixel baseline)."""
+    from pipelines.ingest import IngestConfig, image_dataset
+
+    config = IngestConfig(canvas_size=canvas_size, shuffle_files=False, shuffle_buffer=0)
+    dataset, _ = image_dataset(location, config, with_labels=True)
+    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    pixels = np.concatenate([p["image"].reshape(len(p["image"]), -1) for p in parts]).astype(np.float32) / 255
+    return torch.from_numpy(pixels), torch.from_numpy(np.concatenate([p["label"] for p in parts]))
+
+
+def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn", baselines: bool = True) -> dict:
+    """kNN or linear top-1 of a checkpoint's encoder; with `baselines`, the same for the
+    random-init encoder of the same architecture (the floor) and for raw pixels."""
+    from pipelines.train_loop import build_method
+
+    method, config = load_checkpoint(path)
+    canvas = config.data.canvas_size
+
+    def score(train_xy, test_xy):
+        if protocol == "knn":
+            return knn_top1(train_xy[0], train_xy[1], test_xy[0], test_xy[1], config.train.knn_k,
+                            config.train.knn_temperature)
+        return linear_probe_top1(train_xy[0], train_xy[1], test_xy[0], test_xy[1])
+
+    def encoder_score(state_dict):
+        factory = lambda: build_method(config)  # noqa: E731
+        return score(extract(train, factory, state_dict, canvas)[:2], extract(test, factory, state_dict, canvas)[:2])
+
+    result = {"protocol": protocol, "checkpoint": path, "method": config.method,
+              "top1": encoder_score({k: v.cpu() for k, v in method.state_dict().items()})}
+    if baselines:
+        result["random_init_top1"] = encoder_score(None)
+        result["raw_pixels_top1"] = score(raw_pixels(train, canvas), raw_pixels(test, canvas))
+    return result

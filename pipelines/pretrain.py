@@ -1,0 +1,72 @@
+"""`selfsup pretrain`: a Ray Train `TorchTrainer` over streaming Ray Data, for any method."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines.config import RunConfig
+from pipelines.ingest import image_dataset
+from pipelines.quality import QualityLog
+from pipelines.shards import find_shards
+from pipelines.train_loop import plan, train_loop_per_worker
+
+
+def default_run_name(config: RunConfig) -> str:
+    return f"{config.method}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_path(storage: str | None) -> str:
+    """A local folder (made absolute, as Ray needs) or any URI pyarrow handles (s3://, gs://)."""
+    storage = storage or "runs"
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int = 1,
+                 gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
+                 callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one pretraining run; Ray must be initialised."""
+    schedule = plan(config, find_shards(data).num_rows)
+    if config.optim.batch_size % workers:
+        raise ValueError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {workers} workers")
+    quality_log = QualityLog.remote()
+    datasets = {"train": image_dataset(data, config.data, quality_log)[0]}
+    if val:
+        val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0)
+        datasets["val"] = image_dataset(val, val_config, QualityLog.remote(), with_labels=True)[0]
+    resources = {"CPU": config.train.cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
+                           "has_val": bool(val)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name or default_run_name(config),
+            storage_path=storage_path(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # Every worker sees the whole validation set; only the training data is split.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def pretrain(config: RunConfig, data: str, **kwargs) -> dict:
+    """Run (or resume, when `name` already exists in `storage`) a pretraining run."""
+    result = make_trainer(config, data, **kwargs).fit()
+    return {
+        "method": config.method,
+        "run": result.path,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
+    }

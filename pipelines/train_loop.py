@@ -1,0 +1,247 @@
+"""The method-agnostic training loop that runs on every Ray Train worker.
+
+Read top to bottom: set up -> restore -> for each epoch: stream batches, make views on the device,
+loss -> backward -> clip -> step -> method hooks; report metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from methods import get_method
+from methods.distributed import all_reduce_mean
+from methods.schedules import scaled_lr, warmup_cosine
+from pipelines.config import RunConfig, config_from_dict
+from pipelines.evaluate import collect_features, embedding_std, knn_top1, split_bank_queries
+from pipelines.ingest import iter_canvas_batches
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def build_method(config: RunConfig):
+    """The configured method with freshly initialised weights (seeded)."""
+    torch.manual_seed(config.train.seed)
+    return get_method(config.method)(config.backbone, config.hparams, config.recipe())
+
+
+def plan(config: RunConfig, train_rows: int) -> dict:
+    """Steps per epoch, total steps, warmup steps and the scaled peak LR for the global batch."""
+    steps_per_epoch = train_rows // config.optim.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"optim.batch_size={config.optim.batch_size}: larger than the {train_rows} training images"
+        )
+    rule = config.optim.lr_scaling or get_method(config.method).lr_scaling
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * config.optim.epochs,
+        "warmup_steps": int(round(config.optim.warmup_epochs * steps_per_epoch)),
+        "peak_lr": scaled_lr(config.optim.base_lr, config.optim.batch_size, rule),
+        "min_lr": config.optim.min_lr,
+    }
+
+
+def lr_at(step: int, schedule: dict) -> float:
+    return warmup_cosine(step, schedule["total_steps"], schedule["peak_lr"], schedule["min_lr"],
+                         schedule["warmup_steps"])
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state[1].tolist(), "numpy_pos": int(numpy_state[2]),
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, config: RunConfig) -> None:
+    """Everything an exact resume needs, loadable with `torch.load(weights_only=True)`."""
+    torch.save(
+        {
+            "method": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "progress": progress,
+            "rng": _rng_state(),
+        },
+        os.path.join(folder, STATE_FILE),
+    )
+    with open(os.path.join(folder, CONFIG_FILE), "w") as stream:
+        import yaml
+
+        yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
+
+
+def load_state(folder: str) -> dict:
+    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext(), False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), precision == "fp16"
+
+
+def _online_knn(method, config: RunConfig, device) -> float:
+    val = ray.train.get_dataset_shard("val")
+    batches = val.iter_torch_batches(batch_size=512, device=device)
+    features, labels, keys = collect_features(batches, method, device)
+    bank, query = split_bank_queries(keys)
+    return knn_top1(features[bank], labels[bank], features[query], labels[query],
+                    config.train.knn_k, config.train.knn_temperature)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = config_from_dict(loop_config["config"])
+    schedule, quality_log, has_val = loop_config["schedule"], loop_config["quality_log"], loop_config["has_val"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
+    per_worker_batch = config.optim.batch_size // world
+
+    method = build_method(config)
+    if method.sync_bn and world > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
+    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule["peak_lr"], config.optim)
+    autocast, use_scaler = _autocast(config.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0}
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_state(folder)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        progress = dict(state["progress"])
+        _set_rng_state(state["rng"])
+        resumed_from = progress["step"]
+        if rank == 0:
+            print(f"[selfsup] resumed from step {resumed_from} (epoch {progress['epoch']})", file=sys.stderr)
+    else:
+        torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
+
+    train_shard = ray.train.get_dataset_shard("train")
+    total = schedule["total_steps"]
+    last_knn = None
+    while progress["epoch"] < config.optim.epochs:
+        epoch = progress["epoch"]
+        window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "std": 0.0}
+        lr, hook_metrics = lr_at(progress["step"], schedule), {}
+        batches = iter(iter_canvas_batches(train_shard, per_worker_batch, quality_log, config.data, device,
+                                           drop_last=True, where="train", epoch=epoch))
+        while progress["step_in_epoch"] < schedule["steps_per_epoch"]:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            waited = time.perf_counter() - started
+            if batch is None:  # fewer rows than planned (bad images skipped): the epoch ends here
+                break
+            views = method.views(batch["image"])
+            lr = lr_at(progress["step"], schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            hook_metrics = method.before_step(progress["step"], total, epoch)
+            with autocast:
+                loss, stats = model(views)
+            global_loss = all_reduce_mean(loss.detach())
+            if not torch.isfinite(global_loss):
+                raise NonFiniteLossError(
+                    f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); stopping. "
+                    "The last good checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.optim.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_step(progress["step"], total)
+            progress["step"] += 1
+            progress["step_in_epoch"] += 1
+            window["loss"] += global_loss.item()
+            window["std"] += embedding_std(stats["embeddings"])
+            window["steps"] += 1
+            window["wait"] += waited
+            window["time"] += time.perf_counter() - started
+            every = config.train.checkpoint_every_steps
+            epoch_done = progress["step_in_epoch"] >= schedule["steps_per_epoch"]
+            if every and progress["step"] % every == 0 and not epoch_done:
+                _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
+                        resumed_from, last_knn)
+                window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "std": 0.0}
+        progress["epoch"] += 1
+        progress["step_in_epoch"] = 0
+        final = progress["epoch"] == config.optim.epochs
+        knn_due = has_val and (final or (config.train.knn_every_epochs and progress["epoch"] % config.train.knn_every_epochs == 0))
+        if knn_due and rank == 0:
+            last_knn = _online_knn(method, config, device)
+        _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
+                resumed_from, last_knn if knn_due else None)
+        if rank == 0:
+            print(
+                f"[selfsup] epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
+                f"loss {window['loss'] / max(1, window['steps']):.4f} lr {lr:.4g}"
+                + (f" knn_top1 {last_knn:.4f}" if knn_due else ""),
+                file=sys.stderr, flush=True,
+            )
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
+            resumed_from, knn) -> None:
+    """Metrics for this window and a checkpoint (rank 0 writes it; every rank reaches report)."""
+    steps = max(1, window["steps"])
+    metrics = {
+        "epoch": progress["epoch"],
+        "step": progress["step"],
+        "total_steps": schedule["total_steps"],
+        "loss": window["loss"] / steps,
+        "lr": lr,
+        "images_per_s": config.optim.batch_size * window["steps"] / max(window["time"], 1e-9),
+        "data_wait_frac": window["wait"] / max(window["time"], 1e-9),
+        "embedding_std": window["std"] / steps,
+        "resumed_from_step": resumed_from,
+        **hook_metrics,
+    }
+    if knn is not None:
+        metrics["knn_top1"] = knn
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(folder, method, optimizer, scaler, dict(progress), config)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)

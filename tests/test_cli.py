@@ -1,0 +1,38 @@
+import json
+
+from PIL import Image
+
+from pipelines.cli import main
+
+
+def last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_prepare_sample_prints_counts_that_match_the_data(ray_session, tmp_path, capsys):
+    assert main(["prepare", "sample:digits", "--out", str(tmp_path / "d")]) == 0
+    result = last_json(capsys)
+    assert result["images_written"] == 1797 and result["bad_skipped"] == 0
+    assert result["splits"]["train"]["images"] + result["splits"]["test"]["images"] == 1797
+
+
+def test_viz_augment_draws_originals_beside_views(digits, tmp_path, capsys):
+    out, _ = digits
+    picture = tmp_path / "dino.png"
+    code = main(["viz", "augment", "--data", f"{out}/train", "--method", "dino", "--out", str(picture),
+                 "--images", "3", "--canvas-size", "32", "--set", "local.copies=2"])
+    assert code == 0
+    result = last_json(capsys)
+    assert result["views"] == ["global1", "global2", "local", "local"]
+    width, height = Image.open(picture).size
+    assert width == 96 * 5 and height > 96 * 3
+
+
+def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfsup prepare: error:") and str(tmp_path / "nope") in err and "\n" not in err
+    assert main(["viz", "augment", "--data", str(tmp_path), "--method", "simclr", "--out", "x.png",
+                 "--set", "view.scale=[0.9,0.1]"]) == 2
+    assert "views.view.scale" in capsys.readouterr().err

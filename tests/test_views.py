@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from pipelines.views import RECIPES, ViewMaker, dino_recipe, mae_recipe, simclr_recipe
+
+RECIPE_CASES = {
+    "simclr": (simclr_recipe(24), [(24, 24)] * 2),
+    "dino": (dino_recipe(24, 12, 3), [(24, 24)] * 2 + [(12, 12)] * 3),
+    "mae": (mae_recipe(24), [(24, 24)]),
+}
+
+
+def canvases(n=8, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("method", sorted(RECIPE_CASES))
+def test_recipe_shapes_dtypes_ranges(method):
+    recipe, sizes = RECIPE_CASES[method]
+    maker = ViewMaker(recipe)
+    views = maker(canvases())
+    assert len(views) == len(recipe.names) == len(sizes)
+    for view, size in zip(views, sizes):
+        assert view.shape == (8, 3, *size) and view.dtype == torch.float32
+        assert torch.isfinite(view).all()
+        shown = maker.denormalize(view)
+        assert shown.min() >= 0 and shown.max() <= 1
+        # normalised with ImageNet statistics: [0, 1] maps into about [-2.2, 2.7]
+        assert view.min() >= -2.2 and view.max() <= 2.7
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_random_parameters_differ_per_sample(method):
+    recipe, _ = RECIPE_CASES[method]
+    same = canvases(1).repeat(8, 1, 1, 1)
+    torch.manual_seed(0)
+    view = ViewMaker(recipe)(same)[0]
+    distinct = {tuple(v.flatten()[:64].tolist()) for v in view}
+    assert len(distinct) > 1
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_seeded_views_are_reproducible(method):
+    recipe, _ = RECIPE_CASES[method]
+    maker, batch = ViewMaker(recipe), canvases()
+    torch.manual_seed(7)
+    first = maker(batch)
+    torch.manual_seed(7)
+    again = maker(batch)
+    torch.manual_seed(8)
+    other = maker(batch)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_views_stay_on_the_batch_device():
+    batch = canvases()
+    assert all(v.device == batch.device for v in ViewMaker(simclr_recipe(16))(batch))
+
+
+def test_overrides_reach_every_field_and_are_validated():
+    recipe = dino_recipe(24, 12, 8).with_overrides({"local.copies": 2, "global1.blur": 0.0, "std": [0.5] * 3})
+    assert recipe.names == ["global1", "global2", "local", "local"]
+    assert recipe.views["global1"].blur == 0.0 and recipe.std == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="views.local.scale"):
+        dino_recipe().with_overrides({"local.scale": [0.5, 0.1]})
+    with pytest.raises(ValueError, match="views.view.nope: unknown"):
+        simclr_recipe().with_overrides({"view.nope": 1})
+    with pytest.raises(ValueError, match="views.view.blur"):
+        simclr_recipe().with_overrides({"view.blur": 1.5})
+
+
+def test_wrong_input_is_refused():
+    with pytest.raises(ValueError, match="uint8"):
+        ViewMaker(mae_recipe(16))(torch.zeros(2, 3, 16, 16))
