@@ -36,6 +36,8 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     if config.optim.batch_size % workers:
         raise ValueError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {workers} workers")
     quality_log = QualityLog.remote()
+    # Training reports one line per epoch; per-operator progress bars from every worker would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": image_dataset(data, config.data, quality_log)[0]}
     if val:
         val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0)

@@ -12,7 +12,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=False)
+    # The dashboard stays on: the state API (used to find and kill a worker) and Tune need it.
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=True)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,94 @@
+"""Ray Train pretraining: kill-and-resume, restart-resume, fail-fast config, online metrics."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipelines.config import build_config
+from pipelines.pretrain import pretrain
+from pipelines.train_loop import lr_at
+
+TINY = {
+    "backbone.kwargs.channels": [8, 16, 32, 64],
+    "backbone.kwargs.stem_width": 8,
+    "data.canvas_size": 16,
+    "data.decode_num_cpus": 0.25,
+    "views.view.size": 16,
+    "optim.batch_size": 64,
+    "train.knn_every_epochs": 1,
+}
+STEPS_PER_EPOCH = 1438 // 64  # sample:digits train split, global batch 64
+
+
+def tiny_config(**sets):
+    return build_config("simclr", "tiny", sets={**TINY, **sets})
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path):
+    from ray.util.state import list_actors
+
+    out, _ = digits
+    config = tiny_config(**{"optim.epochs": 2, "train.checkpoint_every_steps": 4, "train.max_failures": 1})
+    result, run = {}, tmp_path / "runs" / "killed"
+    thread = threading.Thread(target=lambda: result.update(
+        pretrain(config, f"{out}/train", val=f"{out}/test", storage=str(tmp_path / "runs"), name="killed")))
+    thread.start()
+    deadline = time.time() + 300
+    # A checkpoint counts once the controller has registered it in its snapshot.
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+        assert time.time() < deadline, "no checkpoint was registered"
+        time.sleep(0.2)
+    import ray
+
+    workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    metrics = result["metrics"]
+    total = 2 * STEPS_PER_EPOCH
+    assert metrics["step"] == metrics["total_steps"] == total
+    assert 4 <= metrics["resumed_from_step"] < total  # it did resume, from a checkpoint
+    schedule = {"total_steps": total, "warmup_steps": STEPS_PER_EPOCH, "peak_lr": 0.3 * 64**0.5, "min_lr": 0.0}
+    assert metrics["lr"] == pytest.approx(lr_at(total - 1, schedule))  # same schedule position
+    assert 0 <= metrics["knn_top1"] <= 1 and metrics["embedding_std"] > 0 and 0 <= metrics["data_wait_frac"] <= 1
+
+
+def test_rerun_with_the_same_name_resumes_instead_of_starting_over(digits, tmp_path):
+    out, _ = digits
+    storage = str(tmp_path / "runs")
+    first = pretrain(tiny_config(**{"optim.epochs": 1}), f"{out}/train", storage=storage, name="again")
+    assert first["metrics"]["step"] == STEPS_PER_EPOCH and first["metrics"]["resumed_from_step"] == 0
+    second = pretrain(tiny_config(**{"optim.epochs": 2}), f"{out}/train", storage=storage, name="again")
+    assert second["metrics"]["resumed_from_step"] == STEPS_PER_EPOCH
+    assert second["metrics"]["step"] == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.batch_size=0", "optim.batch_size=0: must be an integer >= 2"),
+        ("optim.lrr=1", "optim.lrr: unknown key"),
+        ("hparams.temperature=0", "hparams.temperature=0: must be in (0, 10]"),
+        ("views.view.size=2", "views.view.size=2: must be an integer >= 4"),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override, message):
+    out, _ = digits
+    started = time.time()
+    process = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", f"{out}/train",
+         "--set", override],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert lines == [f"selfsup pretrain: error: {message}"] or (len(lines) == 1 and message in lines[0])
+    assert process.stdout == ""
+    assert time.time() - started < 60
