@@ -215,7 +215,23 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as error:
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if type(error).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        # Ray's message carries every worker's traceback; the user first needs the cause.
+        cause = _root_cause(error)
+        print(f"selfsup {args.command}: error: training failed: {cause}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _root_cause(error: BaseException) -> str:
+    """The last line of the deepest error message: e.g. 'NonFiniteLossError: loss is nan at step 12 ...'."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0]]
+    return (errors or lines or [type(error).__name__])[-1]
 
 
 if __name__ == "__main__":

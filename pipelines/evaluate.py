@@ -97,20 +97,28 @@ def collect_features(batches, method, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 class FeatureExtractor:
-    """Ray Data batch-inference actor: holds a method's encoder, turns canvases into features."""
+    """Ray Data batch-inference actor: holds one or more encoders (same architecture, different
+    weights) and turns each batch of canvases into every encoder's features, plus raw pixels."""
 
-    def __init__(self, method_factory, state_dict: dict | None):
+    def __init__(self, method_factory, state_dicts: dict, with_pixels: bool):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.method = method_factory()
-        if state_dict is not None:
-            self.method.load_state_dict(state_dict)
-        self.method.to(self.device).eval()
+        self.methods = {}
+        for name, state_dict in state_dicts.items():
+            method = method_factory()  # seeded: the same random init every time
+            if state_dict is not None:
+                method.load_state_dict(state_dict)
+            self.methods[name] = method.to(self.device).eval()
+        self.with_pixels = with_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         canvases = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        out = {"label": batch["label"], "key": batch["key"]}
         with torch.no_grad():
-            features = self.method.features(self.method.eval_images(canvases)).float().cpu().numpy()
-        return {"features": features, "label": batch["label"], "key": batch["key"]}
+            for name, method in self.methods.items():
+                out[name] = method.features(method.eval_images(canvases)).float().cpu().numpy()
+        if self.with_pixels:
+            out["pixels"] = batch["image"].reshape(len(canvases), -1).astype(np.float32) / 255
+        return out
 
 
 def load_checkpoint(path: str):
@@ -129,9 +137,10 @@ def load_checkpoint(path: str):
     return method, config
 
 
-def extract(location: str, method_factory, state_dict, canvas_size: int, batch_size: int = 256):
-    """Features, labels and keys of a labeled shard set, by Ray Data batch inference (actors
-    holding the encoder; a GPU each when the cluster has one)."""
+def extract(location: str, method_factory, state_dicts: dict, canvas_size: int, with_pixels: bool = False,
+            batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Every encoder's features (and raw pixels), labels and keys of a labeled shard set, in one
+    Ray Data batch-inference pass (an actor holding the encoders; a GPU when the cluster has one)."""
     import ray
 
     from pipelines.ingest import IngestConfig, image_dataset
@@ -141,26 +150,14 @@ def extract(location: str, method_factory, state_dict, canvas_size: int, batch_s
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     features = dataset.map_batches(
         FeatureExtractor,
-        fn_constructor_args=(method_factory, state_dict),
+        fn_constructor_args=(method_factory, state_dicts, with_pixels),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=1,
         num_gpus=1 if use_gpu else 0,
     )
     parts = list(features.iter_batches(batch_size=None, batch_format="numpy"))
-    stack = lambda key: torch.from_numpy(np.concatenate([p[key] for p in parts]))  # noqa: E731
-    return stack("features"), stack("label"), stack("key")
-
-
-def raw_pixels(location: str, canvas_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened canvases as features (the raw-pixel baseline)."""
-    from pipelines.ingest import IngestConfig, image_dataset
-
-    config = IngestConfig(canvas_size=canvas_size, shuffle_files=False, shuffle_buffer=0)
-    dataset, _ = image_dataset(location, config, with_labels=True)
-    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    pixels = np.concatenate([p["image"].reshape(len(p["image"]), -1) for p in parts]).astype(np.float32) / 255
-    return torch.from_numpy(pixels), torch.from_numpy(np.concatenate([p["label"] for p in parts]))
+    return {key: torch.from_numpy(np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
 
 def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn", baselines: bool = True) -> dict:
@@ -169,21 +166,20 @@ def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn",
     from pipelines.train_loop import build_method
 
     method, config = load_checkpoint(path)
-    canvas = config.data.canvas_size
-
-    def score(train_xy, test_xy):
-        if protocol == "knn":
-            return knn_top1(train_xy[0], train_xy[1], test_xy[0], test_xy[1], config.train.knn_k,
-                            config.train.knn_temperature)
-        return linear_probe_top1(train_xy[0], train_xy[1], test_xy[0], test_xy[1])
-
-    def encoder_score(state_dict):
-        factory = lambda: build_method(config)  # noqa: E731
-        return score(extract(train, factory, state_dict, canvas)[:2], extract(test, factory, state_dict, canvas)[:2])
-
-    result = {"protocol": protocol, "checkpoint": path, "method": config.method,
-              "top1": encoder_score({k: v.cpu() for k, v in method.state_dict().items()})}
+    encoders = {"top1": {k: v.cpu() for k, v in method.state_dict().items()}}
     if baselines:
-        result["random_init_top1"] = encoder_score(None)
-        result["raw_pixels_top1"] = score(raw_pixels(train, canvas), raw_pixels(test, canvas))
-    return result
+        encoders["random_init_top1"] = None
+    factory = lambda: build_method(config)  # noqa: E731
+    sets = [extract(s, factory, encoders, config.data.canvas_size, with_pixels=baselines) for s in (train, test)]
+    if baselines:
+        encoders["raw_pixels_top1"] = "pixels"
+
+    def score(name):
+        key = "pixels" if name == "raw_pixels_top1" else name
+        args = (sets[0][key], sets[0]["label"], sets[1][key], sets[1]["label"])
+        if protocol == "knn":
+            return knn_top1(*args, config.train.knn_k, config.train.knn_temperature)
+        return linear_probe_top1(*args)
+
+    return {"protocol": protocol, "checkpoint": path, "method": config.method,
+            **{name: score(name) for name in encoders}}

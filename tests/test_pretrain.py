@@ -60,14 +60,41 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["embedding_std"] > 0 and 0 <= metrics["data_wait_frac"] <= 1
 
 
-def test_rerun_with_the_same_name_resumes_instead_of_starting_over(digits, tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_run(digits, tmp_path_factory):
     out, _ = digits
-    storage = str(tmp_path / "runs")
+    storage = str(tmp_path_factory.mktemp("runs"))
     first = pretrain(tiny_config(**{"optim.epochs": 1}), f"{out}/train", storage=storage, name="again")
+    return storage, first
+
+
+def test_rerun_with_the_same_name_resumes_instead_of_starting_over(digits, one_epoch_run):
+    out, _ = digits
+    storage, first = one_epoch_run
     assert first["metrics"]["step"] == STEPS_PER_EPOCH and first["metrics"]["resumed_from_step"] == 0
     second = pretrain(tiny_config(**{"optim.epochs": 2}), f"{out}/train", storage=storage, name="again")
     assert second["metrics"]["resumed_from_step"] == STEPS_PER_EPOCH
     assert second["metrics"]["step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, capsys):
+    import json
+
+    from pipelines.cli import main
+    from pipelines.evaluate import load_checkpoint
+
+    out, _ = digits
+    checkpoint = one_epoch_run[1]["checkpoint"]
+    method, config = load_checkpoint(checkpoint)  # weights_only load
+    assert config.optim.epochs == 1 and config.method == "simclr"
+    for protocol in ("knn", "linear"):
+        assert main(["eval", protocol, "--checkpoint", checkpoint, "--train", f"{out}/train",
+                     "--test", f"{out}/test"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["protocol"] == protocol
+        for key in ("top1", "random_init_top1", "raw_pixels_top1"):
+            assert 0.1 < result[key] <= 1.0, (key, result)  # 10 classes: well above chance
+    assert main(["eval", "knn", "--checkpoint", str(out), "--train", f"{out}/train", "--test", f"{out}/test"]) == 2
 
 
 @pytest.mark.parametrize(

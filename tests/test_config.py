@@ -1,0 +1,49 @@
+import pytest
+
+from pipelines.config import build_config, config_from_dict
+
+
+def test_presets_merge_file_and_sets(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  epochs: 7\nhparams:\n  temperature: 0.3\n")
+    config = build_config("simclr", "tiny", str(path), {"optim.batch_size": 128, "views.view.blur": 0.5})
+    assert config.optim.epochs == 7 and config.optim.batch_size == 128
+    assert config.hparams.temperature == 0.3
+    assert config.recipe().views["view"].blur == 0.5
+    assert config.backbone.kwargs["channels"] == [16, 32, 64, 128]  # from the tiny preset
+    assert config_from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_imagenet_preset_is_the_papers():
+    config = build_config("simclr", "imagenet")
+    assert (config.optim.batch_size, config.hparams.temperature, config.optim.lr_scaling) == (4096, 0.1, "linear")
+    assert config.backbone.name == "resnet50" and config.hparams.sync_bn
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        ({"optim.epochs": 0}, "optim.epochs=0: must be an integer >= 1"),
+        ({"optim.batch_size": "big"}, "optim.batch_size='big': must be a number"),
+        ({"train.precision": "fp8"}, "train.precision='fp8': must be auto, bf16, fp16 or fp32"),
+        ({"data.canvas_size": 2}, "data.canvas_size=2: must be an integer >= 4"),
+        ({"nonsense.key": 1}, "unknown section 'nonsense'"),
+        ({"backbone.name": "resnet_nope"}, "backbone.name='resnet_nope': not a timm model"),
+        ({"hparams.proj_layers": 9}, "hparams.proj_layers=9: must be an integer in [1, 4]"),
+        ({"preset": "huge"}, "preset='huge': unknown for simclr"),
+        ({"method": "byol"}, "method='byol': unknown"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_range(sets, message):
+    with pytest.raises(ValueError) as error:
+        build_config("simclr", "tiny", sets=sets)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_config_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        build_config("simclr", "tiny", str(path))
+    with pytest.raises(ValueError, match="No such file"):
+        build_config("simclr", "tiny", str(tmp_path / "missing.yaml"))
