@@ -64,11 +64,18 @@ def cmd_prepare(args) -> dict:
 
 def _config(args):
     from pipelines.config import build_config
+    from pipelines.train_loop import build_method
 
     try:
-        return build_config(args.method, args.preset, args.config, parse_sets(args.set))
+        config = build_config(args.method, args.preset, args.config, parse_sets(args.set))
     except ValueError as error:
         raise UsageError(str(error)) from None
+    try:  # architecture mismatches (e.g. width vs heads) surface only when the model is built
+        build_method(config)
+    except Exception as error:  # noqa: BLE001  (timm raises AssertionError, TypeError, ...)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"model: cannot build {config.method} with this config ({message})") from None
+    return config
 
 
 def cmd_pretrain(args) -> dict:
@@ -148,10 +155,32 @@ def cmd_demo(args) -> dict:
 
 
 def _method_args(parser) -> None:
-    parser.add_argument("--method", required=True, help="simclr (mae, dino as they land)")
+    parser.add_argument("--method", required=True, help="simclr or mae")
     parser.add_argument("--preset", default="tiny", help="tiny (CPU sample) or imagenet")
     parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
+
+
+def cmd_viz_mae(args) -> dict:
+    from pipelines.evaluate import load_checkpoint
+    from pipelines.viz import first_canvases, mae_picture
+
+    try:
+        ratios = [float(r) for r in args.mask_ratios.split(",")]
+    except ValueError:
+        raise UsageError(f"--mask-ratios {args.mask_ratios!r}: expected numbers like 0.5,0.75,0.9") from None
+    if not all(0 < r < 1 for r in ratios):
+        raise UsageError(f"--mask-ratios {args.mask_ratios}: each must be in (0, 1)")
+    if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
+    method, config = load_checkpoint(args.checkpoint)
+    if not hasattr(method, "reconstruct"):
+        raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint; viz mae needs an MAE one")
+    canvases = first_canvases(args.data, args.images, config.data.canvas_size)
+    picture = mae_picture(method, canvases, ratios, seed=args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    picture.save(args.out)
+    return {"out": args.out, "images": len(canvases), "mask_ratios": ratios}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     augment.add_argument("--seed", type=int, default=0)
     augment.add_argument("--set", action="append", default=[], metavar="VIEW.FIELD=VALUE", help="recipe override")
     augment.set_defaults(run=cmd_viz_augment)
+    mae = viz.add_parser("mae", help="MAE reconstructions at several mask ratios")
+    mae.add_argument("--checkpoint", required=True)
+    mae.add_argument("--data", required=True, help="shard folder or URI")
+    mae.add_argument("--mask-ratios", default="0.5,0.75,0.9")
+    mae.add_argument("--out", required=True, help="PNG file to write")
+    mae.add_argument("--images", type=int, default=6)
+    mae.add_argument("--seed", type=int, default=0)
+    mae.set_defaults(run=cmd_viz_mae)
 
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     _method_args(pretrain)
@@ -202,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job on the bundled sample, end to end, on a laptop")
     demo.add_argument("--sample", default="mnist", choices=["mnist", "digits"])
     demo.add_argument("--workdir", default="selfsup-demo", help="where data and pictures go")
-    demo.add_argument("--epochs", type=int, default=5, help="SimCLR epochs on the sample")
+    demo.add_argument("--epochs", type=int, default=3, help="SimCLR epochs on the sample")
     demo.add_argument("--num-cpus", type=int, default=None)
     demo.set_defaults(run=cmd_demo)
     return parser

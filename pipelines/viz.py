@@ -16,18 +16,18 @@ HEADER = 14
 
 
 def first_canvases(location: str, count: int, canvas_size: int) -> np.ndarray:
-    """The first `count` decodable images of a shard location as `(n, S, S, 3)` uint8."""
+    """`count` decodable images spread evenly over the first shard of a location (samples are
+    sorted by class, so the first rows alone would all be one digit) as `(n, S, S, 3)` uint8."""
     shards = find_shards(location)
+    values = pq.read_table(shards.files[0], columns=["image"], filesystem=shards.filesystem).column("image")
     canvases = []
-    for path in shards.files:
-        table = pq.read_table(path, columns=["image"], filesystem=shards.filesystem)
-        for value in table.column("image").to_pylist():
+    for start in np.linspace(0, len(values) - 1, num=min(len(values), count)).astype(int):
+        for index in range(int(start), min(len(values), int(start) + 16)):  # skip past bad images
             try:
-                canvases.append(decode_canvas(image_bytes(value), canvas_size))
+                canvases.append(decode_canvas(image_bytes(values[index].as_py()), canvas_size))
+                break
             except BadImage:
                 continue
-            if len(canvases) == count:
-                return np.stack(canvases)
     if not canvases:
         raise ValueError(f"{location}: no decodable image found")
     return np.stack(canvases)
@@ -60,3 +60,30 @@ def augment_picture(canvases: np.ndarray, recipe: ViewRecipe, seed: int = 0) -> 
         for col, view in enumerate(shown, start=1):
             grid.paste(_cell(view[row]), (col * CELL, HEADER + row * CELL))
     return grid
+
+
+def mae_picture(method, canvases: np.ndarray, mask_ratios: list[float], seed: int = 0) -> Image.Image:
+    """One row per image: the original, then for each mask ratio the masked input and the
+    reconstruction (visible patches pasted back), like the MAE paper's masking-ratio figure."""
+    torch.manual_seed(seed)
+    method.eval()
+    images = method.eval_images(torch.from_numpy(canvases))
+    columns = [("original", images)]
+    for ratio in mask_ratios:
+        reconstruction, mask = method.reconstruct(images, ratio)
+        columns.append((f"masked {ratio:.0%}", images * (1 - mask) + mask * _grey(images)))
+        columns.append((f"recon {ratio:.0%}", reconstruction))
+    shown = [(name, (method.view_maker.denormalize(x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+             for name, x in columns]
+    grid = Image.new("RGB", (CELL * len(shown), HEADER + CELL * len(canvases)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, (name, pictures) in enumerate(shown):
+        draw.text((col * CELL + 3, 1), name, fill="black")
+        for row, picture in enumerate(pictures):
+            grid.paste(_cell(picture), (col * CELL, HEADER + row * CELL))
+    return grid
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """Mid-grey in the images' normalisation, to show masked patches."""
+    return torch.zeros_like(images)

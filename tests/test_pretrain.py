@@ -11,29 +11,28 @@ import pytest
 
 from pipelines.config import build_config
 from pipelines.pretrain import pretrain
-from pipelines.train_loop import lr_at
+from pipelines.train_loop import lr_at, plan
 
+COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "views.view.size": 16, "optim.batch_size": 64,
+          "train.knn_every_epochs": 1}
 TINY = {
-    "backbone.kwargs.channels": [8, 16, 32, 64],
-    "backbone.kwargs.stem_width": 8,
-    "data.canvas_size": 16,
-    "data.decode_num_cpus": 0.25,
-    "views.view.size": 16,
-    "optim.batch_size": 64,
-    "train.knn_every_epochs": 1,
+    "simclr": {"backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8},
+    "mae": {"backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,
+            "backbone.kwargs.num_heads": 2},
 }
 STEPS_PER_EPOCH = 1438 // 64  # sample:digits train split, global batch 64
 
 
-def tiny_config(**sets):
-    return build_config("simclr", "tiny", sets={**TINY, **sets})
+def tiny_config(method="simclr", **sets):
+    return build_config(method, "tiny", sets={**COMMON, **TINY[method], **sets})
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "mae"])
+def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path, method):
     from ray.util.state import list_actors
 
     out, _ = digits
-    config = tiny_config(**{"optim.epochs": 2, "train.checkpoint_every_steps": 4, "train.max_failures": 1})
+    config = tiny_config(method, **{"optim.epochs": 2, "train.checkpoint_every_steps": 4, "train.max_failures": 1})
     result, run = {}, tmp_path / "runs" / "killed"
     thread = threading.Thread(target=lambda: result.update(
         pretrain(config, f"{out}/train", val=f"{out}/test", storage=str(tmp_path / "runs"), name="killed")))
@@ -42,7 +41,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     # A checkpoint counts once the controller has registered it in its snapshot.
     snapshot = run / "checkpoint_manager_snapshot.json"
     while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-        assert time.time() < deadline, "no checkpoint was registered"
+        assert time.time() < deadline and thread.is_alive(), "no checkpoint was registered"
         time.sleep(0.2)
     import ray
 
@@ -55,7 +54,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     total = 2 * STEPS_PER_EPOCH
     assert metrics["step"] == metrics["total_steps"] == total
     assert 4 <= metrics["resumed_from_step"] < total  # it did resume, from a checkpoint
-    schedule = {"total_steps": total, "warmup_steps": STEPS_PER_EPOCH, "peak_lr": 0.3 * 64**0.5, "min_lr": 0.0}
+    schedule = plan(config, 1438)  # what an uninterrupted run plans
     assert metrics["lr"] == pytest.approx(lr_at(total - 1, schedule))  # same schedule position
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["embedding_std"] > 0 and 0 <= metrics["data_wait_frac"] <= 1
 
@@ -104,6 +103,7 @@ def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, cap
         ("optim.lrr=1", "optim.lrr: unknown key"),
         ("hparams.temperature=0", "hparams.temperature=0: must be in (0, 10]"),
         ("views.view.size=2", "views.view.size=2: must be an integer >= 4"),
+        ("backbone.kwargs.num_heads=5", "model: cannot build simclr with this config"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override, message):
@@ -119,3 +119,29 @@ def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override,
     assert lines == [f"selfsup pretrain: error: {message}"] or (len(lines) == 1 and message in lines[0])
     assert process.stdout == ""
     assert time.time() - started < 60
+
+
+@pytest.fixture(scope="module")
+def mae_run(digits, tmp_path_factory):
+    out, _ = digits
+    storage = str(tmp_path_factory.mktemp("mae_runs"))
+    return pretrain(tiny_config("mae", **{"optim.epochs": 2}), f"{out}/train", val=f"{out}/test",
+                    storage=storage, name="mae")
+
+
+def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    out, _ = digits
+    picture = tmp_path / "mae.png"
+    assert main(["viz", "mae", "--checkpoint", mae_run["checkpoint"], "--data", f"{out}/test",
+                 "--mask-ratios", "0.5,0.75,0.9", "--images", "3", "--out", str(picture)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mask_ratios"] == [0.5, 0.75, 0.9]
+    width, height = Image.open(picture).size
+    assert width == 96 * 7 and height > 96 * 3  # original + (masked, reconstruction) x 3
+    assert main(["viz", "mae", "--checkpoint", mae_run["checkpoint"], "--data", f"{out}/test",
+                 "--mask-ratios", "0.5,1.0", "--out", str(picture)]) == 2

@@ -1,12 +1,14 @@
-"""SimCLR training throughput, end to end vs model only, and kNN after E epochs vs the floors.
+"""A method's training throughput, end to end vs model only, its loss per epoch, and kNN / linear
+probe after E epochs vs the floors, on the bundled MNIST sample (`tiny` preset).
 
-End to end = a real `selfsup pretrain` run on the bundled MNIST sample (Ray Data ingest, views on
-the device, one Ray Train worker with `train.cpus_per_worker` CPUs); its images/s of the last epoch.
-Model only = the same method's forward + backward + optimizer step on views made once, with the
-same number of torch threads, no data pipeline. Then kNN top-1 on the sample's test split for the
-trained encoder, the random-init encoder (the floor) and raw pixels.
+End to end = a real `selfsup pretrain` run (Ray Data ingest, views on the device, one Ray Train
+worker with `train.cpus_per_worker` CPUs); its images/s of the last epoch. Model only = the same
+method's forward + backward + optimizer step on views made once, with the same number of torch
+threads, no data pipeline. Then top-1 on the sample's test split for the trained encoder, the
+random-init encoder (the floor) and raw pixels. `--picture` also draws MAE reconstructions.
 
-    python benchmarks/pretrain_simclr.py [--epochs 3] [--workdir /tmp/selfsup-bench]
+    python benchmarks/pretrain_method.py --method simclr --epochs 3
+    python benchmarks/pretrain_method.py --method mae --epochs 20 --linear --picture docs/images/mae_reconstruction.png
 """
 
 from __future__ import annotations
@@ -46,10 +48,14 @@ def model_only_rate(config, steps: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="simclr")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--linear", action="store_true", help="also the linear probe")
+    parser.add_argument("--picture", help="MAE: write a reconstruction picture here")
     parser.add_argument("--workdir", default="/tmp/selfsup-bench")
     args = parser.parse_args()
-    config = build_config("simclr", "tiny", sets={"optim.epochs": args.epochs, "train.knn_every_epochs": 0})
+    config = build_config(args.method, "tiny", sets={"optim.epochs": args.epochs, "train.knn_every_epochs": 0,
+                                                     "train.keep_checkpoints": args.epochs})
     model_only = model_only_rate(config)
     print(f"model only: {model_only:.1f} img/s", flush=True)
     ray.init(num_cpus=2, logging_level="ERROR")
@@ -60,7 +66,10 @@ def main() -> None:
     wall = time.perf_counter() - started
     metrics = run["metrics"]
     knn = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "knn")
+    with open(os.path.join(run["run"], "checkpoint_manager_snapshot.json")) as stream:
+        losses = [round(c["metrics"]["loss"], 4) for c in json.load(stream)["checkpoint_results"]]
     result = {
+        "method": args.method,
         "epochs": args.epochs,
         "batch_size": config.optim.batch_size,
         "model_only_img_s": round(model_only, 1),
@@ -71,9 +80,21 @@ def main() -> None:
         "knn_top1": round(knn["top1"], 4),
         "random_init_knn_top1": round(knn["random_init_top1"], 4),
         "raw_pixels_knn_top1": round(knn["raw_pixels_top1"], 4),
-        "final_loss": round(metrics["loss"], 4),
+        "loss_per_epoch": losses,
         "embedding_std": round(metrics["embedding_std"], 3),
     }
+    if args.linear:
+        linear = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "linear")
+        result.update({f"linear_{k}": round(v, 4) for k, v in linear.items() if k.endswith("top1")})
+    if args.picture:
+        from pipelines.evaluate import load_checkpoint
+        from pipelines.viz import first_canvases, mae_picture
+
+        method, _ = load_checkpoint(run["checkpoint"])
+        canvases = first_canvases(f"{data}/test", 6, config.data.canvas_size)
+        os.makedirs(os.path.dirname(os.path.abspath(args.picture)), exist_ok=True)
+        mae_picture(method, canvases, [0.5, 0.75, 0.9]).save(args.picture)
+        result["picture"] = args.picture
     print(json.dumps(result))
 
 

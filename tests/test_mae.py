@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from methods.backbone import BackboneConfig
+from methods.mae import MAE, MAEHyperparameters
+from pipelines.config import build_config
+from pipelines.views import mae_recipe
+from twoworkers import run_two_workers, same, single_worker
+
+
+def make_mae(norm_pix=True, seed=0):
+    torch.manual_seed(seed)
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4,
+                              kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
+    hparams = MAEHyperparameters(decoder_dim=16, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix)
+    return MAE(backbone, hparams, mae_recipe(16))
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.75, 0.9])
+def test_masking_keeps_round_L_times_one_minus_r_tokens_different_per_sample(ratio):
+    x = torch.randn(8, 64, 5)
+    visible, mask, ids_restore = MAE.random_masking(x, ratio)
+    keep = round(64 * (1 - ratio))
+    assert visible.shape == (8, keep, 5)
+    assert (mask.sum(1) == 64 - keep).all()
+    assert len({tuple(m.tolist()) for m in mask}) == 8  # every sample its own patches
+    # the visible tokens are exactly the unmasked ones
+    for row in range(8):
+        assert torch.equal(visible[row].sort(0).values, x[row][mask[row] == 0].sort(0).values)
+    assert torch.equal(torch.gather(torch.argsort(ids_restore, 1), 1, ids_restore), torch.arange(64).expand(8, -1))
+
+
+def test_predictions_on_visible_patches_do_not_change_the_loss():
+    method = make_mae()
+    imgs = torch.randn(4, 3, 16, 16)
+    _, mask, _ = method.random_masking(torch.zeros(4, 16, 1), 0.75)
+    pred = torch.randn(4, 16, 48)
+    changed = pred.clone()
+    changed[mask == 0] = 1e3  # only visible patches
+    assert method.forward_loss(imgs, pred, mask) == method.forward_loss(imgs, changed, mask)
+    changed[mask == 1] += 1  # a masked patch does change it
+    assert method.forward_loss(imgs, pred, mask) != method.forward_loss(imgs, changed, mask)
+
+
+def test_norm_pix_targets_have_zero_mean_unit_variance_per_patch():
+    targets = make_mae().targets(torch.rand(3, 3, 16, 16) * 5 + 2)
+    assert torch.allclose(targets.mean(-1), torch.zeros(3, 16), atol=1e-5)
+    assert torch.allclose(targets.var(-1), torch.ones(3, 16), atol=1e-3)
+    raw = make_mae(norm_pix=False)
+    imgs = torch.rand(1, 3, 16, 16)
+    assert torch.equal(raw.targets(imgs), raw.patchify(imgs))
+    assert torch.equal(raw.unpatchify(raw.patchify(imgs)), imgs)
+
+
+def mae_loss(rank, world):
+    method = make_mae()
+    generator = torch.Generator().manual_seed(1)
+    imgs, noise = torch.randn(8, 3, 16, 16, generator=generator), torch.rand(8, 16, generator=generator)
+    per = 8 // world
+    part = slice(rank * per, (rank + 1) * per)
+    loss, _ = method([imgs[part]], noise=noise[part])  # the same masks as one worker would draw
+    return loss, method
+
+
+def test_two_workers_equal_one_worker(tmp_path):
+    assert same(run_two_workers(mae_loss, tmp_path, "mae"), single_worker(mae_loss)) == []
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1])
+def test_mask_ratio_outside_zero_one_is_refused(ratio):
+    with pytest.raises(ValueError, match=rf"hparams.mask_ratio={ratio}: must be in \(0, 1\)"):
+        build_config("mae", "tiny", sets={"hparams.mask_ratio": ratio})
+
+
+def test_features_pool_cls_or_mean_without_masking():
+    method = make_mae()
+    images = torch.randn(2, 3, 16, 16)
+    tokens = method.backbone.forward_features(images)
+    assert torch.equal(method.features(images), tokens[:, 0])
+    method.hparams.feature_pool = "mean"
+    assert torch.allclose(method.features(images), tokens[:, 1:].mean(1))
