@@ -231,7 +231,3 @@ def config_from_dict(raw: dict) -> RunConfig:
     )
     config.recipe()  # validates the view overrides
     return config
-
-
-def dump_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -20,7 +20,7 @@ import ray.data
 from pipelines.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
 from pipelines.quality import QualityLog, check_bad_fraction
 from pipelines.samples import CLASS_NAMES, sample_tables
-from pipelines.shards import SHARD_SCHEMA, DataError, _resolve, find_shards, write_classes
+from pipelines.shards import SHARD_SCHEMA, DataError, resolve_location, find_shards, write_classes
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MB = 1 << 20
@@ -102,7 +102,7 @@ def _with_hf_columns(batch: pa.Table) -> pa.Table:
 
 
 def _list_folder(src: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo], int]:
-    filesystem, root = _resolve(src)
+    filesystem, root = resolve_location(src)
     root = root.rstrip("/") or "/"
     entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     files = [e for e in entries if e.type == pafs.FileType.File and not posixpath.basename(e.path).startswith(".")]
@@ -111,7 +111,7 @@ def _list_folder(src: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo], i
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    filesystem, root = _resolve(out)
+    filesystem, root = resolve_location(out)
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise DataError(f"--out {out}: is a file, expected a folder")
@@ -137,7 +137,7 @@ def plan_source(src: str) -> str:
     """'sample', 'folder' or 'parquet'; raises DataError for a missing or unusable source."""
     if src.startswith("sample:"):
         return "sample"
-    filesystem, root = _resolve(src)
+    filesystem, root = resolve_location(src)
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{src}: no such file or folder (expected an image folder, an image Parquet or sample:NAME)")

@@ -39,12 +39,9 @@ class ShardSet:
     has_id: bool
     num_rows: int
 
-    @property
-    def uris(self) -> list[str]:
-        return list(self.files)
 
-
-def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+def resolve_location(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow handles (s3://, gs://, ...)."""
     try:
         return pafs.FileSystem.from_uri(location)
     except (pa.ArrowInvalid, ValueError):
@@ -68,7 +65,7 @@ def find_shards(location: str) -> ShardSet:
     Raises:
         DataError: missing path, no Parquet files, unreadable file or a wrong schema.
     """
-    filesystem, root = _resolve(location)
+    filesystem, root = resolve_location(location)
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{location}: no such file or folder (expected {EXPECTED_SCHEMA_TEXT})")
@@ -107,14 +104,14 @@ def find_shards(location: str) -> ShardSet:
 
 
 def write_classes(folder: str, names: list[str]) -> None:
-    filesystem, root = _resolve(folder)
+    filesystem, root = resolve_location(folder)
     with filesystem.open_output_stream(f"{root.rstrip('/')}/{CLASSES_FILE}") as stream:
         stream.write(json.dumps(names, indent=1).encode())
 
 
 def read_classes(folder: str) -> list[str] | None:
     """Class names written beside the shards by `selfsup prepare`, if any."""
-    filesystem, root = _resolve(folder)
+    filesystem, root = resolve_location(folder)
     path = f"{root.rstrip('/')}/{CLASSES_FILE}"
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         return None

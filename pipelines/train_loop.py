@@ -18,6 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import yaml
 
 from methods import get_method
 from methods.distributed import all_reduce_mean
@@ -92,8 +93,6 @@ def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, conf
         os.path.join(folder, STATE_FILE),
     )
     with open(os.path.join(folder, CONFIG_FILE), "w") as stream:
-        import yaml
-
         yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
 
 
