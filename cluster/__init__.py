@@ -1,0 +1,1 @@
+"""Cluster configs and job submission (Ray cluster launcher, KubeRay); filled by the cluster issue."""
