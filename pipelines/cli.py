@@ -57,9 +57,9 @@ def cmd_prepare(args) -> dict:
         raise UsageError("--shard-mb and --row-group-mb must be > 0")
     if not 0 <= config.max_bad_fraction <= 1:
         raise UsageError(f"--max-bad-fraction {config.max_bad_fraction}: must be in [0, 1]")
-    plan_source(args.src)  # a missing or unusable source fails here, before Ray starts
+    source = plan_source(args.src)  # a missing or unusable source fails here, before Ray starts
     start_ray(args.num_cpus)
-    return prepare(args.src, args.out, config)
+    return prepare(args.src, args.out, config, source)
 
 
 def _config(args):

@@ -12,6 +12,7 @@ import yaml
 
 from methods.backbone import BackboneConfig
 from pipelines.ingest import IngestConfig
+from pipelines.validation import check_rules
 from pipelines.views import RECIPES, ViewRecipe
 
 SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train")
@@ -55,9 +56,7 @@ class OptimConfig:
             "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             "clip_grad": (self.clip_grad >= 0, "a number >= 0 (0 = off)"),
         }
-        for key, (ok, allowed) in rules.items():
-            if not ok:
-                raise ValueError(f"optim.{key}={getattr(self, key)!r}: must be {allowed}")
+        check_rules("optim", self, rules)
 
 
 @dataclass
@@ -97,9 +96,7 @@ class TrainConfig:
             "cpus_per_worker": (0 < self.cpus_per_worker <= 256, "a number in (0, 256]"),
             "torch_threads": (self.torch_threads >= 0, "an integer >= 0"),
         }
-        for key, (ok, allowed) in rules.items():
-            if not ok:
-                raise ValueError(f"train.{key}={getattr(self, key)!r}: must be {allowed}")
+        check_rules("train", self, rules)
 
 
 @dataclass

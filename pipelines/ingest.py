@@ -21,6 +21,7 @@ import torch
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_batch
 from pipelines.quality import QualityLog, check_bad_fraction
 from pipelines.shards import find_shards
+from pipelines.validation import check_rules
 
 CHECK_EVERY_BATCHES = 50
 MIN_SEEN_FOR_EARLY_STOP = 1000
@@ -57,25 +58,14 @@ class IngestConfig:
         return int(min(8192, max(8, self.decode_block_mb * 2**20 // (3 * self.canvas_size**2))))
 
     def validate(self) -> None:
-        checks = {
-            "canvas_size": self.canvas_size >= 4,
-            "decode_block_mb": self.decode_block_mb > 0,
-            "decode_num_cpus": 0 < self.decode_num_cpus <= 64,
-            "shuffle_buffer": self.shuffle_buffer >= 0,
-            "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
-            "max_pixels": self.max_pixels >= 1,
-        }
-        allowed = {
-            "canvas_size": "an integer >= 4",
-            "decode_block_mb": "a number > 0",
-            "decode_num_cpus": "a number in (0, 64]",
-            "shuffle_buffer": "an integer >= 0",
-            "max_bad_fraction": "a fraction in [0, 1]",
-            "max_pixels": "an integer >= 1",
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"data.{key}={getattr(self, key)!r}: must be {allowed[key]}")
+        check_rules("data", self, {
+            "canvas_size": (self.canvas_size >= 4, "an integer >= 4"),
+            "decode_block_mb": (self.decode_block_mb > 0, "a number > 0"),
+            "decode_num_cpus": (0 < self.decode_num_cpus <= 64, "a number in (0, 64]"),
+            "shuffle_buffer": (self.shuffle_buffer >= 0, "an integer >= 0"),
+            "max_bad_fraction": (0 <= self.max_bad_fraction <= 1, "a fraction in [0, 1]"),
+            "max_pixels": (self.max_pixels >= 1, "an integer >= 1"),
+        })
 
 
 def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool) -> dict[str, np.ndarray]:

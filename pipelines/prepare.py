@@ -101,13 +101,26 @@ def _with_hf_columns(batch: pa.Table) -> pa.Table:
     return pa.table(columns)
 
 
-def _list_folder(src: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo], int]:
-    filesystem, root = resolve_location(src)
-    root = root.rstrip("/") or "/"
-    entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+@dataclass(frozen=True)
+class Source:
+    """What `prepare` reads: its kind and, for a folder, the one recursive listing of it."""
+
+    kind: str  # "sample", "folder" or "parquet"
+    filesystem: pafs.FileSystem | None = None
+    root: str = ""
+    images: tuple = ()
+    ignored: int = 0
+
+
+def _folder_source(src: str, filesystem: pafs.FileSystem, root: str, entries: list[pafs.FileInfo]) -> Source:
     files = [e for e in entries if e.type == pafs.FileType.File and not posixpath.basename(e.path).startswith(".")]
-    images = [e for e in files if posixpath.splitext(e.path)[1].lower() in IMAGE_EXTENSIONS]
-    return filesystem, root, sorted(images, key=lambda e: e.path), len(files) - len(images)
+    images = sorted((e for e in files if posixpath.splitext(e.path)[1].lower() in IMAGE_EXTENSIONS), key=lambda e: e.path)
+    if not images:
+        raise DataError(
+            f"{src}: no image files found (expected {'/'.join(sorted(IMAGE_EXTENSIONS))} files, "
+            "optionally one subfolder per class)"
+        )
+    return Source("folder", filesystem, root, tuple(images), len(files) - len(images))
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -133,30 +146,31 @@ def _write(dataset: ray.data.Dataset, out: str, mean_bytes: float, config: Prepa
     )
 
 
-def plan_source(src: str) -> str:
-    """'sample', 'folder' or 'parquet'; raises DataError for a missing or unusable source."""
+def plan_source(src: str) -> Source:
+    """Find out what `src` is, listing a folder once; raises DataError for a missing or unusable
+    source (call it before Ray starts, and hand the result to `prepare`)."""
     if src.startswith("sample:"):
-        return "sample"
+        return Source("sample")
     filesystem, root = resolve_location(src)
+    root = root.rstrip("/") or "/"
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{src}: no such file or folder (expected an image folder, an image Parquet or sample:NAME)")
-    if info.type == pafs.FileType.File or any(
-        e.path.endswith(".parquet")
-        for e in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        if e.type == pafs.FileType.File
-    ):
+    entries = [] if info.type == pafs.FileType.File else filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    if info.type == pafs.FileType.File or any(e.path.endswith(".parquet") for e in entries):
         find_shards(src)  # checks the image column
-        return "parquet"
-    return "folder"
+        return Source("parquet")
+    return _folder_source(src, filesystem, root, entries)
 
 
-def prepare(src: str, out: str, config: PrepareConfig) -> dict:
+def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = None) -> dict:
     """Write shards for `src` under `out` and return the summary printed as the final JSON line.
 
     Ray must be initialised. Sample sources are split into `out/train` and `out/test`.
+    `source` is `plan_source(src)` when the caller already has it.
     """
-    kind = plan_source(src)
+    source = source or plan_source(src)
+    kind = source.kind
     _check_out(out, config.overwrite)
     context = ray.data.DataContext.get_current()
     # Blocks no larger than a shard, so shard sizes land between one and two targets.
@@ -178,12 +192,7 @@ def prepare(src: str, out: str, config: PrepareConfig) -> dict:
         summary["classes"] = CLASS_NAMES
         outputs = {split: f"{out}/{split}" for split in tables}
     elif kind == "folder":
-        filesystem, root, images, ignored = _list_folder(src)
-        if not images:
-            raise DataError(
-                f"{src}: no image files found (expected {'/'.join(sorted(IMAGE_EXTENSIONS))} files, "
-                "optionally one subfolder per class)"
-            )
+        filesystem, root, images, ignored = source.filesystem, source.root, source.images, source.ignored
         class_names = sorted(
             {posixpath.relpath(e.path, root).split("/")[0] for e in images if "/" in posixpath.relpath(e.path, root)}
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -37,7 +38,15 @@ class ShardSet:
     image_is_struct: bool
     has_label: bool
     has_id: bool
-    num_rows: int
+
+    @functools.cached_property
+    def num_rows(self) -> int:
+        """Rows over all shards, from the footers; read only when asked (thousands of remote
+        footers are slow)."""
+        try:
+            return sum(pq.ParquetFile(f, filesystem=self.filesystem).metadata.num_rows for f in self.files)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise DataError(f"{self.root}: a shard is not a readable Parquet file ({error})") from None
 
 
 def resolve_location(location: str) -> tuple[pafs.FileSystem, str]:
@@ -80,7 +89,6 @@ def find_shards(location: str) -> ShardSet:
         raise DataError(f"{location}: no .parquet files found (expected {EXPECTED_SCHEMA_TEXT})")
     try:
         schema = pq.read_schema(files[0], filesystem=filesystem)
-        num_rows = sum(pq.ParquetFile(f, filesystem=filesystem).metadata.num_rows for f in files)
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"{files[0]}: not a readable Parquet file ({error})") from None
     if "image" not in schema.names:
@@ -99,7 +107,6 @@ def find_shards(location: str) -> ShardSet:
         image_is_struct=is_struct,
         has_label="label" in schema.names,
         has_id="id" in schema.names,
-        num_rows=num_rows,
     )
 
 

@@ -167,6 +167,7 @@ class ViewMaker(nn.Module):
         self.recipe = recipe
         self.augmentations = nn.ModuleDict({name: _augmentation(spec) for name, spec in recipe.views.items()})
         self.normalize = K.Normalize(mean=torch.tensor(recipe.mean), std=torch.tensor(recipe.std))
+        self._denormalize = K.Denormalize(mean=torch.tensor(recipe.mean), std=torch.tensor(recipe.std))
 
     @torch.no_grad()
     def forward(self, canvases: torch.Tensor) -> list[torch.Tensor]:
@@ -181,6 +182,4 @@ class ViewMaker(nn.Module):
 
     def denormalize(self, view: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] RGB for display. `view: (N, 3, h, w)`."""
-        mean = torch.tensor(self.recipe.mean, device=view.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.recipe.std, device=view.device).view(1, 3, 1, 1)
-        return (view * std + mean).clamp(0, 1)
+        return self._denormalize(view).clamp(0, 1)
