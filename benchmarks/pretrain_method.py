@@ -9,6 +9,7 @@ random-init encoder (the floor) and raw pixels. `--picture` also draws MAE recon
 
     python benchmarks/pretrain_method.py --method simclr --epochs 3
     python benchmarks/pretrain_method.py --method mae --epochs 20 --linear --picture docs/images/mae_reconstruction.png
+    python benchmarks/pretrain_method.py --method dino --epochs 10 --linear --picture docs/images/dino_attention.png
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--linear", action="store_true", help="also the linear probe")
-    parser.add_argument("--picture", help="MAE: write a reconstruction picture here")
+    parser.add_argument("--picture", help="MAE: reconstructions; DINO: attention maps of one test image")
     parser.add_argument("--workdir", default="/tmp/selfsup-bench")
     args = parser.parse_args()
     config = build_config(args.method, "tiny", sets={"optim.epochs": args.epochs, "train.knn_every_epochs": 0,
@@ -83,17 +84,23 @@ def main() -> None:
         "loss_per_epoch": losses,
         "embedding_std": round(metrics["embedding_std"], 3),
     }
+    for key in ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm", "collapsed"):
+        if key in metrics:
+            result[key] = round(metrics[key], 3)
     if args.linear:
         linear = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "linear")
         result.update({f"linear_{k}": round(v, 4) for k, v in linear.items() if k.endswith("top1")})
     if args.picture:
         from pipelines.evaluate import load_checkpoint
-        from pipelines.viz import first_canvases, mae_picture
+        from pipelines.viz import attention_picture, first_canvases, mae_picture
 
         method, _ = load_checkpoint(run["checkpoint"])
         canvases = first_canvases(f"{data}/test", 6, config.data.canvas_size)
         os.makedirs(os.path.dirname(os.path.abspath(args.picture)), exist_ok=True)
-        mae_picture(method, canvases, [0.5, 0.75, 0.9]).save(args.picture)
+        if args.method == "dino":
+            attention_picture(method, canvases[0], config.data.canvas_size).save(args.picture)
+        else:
+            mae_picture(method, canvases, [0.5, 0.75, 0.9]).save(args.picture)
         result["picture"] = args.picture
     print(json.dumps(result))
 

@@ -75,7 +75,8 @@ class Method(nn.Module):
     # --- training ----------------------------------------------------------------------
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss over this worker's views (global-batch semantics are the method's job) and
-        statistics: must include `embeddings: (N, d)` for the collapse indicator."""
+        statistics: `embeddings: (N, d)` for the collapse indicator, plus any detached scalar
+        tensors, which the pipeline averages over each report window and passes to `diagnose`."""
         raise NotImplementedError
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -87,12 +88,22 @@ class Method(nn.Module):
     def make_optimizer(self, groups: list[dict], lr: float, optim: Any) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def before_step(self, step: int, total_steps: int, epoch: int) -> dict[str, float]:
-        """Called before each optimizer step (e.g. weight-decay schedules); returns metrics."""
+    def before_step(self, step: int, total_steps: int, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called before each forward pass (schedules of temperature, weight decay, ...); returns
+        metrics for the next report."""
         return {}
+
+    def on_gradients(self, step: int, epoch: int) -> None:
+        """Called after backward and clipping, before the optimizer step (e.g. freeze a layer by
+        dropping its gradients)."""
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after each optimizer step (e.g. EMA teacher update)."""
+
+    def diagnose(self, metrics: dict[str, float]) -> dict[str, float]:
+        """From a report's metrics (window means of the scalar statistics `forward` returns),
+        extra metrics such as a `collapsed` flag; may log a warning."""
+        return {}
 
     # --- evaluation --------------------------------------------------------------------
     @torch.no_grad()

@@ -8,8 +8,7 @@ import json
 import os
 import sys
 
-import yaml
-
+from pipelines.validation import parse_value
 from pipelines.shards import DataError
 
 
@@ -24,16 +23,21 @@ def parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--set {pair!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_value(value)
     return out
+
+
+_started_ray = False  # set when this command, not its caller, connected to Ray
 
 
 def start_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray."""
     import ray
 
+    global _started_ray
     if ray.is_initialized():
         return
+    _started_ray = True
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
     else:
@@ -41,7 +45,14 @@ def start_ray(num_cpus: int | None = None) -> None:
 
 
 def emit(result: dict) -> None:
-    print(json.dumps(result), flush=True)
+    """The final JSON line. Ray is shut down first (when this command started or joined it) so
+    that no worker log line it forwards can land after it."""
+    if _started_ray:
+        import ray
+
+        ray.shutdown()
+    sys.stderr.flush()
+    print(json.dumps(result, default=str), flush=True)
 
 
 def cmd_prepare(args) -> dict:
@@ -95,14 +106,43 @@ def cmd_pretrain(args) -> dict:
                     storage=args.storage, name=args.name)
 
 
+def cmd_tune(args) -> dict:
+    import time
+
+    from pipelines.pretrain import storage_path
+    from pipelines.shards import find_shards
+    from tune.search import SearchSettings, check_space, run_search
+    from tune.space import parse_space
+
+    config = _config(args)
+    settings = SearchSettings(samples=args.samples, workers_per_trial=args.workers_per_trial,
+                              gpus_per_worker=args.gpus_per_worker, scheduler=args.scheduler,
+                              max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode,
+                              grace_epochs=args.grace_epochs)
+    try:
+        settings.validate(has_val=bool(args.val))
+        dimensions = parse_space(args.space, config.method)
+        check_space(config.to_dict(), dimensions, settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    find_shards(args.data)
+    if args.val:
+        find_shards(args.val)
+    start_ray(args.num_cpus)
+    name = args.name or f"tune-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_search(config.to_dict(), args.data, args.val, dimensions, settings, storage_path(args.storage), name)
+
+
 def cmd_eval(args) -> dict:
     from pipelines.evaluate import evaluate_checkpoint
     from pipelines.shards import find_shards
+    from pipelines.train_loop import load_state
 
-    for location in (args.train, args.test):
-        find_shards(location)
     if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
         raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
+    load_state(args.checkpoint)  # refuses a file that would run code, before Ray starts
+    for location in (args.train, args.test):
+        find_shards(location)
     start_ray(args.num_cpus)
     return evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
 
@@ -155,7 +195,7 @@ def cmd_demo(args) -> dict:
 
 
 def _method_args(parser) -> None:
-    parser.add_argument("--method", required=True, help="simclr or mae")
+    parser.add_argument("--method", required=True, help="simclr, mae or dino")
     parser.add_argument("--preset", default="tiny", help="tiny (CPU sample) or imagenet")
     parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
@@ -181,6 +221,34 @@ def cmd_viz_mae(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     picture.save(args.out)
     return {"out": args.out, "images": len(canvases), "mask_ratios": ratios}
+
+
+def cmd_viz_attention(args) -> dict:
+    from pipelines.decode import BadImage, decode_canvas
+    from pipelines.evaluate import load_checkpoint
+    from pipelines.viz import attention_picture
+
+    if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
+    method, config = load_checkpoint(args.checkpoint)
+    if not hasattr(method, "last_attention") or not hasattr(method.encoder(), "blocks"):
+        raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint with backbone "
+                         f"{config.backbone.name}; viz attention needs a DINO checkpoint with a ViT backbone")
+    patch = method.encoder().patch_embed.patch_size[0]
+    size = args.size or method.eval_size
+    if size % patch:
+        raise UsageError(f"--size {size}: must be a multiple of the ViT's patch size {patch}")
+    try:
+        with open(args.image, "rb") as stream:
+            image = decode_canvas(stream.read(), max(size, config.data.canvas_size))
+    except OSError as error:
+        raise UsageError(f"--image {args.image}: {error.strerror}") from None
+    except BadImage as error:
+        raise UsageError(f"--image {args.image}: {error}") from None
+    picture = attention_picture(method, image, size)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    picture.save(args.out)
+    return {"out": args.out, "heads": method.encoder().blocks[-1].attn.num_heads, "size": size}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     mae.add_argument("--images", type=int, default=6)
     mae.add_argument("--seed", type=int, default=0)
     mae.set_defaults(run=cmd_viz_mae)
+    attention = viz.add_parser("attention", help="DINO: the last block's class-token attention per head")
+    attention.add_argument("--checkpoint", required=True)
+    attention.add_argument("--image", required=True, help="an image file (any format Pillow reads)")
+    attention.add_argument("--out", required=True, help="PNG file to write")
+    attention.add_argument("--size", type=int, default=None,
+                           help="input size the ViT sees (default: its training view size)")
+    attention.set_defaults(run=cmd_viz_attention)
 
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     _method_args(pretrain)
@@ -226,6 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--name", help="run name; a run that exists under --storage is resumed")
     pretrain.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     pretrain.set_defaults(run=cmd_pretrain)
+
+    search = commands.add_parser("tune", help="hyperparameter search over pretraining runs (Ray Tune)")
+    _method_args(search)
+    search.add_argument("--data", required=True, help="training shards (folder or URI)")
+    search.add_argument("--val", help="labeled shards: the objective's online kNN")
+    search.add_argument("--space", action="append", default=[], metavar="NAME=DIST(ARGS)",
+                        help="e.g. 'temperature=loguniform(0.05,1)', 'batch_size=choice(128,256,512)' "
+                             "(default: the method's space)")
+    search.add_argument("--samples", type=int, default=8, help="trials to draw")
+    search.add_argument("--workers-per-trial", type=int, default=1)
+    search.add_argument("--gpus-per-worker", type=float, default=0)
+    search.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
+    search.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: what the CPUs allow, one CPU per trial left for decoding)")
+    search.add_argument("--metric", default="knn_top1", help="objective: any reported metric")
+    search.add_argument("--mode", default="max", choices=["max", "min"])
+    search.add_argument("--grace-epochs", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    search.add_argument("--storage", help="folder or URI for the search (default ./runs)")
+    search.add_argument("--name", help="search name; a search that exists under --storage is resumed")
+    search.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    search.set_defaults(run=cmd_tune)
 
     evaluate = commands.add_parser("eval", help="kNN or linear probe of a checkpoint's frozen encoder")
     evaluate.add_argument("protocol", choices=["knn", "linear"])
@@ -253,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
+        if type(error).__name__ == "NonFiniteLossError":  # a clean stop, not a crash: no traceback
+            print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
+            return 1
         if type(error).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
         # Ray's message carries every worker's traceback; the user first needs the cause.

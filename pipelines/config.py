@@ -71,6 +71,8 @@ class TrainConfig:
     max_failures: worker-group restarts from the last checkpoint before the run fails.
     cpus_per_worker: CPUs each training worker reserves (the rest decodes data).
     torch_threads: intra-op threads per worker (0 = from cpus_per_worker).
+    placement_strategy: how workers spread over nodes: PACK (fewest nodes), SPREAD,
+        STRICT_SPREAD (one per node: a lost node costs one worker), STRICT_PACK.
     """
 
     checkpoint_every_steps: int = 0
@@ -83,6 +85,7 @@ class TrainConfig:
     max_failures: int = 2
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
+    placement_strategy: str = "PACK"
 
     def validate(self) -> None:
         rules = {
@@ -95,6 +98,8 @@ class TrainConfig:
             "max_failures": (self.max_failures >= -1, "an integer >= -1 (-1 = unlimited)"),
             "cpus_per_worker": (0 < self.cpus_per_worker <= 256, "a number in (0, 256]"),
             "torch_threads": (self.torch_threads >= 0, "an integer >= 0"),
+            "placement_strategy": (self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                                   "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"),
         }
         check_rules("train", self, rules)
 
@@ -207,6 +212,15 @@ def build_config(method: str, preset: str = "tiny", file: str | None = None, set
         if not isinstance(raw.get(section), dict):
             raise ValueError(f"{section}: must be a mapping, got {raw.get(section)!r}")
 
+    return config_from_dict(raw)
+
+
+def with_sets(raw: dict, sets: dict) -> RunConfig:
+    """A validated RunConfig: a complete config dict with `{"section.key": value}` applied
+    (what a Tune trial runs)."""
+    raw = copy.deepcopy(raw)
+    for key, value in sets.items():
+        _apply_set(raw, key, value)
     return config_from_dict(raw)
 
 

@@ -68,11 +68,17 @@ def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, 
         return (probe(test_features.float()).argmax(1) == test_labels).float().mean().item()
 
 
+def embedding_spread(embeddings: torch.Tensor) -> torch.Tensor:
+    """Collapse indicator as a 0-d tensor (no host sync): std over the batch of L2-normalised
+    embeddings, averaged over dimensions, times sqrt(d). About 1 for spread-out embeddings; -> 0
+    when they collapse."""
+    normalised = F.normalize(embeddings.detach().float(), dim=1)
+    return normalised.std(dim=0).mean() * math.sqrt(normalised.shape[1])
+
+
 def embedding_std(embeddings: torch.Tensor) -> float:
-    """Collapse indicator: std over the batch of L2-normalised embeddings, averaged over
-    dimensions, times sqrt(d). About 1 for spread-out embeddings; -> 0 when they collapse."""
-    normalised = F.normalize(embeddings.float(), dim=1)
-    return (normalised.std(dim=0).mean() * math.sqrt(normalised.shape[1])).item()
+    """`embedding_spread` as a number."""
+    return embedding_spread(embeddings).item()
 
 
 def split_bank_queries(keys: torch.Tensor, every: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

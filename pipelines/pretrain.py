@@ -15,7 +15,7 @@ from pipelines.config import RunConfig
 from pipelines.ingest import image_dataset
 from pipelines.quality import QualityLog
 from pipelines.shards import find_shards
-from pipelines.train_loop import plan, train_loop_per_worker
+from pipelines.train_loop import NonFiniteLossError, plan, train_loop_per_worker
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -49,7 +49,8 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
                            "has_val": bool(val)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources,
+                                     placement_strategy=config.train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name or default_run_name(config),
             storage_path=storage_path(storage),
@@ -66,6 +67,9 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
 def pretrain(config: RunConfig, data: str, **kwargs) -> dict:
     """Run (or resume, when `name` already exists in `storage`) a pretraining run."""
     result = make_trainer(config, data, **kwargs).fit()
+    stopped = result.return_value or {}
+    if stopped.get("stopped") == "non_finite_loss":
+        raise NonFiniteLossError(f"{stopped['message']} ({result.checkpoint.path if result.checkpoint else 'no checkpoint yet'})")
     return {
         "method": config.method,
         "run": result.path,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -24,15 +25,16 @@ from methods import get_method
 from methods.distributed import all_reduce_mean
 from methods.schedules import scaled_lr, warmup_cosine
 from pipelines.config import RunConfig, config_from_dict
-from pipelines.evaluate import collect_features, embedding_std, knn_top1, split_bank_queries
+from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
 from pipelines.ingest import iter_canvas_batches
+from pipelines.shards import DataError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
 def build_method(config: RunConfig):
@@ -96,8 +98,20 @@ def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, conf
         yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
 
 
+class CheckpointRefused(DataError):
+    """A checkpoint file that holds more than tensors and plain values (pickled code)."""
+
+
 def load_state(folder: str) -> dict:
-    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    """A checkpoint's state, unpickling tensors and plain containers only: a file crafted to run
+    code when loaded is refused, not executed."""
+    path = os.path.join(folder, STATE_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise CheckpointRefused(f"checkpoint {path}: refused: it holds pickled objects, not only weights "
+                                f"({reason})") from None
 
 
 def _autocast(precision: str, device: torch.device):
@@ -118,7 +132,8 @@ def _online_knn(method, config: RunConfig, device) -> float:
                     config.train.knn_k, config.train.knn_temperature)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """One worker's training; returns `{"stopped": reason, "message": ...}` when it stops early."""
     config = config_from_dict(loop_config["config"])
     schedule, quality_log, has_val = loop_config["schedule"], loop_config["quality_log"], loop_config["has_val"]
     context = ray.train.get_context()
@@ -157,7 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_knn = None
     while progress["epoch"] < config.optim.epochs:
         epoch = progress["epoch"]
-        window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "std": 0.0}
+        window = ReportWindow()
         lr, hook_metrics = lr_at(progress["step"], schedule), {}
         batches = iter(iter_canvas_batches(train_shard, per_worker_batch, quality_log, config.data, device,
                                            drop_last=True, where="train", epoch=epoch))
@@ -171,71 +186,98 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr = lr_at(progress["step"], schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            hook_metrics = method.before_step(progress["step"], total, epoch)
+            hook_metrics = method.before_step(progress["step"], total, epoch, optimizer)
             with autocast:
                 loss, stats = model(views)
             global_loss = all_reduce_mean(loss.detach())
-            if not torch.isfinite(global_loss):
-                raise NonFiniteLossError(
-                    f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); stopping. "
-                    "The last good checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data"
-                )
+            if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
+                message = (f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); the last good "
+                           "checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data")
+                print(f"[selfsup] stopping: {message}", file=sys.stderr, flush=True)
+                # Returned, not raised: Ray Train would retry a worker error from the last
+                # checkpoint and meet the same NaN again. The driver raises NonFiniteLossError.
+                return {"stopped": "non_finite_loss", "message": message}
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.optim.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.clip_grad)
+            method.on_gradients(progress["step"], epoch)
             scaler.step(optimizer)
             scaler.update()
             method.after_step(progress["step"], total)
             progress["step"] += 1
             progress["step_in_epoch"] += 1
-            window["loss"] += global_loss.item()
-            window["std"] += embedding_std(stats["embeddings"])
-            window["steps"] += 1
-            window["wait"] += waited
-            window["time"] += time.perf_counter() - started
+            window.add(global_loss, stats, waited, time.perf_counter() - started)
             every = config.train.checkpoint_every_steps
             epoch_done = progress["step_in_epoch"] >= schedule["steps_per_epoch"]
             if every and progress["step"] % every == 0 and not epoch_done:
                 _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
                         resumed_from, last_knn)
-                window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "std": 0.0}
+                window = ReportWindow()
         progress["epoch"] += 1
         progress["step_in_epoch"] = 0
         final = progress["epoch"] == config.optim.epochs
         knn_due = has_val and (final or (config.train.knn_every_epochs and progress["epoch"] % config.train.knn_every_epochs == 0))
         if knn_due and rank == 0:
             last_knn = _online_knn(method, config, device)
-        _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                resumed_from, last_knn if knn_due else None)
+        metrics = _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
+                          resumed_from, last_knn if knn_due else None)
         if rank == 0:
             print(
                 f"[selfsup] epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
-                f"loss {window['loss'] / max(1, window['steps']):.4f} lr {lr:.4g}"
-                + (f" knn_top1 {last_knn:.4f}" if knn_due else ""),
+                f"loss {metrics['loss']:.4f} lr {lr:.4g}" + (f" knn_top1 {last_knn:.4f}" if knn_due else ""),
                 file=sys.stderr, flush=True,
             )
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+    return None
 
 
-def _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-            resumed_from, knn) -> None:
+class ReportWindow:
+    """Sums over the steps since the last report, kept as tensors on the device so a step costs
+    no host sync; averaged (and all-reduced across workers) when reported."""
+
+    def __init__(self):
+        self.steps, self.wait, self.time = 0, 0.0, 0.0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], waited: float, elapsed: float) -> None:
+        values = {"loss": loss, "embedding_std": embedding_spread(stats["embeddings"])}
+        values.update({k: v.detach().float() for k, v in stats.items() if k != "embeddings" and torch.is_tensor(v) and v.numel() == 1})
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.steps += 1
+        self.wait += waited
+        self.time += elapsed
+
+    def means(self) -> dict[str, float]:
+        """Every rank must call this (it all-reduces)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        stacked = all_reduce_mean(torch.stack([self.sums[k].reshape(()) for k in keys]) / self.steps)
+        return dict(zip(keys, stacked.tolist()))
+
+
+def _report(window: ReportWindow, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
+            resumed_from, knn) -> dict:
     """Metrics for this window and a checkpoint (rank 0 writes it; every rank reaches report)."""
-    steps = max(1, window["steps"])
+    statistics = window.means()
     metrics = {
         "epoch": progress["epoch"],
         "step": progress["step"],
         "total_steps": schedule["total_steps"],
-        "loss": window["loss"] / steps,
+        "loss": statistics.pop("loss", float("nan")),
         "lr": lr,
-        "images_per_s": config.optim.batch_size * window["steps"] / max(window["time"], 1e-9),
-        "data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-        "embedding_std": window["std"] / steps,
+        "images_per_s": config.optim.batch_size * window.steps / max(window.time, 1e-9),
+        "data_wait_frac": window.wait / max(window.time, 1e-9),
         "resumed_from_step": resumed_from,
+        **statistics,
         **hook_metrics,
     }
+    if statistics:
+        metrics.update(method.diagnose(metrics) if rank == 0 else {})
     if knn is not None:
         metrics["knn_top1"] = knn
     with tempfile.TemporaryDirectory() as folder:
@@ -244,3 +286,4 @@ def _report(window, lr, hook_metrics, progress, config, method, optimizer, scale
             save_checkpoint(folder, method, optimizer, scaler, dict(progress), config)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
+    return metrics

@@ -87,3 +87,37 @@ def mae_picture(method, canvases: np.ndarray, mask_ratios: list[float], seed: in
 def _grey(images: torch.Tensor) -> torch.Tensor:
     """Mid-grey in the images' normalisation, to show masked patches."""
     return torch.zeros_like(images)
+
+
+# Anchors of a dark-to-bright heat map (black, purple, orange, yellow) for attention weights.
+_HEAT = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float64)
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """`(h, w)` values scaled to [0, 1] -> `(h, w, 3)` uint8 colours."""
+    span = values.max() - values.min()
+    scaled = (values - values.min()) / (span if span > 0 else 1.0) * (len(_HEAT) - 1)
+    low = np.floor(scaled).clip(0, len(_HEAT) - 2).astype(int)
+    fraction = (scaled - low)[..., None]
+    return (_HEAT[low] * (1 - fraction) + _HEAT[low + 1] * fraction).round().astype(np.uint8)
+
+
+def attention_picture(method, image: np.ndarray, size: int, cell: int = 160) -> Image.Image:
+    """The image, then the last block's class-token attention of every head over the patches
+    (DINO paper, figure 1), and their mean. `image: (S, S, 3)` uint8; `size` is the input size
+    the ViT sees (a multiple of its patch size)."""
+    method.eval()
+    canvas = torch.tensor(image).unsqueeze(0)
+    inputs = method.eval_images(canvas)
+    if inputs.shape[-1] != size:
+        inputs = torch.nn.functional.interpolate(inputs, size=(size, size), mode="bilinear", antialias=True,
+                                                 align_corners=False)
+    maps = method.last_attention(inputs)[0].numpy()  # (heads, h, w)
+    columns = [("image", image)] + [(f"head {h}", _heat(m)) for h, m in enumerate(maps)]
+    columns.append(("mean", _heat(maps.mean(axis=0))))
+    grid = Image.new("RGB", (cell * len(columns), HEADER + cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, (name, picture) in enumerate(columns):
+        draw.text((col * cell + 3, 1), name, fill="black")
+        grid.paste(Image.fromarray(picture).resize((cell, cell), Image.Resampling.NEAREST), (col * cell, HEADER))
+    return grid

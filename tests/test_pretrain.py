@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from pipelines.config import build_config
 from pipelines.pretrain import pretrain
@@ -145,3 +146,22 @@ def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):
     assert width == 96 * 7 and height > 96 * 3  # original + (masked, reconstruction) x 3
     assert main(["viz", "mae", "--checkpoint", mae_run["checkpoint"], "--data", f"{out}/test",
                  "--mask-ratios", "0.5,1.0", "--out", str(picture)]) == 2
+
+
+def test_non_finite_loss_stops_without_retrying_and_keeps_the_last_good_checkpoint(digits, tmp_path):
+    from pipelines.train_loop import NonFiniteLossError, load_state
+
+    out, _ = digits
+    # Warmup makes step 0's LR 0 (a finite checkpoint after step 1), then the LR explodes the weights.
+    config = tiny_config("mae", **{"optim.epochs": 2, "optim.base_lr": 1e30, "optim.warmup_epochs": 1,
+                                   "train.checkpoint_every_steps": 1, "train.max_failures": 2,
+                                   "train.knn_every_epochs": 0})
+    started = time.time()
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+ \(epoch 0\)") as error:
+        pretrain(config, f"{out}/train", storage=str(tmp_path / "runs"), name="nan")
+    # A worker error would have been retried max_failures times and surfaced as a TrainingFailedError.
+    checkpoint = str(error.value).rsplit("(", 1)[1].rstrip(")")
+    state = load_state(checkpoint)
+    assert 1 <= state["progress"]["step"] < 2 * STEPS_PER_EPOCH
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+    assert time.time() - started < 180

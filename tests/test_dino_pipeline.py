@@ -1,0 +1,68 @@
+"""DINO through the whole pipeline: collapse monitoring (default run vs centering-off ablation) and
+the attention picture from a trained checkpoint."""
+
+import json
+
+import pytest
+
+from pipelines.config import build_config
+from pipelines.pretrain import pretrain
+
+# The tiny preset scaled down for sample:digits at 16 px (1438 training images, 22 steps/epoch).
+DIGITS = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "views.global1.size": 16, "views.global2.size": 16,
+          "views.local.size": 8, "views.local.copies": 2, "backbone.img_size": 16, "backbone.kwargs.embed_dim": 32,
+          "backbone.kwargs.depth": 2, "backbone.kwargs.num_heads": 2, "hparams.out_dim": 256,
+          "hparams.hidden_dim": 64, "hparams.bottleneck_dim": 32, "optim.batch_size": 64, "optim.base_lr": 2e-3,
+          "optim.epochs": 2, "train.knn_every_epochs": 1}
+COLLAPSE_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm",
+                    "embedding_std", "collapsed")
+
+
+def run(digits, storage, name, **sets):
+    out, _ = digits
+    return pretrain(build_config("dino", "tiny", sets={**DIGITS, **sets}), f"{out}/train", val=f"{out}/test",
+                    storage=str(storage), name=name)
+
+
+@pytest.fixture(scope="module")
+def default_run(digits, tmp_path_factory):
+    return run(digits, tmp_path_factory.mktemp("dino_runs"), "default")
+
+
+def test_default_run_reports_collapse_metrics_and_does_not_collapse(default_run):
+    metrics = default_run["metrics"]
+    assert all(key in metrics for key in COLLAPSE_METRICS), metrics
+    assert metrics["collapsed"] == 0.0
+    assert metrics["step"] == metrics["total_steps"] == 2 * (1438 // 64)
+    assert 0 < metrics["knn_top1"] <= 1
+
+
+def test_centering_off_ablation_trips_the_collapse_flag(digits, tmp_path):
+    # The paper's head (no BatchNorm, which by itself resists this collapse) without centering:
+    # sharpening alone drives every image to the same output dimension.
+    metrics = run(digits, tmp_path, "no-centering", **{"hparams.centering": False,
+                                                      "hparams.head_batch_norm": False})["metrics"]
+    assert metrics["collapsed"] == 1.0
+    assert metrics["teacher_batch_entropy"] < 0.1 * 5.545  # ln 256
+
+
+def test_attention_picture_from_the_trained_checkpoint(default_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
+    picture = tmp_path / "attention.png"
+    checkpoint = default_run["checkpoint"]
+    assert main(["viz", "attention", "--checkpoint", checkpoint, "--image", str(image), "--out", str(picture)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["heads"] == 2 and result["size"] == 16
+    width, height = Image.open(picture).size
+    assert width == 160 * (1 + 2 + 1) and height > 160  # image, one map per head, their mean
+    assert main(["viz", "attention", "--checkpoint", checkpoint, "--image", str(image), "--out", str(picture),
+                 "--size", "18"]) == 2  # not a multiple of the patch size
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main(["viz", "attention", "--checkpoint", checkpoint, "--image", str(tmp_path / "broken.png"),
+                 "--out", str(picture)]) == 2
