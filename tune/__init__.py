@@ -1,1 +1,3 @@
-"""Hyperparameter search with Ray Tune over pretraining runs; filled by the Tune issue."""
+"""Hyperparameter search with Ray Tune over full pretraining runs: `space` parses the search
+space, `search` runs it (ASHA on per-epoch reports, ranked by a downstream metric) and writes
+the results."""

@@ -1,0 +1,133 @@
+"""`selfsup tune`: spaces, a 3-trial ASHA search on the sample, best-config round trip, resume."""
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipelines.config import build_config
+from tune.search import SearchSettings, check_space
+from tune.space import DEFAULT_SPACES, parse_dimension, parse_space
+
+SIMCLR_DIGITS = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "views.view.size": 16, "optim.batch_size": 64,
+                 "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8,
+                 "train.knn_every_epochs": 1}
+
+
+def base_config(**sets):
+    return build_config("simclr", "tiny", sets={**SIMCLR_DIGITS, **sets}).to_dict()
+
+
+def test_space_strings_become_config_keys_and_bad_ones_say_why():
+    assert parse_dimension("temperature=loguniform(0.05, 1)").key == "hparams.temperature"
+    assert parse_dimension("batch_size=choice(128,256,512)").args == (128, 256, 512)
+    assert parse_dimension("hparams.proj_out=grid(32, 64)").dist == "grid"
+    assert parse_dimension("lr=grid(1e-9, 0.3)").args == (1e-9, 0.3)  # a number, though YAML 1.1 says string
+    assert parse_dimension("views.view.scale=choice([0.2, 1.0], [0.5, 1])").args == ([0.2, 1.0], [0.5, 1])
+    for method in ("simclr", "mae", "dino"):
+        assert [d.name for d in parse_space([], method)] == [s.split("=")[0] for s in DEFAULT_SPACES[method]]
+    for bad, message in [("temperature=normal(0, 1)", "expected name=dist"),
+                         ("temperature=loguniform(0, 1)", "low end > 0"),
+                         ("temperature=uniform(1, 0.5)", "below the high end"),
+                         ("warmth=uniform(0, 1)", "unknown name 'warmth'")]:
+        with pytest.raises(ValueError, match=message):
+            parse_dimension(bad)
+    with pytest.raises(ValueError, match="searched twice"):
+        parse_space(["lr=uniform(0.1, 1)", "optim.base_lr=choice(0.3)"], "simclr")
+
+
+def test_space_ends_are_validated_against_the_config_before_ray():
+    base, settings = base_config(), SearchSettings(workers_per_trial=3)
+    with pytest.raises(ValueError, match=r"--space temperature=20: hparams.temperature=20: must be in \(0, 10\]"):
+        check_space(base, [parse_dimension("temperature=loguniform(0.05, 20)")], SearchSettings())
+    with pytest.raises(ValueError, match="must divide evenly across 3 workers"):
+        check_space(base, [parse_dimension("batch_size=choice(64, 96)")], settings)
+    with pytest.raises(ValueError, match="needs --val"):
+        SearchSettings().validate(has_val=False)
+
+
+def search_command(out, storage, name):
+    sets = {**SIMCLR_DIGITS, "optim.epochs": 2, "train.checkpoint_every_steps": 5}
+    return [sys.executable, "-m", "pipelines.cli", "tune", "--method", "simclr", "--data", f"{out}/train",
+            "--val", f"{out}/test", "--space", "lr=grid(0.6, 0.3, 1e-9)", "--samples", "1", "--scheduler", "asha",
+            "--metric", "loss", "--mode", "min", "--max-concurrent", "1", "--storage", str(storage),
+            "--name", name, "--num-cpus", "2",
+            *[arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+
+
+@pytest.fixture(scope="module")
+def killed_search(digits, tmp_path_factory):
+    """Three trials one after another: two learn, the last has an LR of ~0 (it cannot lower its
+    loss; ranked by the loss, comparable here because only the LR differs). The driver is killed
+    during the second trial, and the same command is run again."""
+    out, _ = digits
+    storage = tmp_path_factory.mktemp("tune")
+    command, env = search_command(out, storage, "search"), {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    train = storage / "search" / "train"
+
+    def second_trial_checkpointed():
+        runs = os.listdir(train) if train.exists() else []
+        return len(runs) == 2 and all(glob.glob(str(train / run / "checkpoint_*")) for run in runs)
+
+    deadline = time.time() + 400
+    while not second_trial_checkpointed():
+        assert time.time() < deadline and driver.poll() is None, "the search did not reach its second trial"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    driver.wait()
+    runs_at_kill = sorted(os.listdir(train))
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    last = rerun.stdout.strip().splitlines()[-1]
+    assert last.startswith("{"), rerun.stdout[-3000:]  # the JSON line comes last
+    return json.loads(last), storage, runs_at_kill
+
+
+def rows(result):
+    with open(result["trials.csv"]) as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_three_trial_search_writes_table_best_yaml_and_picture(killed_search):
+    result, _, _ = killed_search
+    table = rows(result)
+    assert len(table) == 3 and result["trials"] == 3
+    assert {row["lr"] for row in table} == {"0.6", "0.3", "1e-09"}
+    assert all(float(row["peak_lr"]) == pytest.approx(float(row["lr"]) * 8) for row in table)  # sqrt(64)
+    assert "sqrt" in open(result["trials.md"]).read()
+    assert os.path.getsize(result["search.png"]) > 5000
+
+
+def test_asha_stops_the_bad_trial_before_its_last_epoch(killed_search):
+    result, _, _ = killed_search
+    bad = next(row for row in rows(result) if row["lr"] == "1e-09")
+    assert bad["status"] == "stopped early" and int(bad["epochs_run"]) < 2
+    assert result["best"]["lr"] != 1e-9 and result["best"]["status"] == "finished"
+
+
+def test_best_yaml_reproduces_its_trials_config(killed_search):
+    result, storage, _ = killed_search
+    from_yaml = build_config("simclr", file=result["best.yaml"]).to_dict()
+    snapshots = glob.glob(str(storage / "search" / "train" / result["best"]["trial_id"] / "checkpoint_*" / "config.yaml"))
+    assert snapshots, "the best trial's checkpoints hold the config it ran"
+    with open(sorted(snapshots)[-1]) as stream:
+        assert from_yaml == yaml.safe_load(stream)
+
+
+def test_killed_search_resumed_where_it_stopped(killed_search):
+    result, storage, runs_at_kill = killed_search
+    assert result["by_status"]["error"] == 0
+    runs = sorted(os.listdir(storage / "search" / "train"))
+    assert runs[:2] == runs_at_kill and len(runs) == 3  # no trial started over under a new id
+    reports = [json.loads(line) for path in glob.glob(str(storage / "search" / "*" / "result.json"))
+               for line in open(path)]
+    assert any(report.get("resumed_from_step", 0) > 0 for report in reports)  # the interrupted trial resumed

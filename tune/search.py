@@ -1,0 +1,283 @@
+"""`selfsup tune`: a Ray Tune search whose trials are full Ray Train pretraining runs.
+
+Each trial builds a `TorchTrainer` (the same one `selfsup pretrain` runs) whose
+`TuneReportCallback` forwards every epoch's report to Tune, so ASHA can stop a trial after any
+epoch. Trials are ranked by a downstream metric (the online kNN top-1 on the labeled validation
+set by default): SSL losses are not comparable across temperatures or mask ratios. A trial that
+trips the collapse flag is stopped. Each trial's Train run lives at `<search>/train/<trial_id>`,
+so a search resumed after its driver died restarts an interrupted trial from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+
+import yaml
+from ray.tune.stopper import Stopper
+
+from pipelines.config import RunConfig, with_sets
+from tune.space import Dimension
+
+STATUSES = ("finished", "stopped early", "collapsed", "error")
+
+
+@dataclass
+class SearchSettings:
+    """Args:
+    samples: trials drawn from the space (each `grid` dimension multiplies them).
+    workers_per_trial, gpus_per_worker: each trial's Ray Train worker group.
+    scheduler: `asha` (stop weak trials after any epoch) or `fifo` (run every trial to the end).
+    max_concurrent: trials at once; default: as many as fit while leaving each trial
+        `data_cpus_per_trial` CPUs for Ray Data decoding.
+    metric, mode: the objective (`knn_top1`, max: needs `--val`; or any reported metric).
+    grace_epochs, reduction_factor: ASHA's first rung and halving rate.
+    """
+
+    samples: int = 8
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0
+    scheduler: str = "asha"
+    max_concurrent: int | None = None
+    metric: str = "knn_top1"
+    mode: str = "max"
+    grace_epochs: int = 1
+    reduction_factor: float = 2
+    data_cpus_per_trial: float = 1.0
+
+    def validate(self, has_val: bool) -> None:
+        if not (isinstance(self.samples, int) and self.samples >= 1):
+            raise ValueError(f"--samples {self.samples}: must be an integer >= 1")
+        if self.workers_per_trial < 1:
+            raise ValueError(f"--workers-per-trial {self.workers_per_trial}: must be >= 1")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError(f"--scheduler {self.scheduler}: must be asha or fifo")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent {self.max_concurrent}: must be >= 1")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"--mode {self.mode}: must be max or min")
+        if self.metric == "knn_top1" and not has_val:
+            raise ValueError("--metric knn_top1 needs --val (a labeled validation set)")
+        if self.grace_epochs < 1 or self.reduction_factor <= 1:
+            raise ValueError("ASHA needs grace_epochs >= 1 and reduction_factor > 1")
+
+
+def check_space(base: dict, dimensions: list[Dimension], settings: SearchSettings) -> None:
+    """Every end of every dimension makes a valid run config (before Ray starts)."""
+    for dimension in dimensions:
+        for value in dimension.extremes():
+            try:
+                config = with_sets(base, {dimension.key: value})
+            except ValueError as error:
+                raise ValueError(f"--space {dimension.name}={value!r}: {error}") from None
+            if config.optim.batch_size % settings.workers_per_trial:
+                raise ValueError(f"--space {dimension.name}={value!r}: optim.batch_size {config.optim.batch_size} "
+                                 f"must divide evenly across {settings.workers_per_trial} workers")
+
+
+def concurrency(settings: SearchSettings, cpus_per_worker: float) -> int:
+    """Trials that fit the cluster's CPUs with `data_cpus_per_trial` left to decode for each."""
+    import ray
+
+    if settings.max_concurrent:
+        return settings.max_concurrent
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = settings.workers_per_trial * cpus_per_worker + settings.data_cpus_per_trial
+    return max(1, int(cpus // per_trial))
+
+
+def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, gpus_per_worker: float,
+           train_storage: str) -> None:
+    """One trial: a full pretraining run whose reports reach Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.pretrain import make_trainer
+    from pipelines.train_loop import NonFiniteLossError
+
+    config = with_sets(base, values)
+    trainer = make_trainer(config, data, val=val, workers=workers, gpus_per_worker=gpus_per_worker,
+                           storage=train_storage, name=tune.get_context().get_trial_id(),
+                           callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    stopped = result.return_value or {}
+    if stopped.get("stopped") == "non_finite_loss":
+        raise NonFiniteLossError(stopped["message"])
+
+
+class CollapseStopper(Stopper):
+    """Stops a trial whose report carries `collapsed: 1` (DINO's collapse flag)."""
+
+    def __call__(self, trial_id, result) -> bool:
+        return bool(result.get("collapsed", 0))
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimension], settings: SearchSettings,
+               storage: str, name: str) -> dict:
+    """Run (or resume, when `storage/name` holds a search) and write the results beside it."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    config = with_sets(base, {})
+    search_dir = os.path.join(storage, name)
+    # Reports inside an epoch (train.checkpoint_every_steps) carry no kNN; ASHA skips them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, data=data, val=val, workers=settings.workers_per_trial,
+                             gpus_per_worker=settings.gpus_per_worker,
+                             train_storage=os.path.join(search_dir, "train")),
+        # The trial only waits on its TorchTrainer, whose workers hold the CPUs: it must hold none,
+        # or on a small machine Ray Data's first task (a whole CPU) never starts. Tune refuses an
+        # empty request, so it asks for a little memory instead.
+        {"CPU": 0, "memory": 256 * 1024**2},
+    )
+    if tune.Tuner.can_restore(search_dir):
+        tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        if settings.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="epoch", metric=settings.metric, mode=settings.mode,
+                                      max_t=config.optim.epochs, grace_period=settings.grace_epochs,
+                                      reduction_factor=settings.reduction_factor)
+            metric_mode = {}
+        else:
+            scheduler, metric_mode = FIFOScheduler(), {"metric": settings.metric, "mode": settings.mode}
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.domain() for d in dimensions},
+            tune_config=tune.TuneConfig(num_samples=settings.samples, scheduler=scheduler,
+                                        max_concurrent_trials=concurrency(settings, config.train.cpus_per_worker),
+                                        **metric_mode),
+            run_config=tune.RunConfig(name=name, storage_path=storage, stop=CollapseStopper(),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+        )
+    grid = tuner.fit()
+    rows = trial_rows(grid, dimensions, settings, base)
+    # Results go beside the search; for a search on s3:// or gs://, into ./tune-results/NAME.
+    folder = search_dir if "://" not in storage else os.path.abspath(os.path.join("tune-results", name))
+    return write_results(rows, dimensions, settings, base, folder, config)
+
+
+def _last(frame, column):
+    if frame is None or column not in frame:
+        return None
+    values = frame[column].dropna()
+    return None if values.empty else float(values.iloc[-1])
+
+
+def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base: dict) -> list[dict]:
+    """One row per trial: its searched values, the LR its batch implies, the objective at its last
+    report, epochs run and how it ended."""
+    from methods.schedules import scaled_lr
+
+    rows = []
+    for result in grid:
+        values = {d.key: result.config.get(d.key) for d in dimensions}
+        frame = result.metrics_dataframe
+        epochs_run = int(_last(frame, "epoch") or 0)
+        config = with_sets(base, values)
+        rule = config.optim.lr_scaling or _method_rule(config)
+        if result.error:
+            status = "error"
+        elif _last(frame, "collapsed"):
+            status = "collapsed"
+        elif epochs_run < config.optim.epochs:
+            status = "stopped early"
+        else:
+            status = "finished"
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
+            **{d.name: values[d.key] for d in dimensions},
+            "peak_lr": scaled_lr(config.optim.base_lr, config.optim.batch_size, rule),
+            settings.metric: _last(frame, settings.metric),
+            "epochs_run": epochs_run,
+            "status": status,
+            "error": str(result.error).strip().splitlines()[-1] if result.error else "",
+        })
+    return rows
+
+
+def _method_rule(config: RunConfig) -> str:
+    from methods import get_method
+
+    return get_method(config.method).lr_scaling
+
+
+def best_row(rows: list[dict], settings: SearchSettings) -> dict | None:
+    ranked = [r for r in rows if r[settings.metric] is not None and r["status"] in ("finished", "stopped early")]
+    if not ranked:
+        return None
+    sign = 1 if settings.mode == "max" else -1
+    return max(ranked, key=lambda r: sign * r[settings.metric])
+
+
+def write_results(rows: list[dict], dimensions: list[Dimension], settings: SearchSettings, base: dict,
+                  folder: str, config: RunConfig) -> dict:
+    """trials.csv, trials.md, best.yaml and search.png in `folder`; returns their paths and the best trial."""
+    os.makedirs(folder, exist_ok=True)
+    columns = ["trial_id", *[d.name for d in dimensions], "peak_lr", settings.metric, "epochs_run", "status", "error"]
+    paths = {name: os.path.join(folder, name) for name in ("trials.csv", "trials.md", "best.yaml", "search.png")}
+    sign = -1 if settings.mode == "max" else 1
+    rows = sorted(rows, key=lambda r: (r[settings.metric] is None, sign * (r[settings.metric] or 0)))
+    with open(paths["trials.csv"], "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    rule = config.optim.lr_scaling or _method_rule(config)
+    with open(paths["trials.md"], "w") as stream:
+        stream.write(f"# {config.method} search: {settings.metric} ({settings.mode}), {len(rows)} trials, "
+                     f"{config.optim.epochs} epochs each at most\n\n")
+        stream.write("| " + " | ".join(columns[:-1]) + " |\n|" + "---|" * (len(columns) - 1) + "\n")
+        for row in rows:
+            stream.write("| " + " | ".join(_cell(row[c]) for c in columns[:-1]) + " |\n")
+        stream.write(f"\nEach trial's peak LR is optim.base_lr scaled to its global batch by the `{rule}` rule "
+                     "(linear: x B/256, sqrt: x sqrt(B)), so batch sizes are compared at the LR their recipe "
+                     "implies.\n")
+    best = best_row(rows, settings)
+    if best is not None:
+        best_config = with_sets(base, {d.key: best[d.name] for d in dimensions})
+        with open(paths["best.yaml"], "w") as stream:
+            stream.write(f"# best of a selfsup tune search: trial {best['trial_id']}, {settings.metric} "
+                         f"{best[settings.metric]:.4f}; use with selfsup pretrain --config\n")
+            yaml.safe_dump(best_config.to_dict(), stream, sort_keys=False)
+    else:
+        paths.pop("best.yaml")
+    draw_search(rows, dimensions, settings, paths["search.png"])
+    return {"search": folder, "trials": len(rows), "best": best,
+            "by_status": {s: sum(r["status"] == s for r in rows) for s in STATUSES}, **paths}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def draw_search(rows: list[dict], dimensions: list[Dimension], settings: SearchSettings, path: str) -> None:
+    """The objective against each searched hyperparameter, one panel each, marked by status."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(dimensions), figsize=(4.2 * len(dimensions), 3.4), squeeze=False)
+    markers = {"finished": ("o", "tab:blue"), "stopped early": ("x", "tab:orange"),
+               "collapsed": ("v", "tab:red"), "error": ("s", "tab:gray")}
+    for axis, dimension in zip(axes[0], dimensions):
+        for status, (marker, colour) in markers.items():
+            points = [(r[dimension.name], r[settings.metric]) for r in rows
+                      if r["status"] == status and r[settings.metric] is not None and r[dimension.name] is not None]
+            if points:
+                axis.scatter(*zip(*points), marker=marker, color=colour, label=status)
+        if dimension.log_scale:
+            axis.set_xscale("log")
+        axis.set_xlabel(dimension.name)
+        axis.set_ylabel(settings.metric)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
