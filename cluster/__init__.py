@@ -1,1 +1,2 @@
-"""Cluster configs and job submission (Ray cluster launcher, KubeRay); filled by the cluster issue."""
+"""Cluster configs (Ray cluster launcher for AWS and GCP, KubeRay RayCluster and RayJob), the
+job runtime env, and `python -m cluster.checks`, which validates them offline. See README.md here."""

@@ -1,0 +1,112 @@
+"""Cluster configs validate offline and expose nothing; checkpoints never run code on load; a run
+survives losing a node of a simulated cluster."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from cluster.checks import (FOLDER, KUBERAY_MANIFESTS, LAUNCHER_CONFIGS, ConfigError, load, public_exposures,
+                            validate_kuberay, validate_launcher)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_configs_pass_rays_own_schema(name):
+    config = load(os.path.join(FOLDER, name))
+    prepared = validate_launcher(config, name)
+    assert prepared["available_node_types"]["head"]["resources"] == {"CPU": 0}  # the head trains nothing
+    gpu = prepared["available_node_types"]["gpu_spot"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1  # autoscales from zero
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_spot"]["min_workers"] = "zero"
+    with pytest.raises(ConfigError, match=f"{name}: not a valid Ray cluster config"):
+        validate_launcher(broken, name)
+
+
+@pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
+def test_kuberay_manifests_carry_the_required_fields(name):
+    manifest = load(os.path.join(FOLDER, name))
+    validate_kuberay(manifest, name)
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    for field, value, message in [
+        ("enableInTreeAutoscaling", False, "enableInTreeAutoscaling"),
+        ("authOptions", {}, "authOptions.mode must be token"),
+    ]:
+        broken = copy.deepcopy(manifest)
+        broken["spec"].get("rayClusterSpec", broken["spec"])[field] = value
+        with pytest.raises(ConfigError, match=message):
+            validate_kuberay(broken, name)
+    no_shm = copy.deepcopy(manifest)
+    no_shm_spec = no_shm["spec"].get("rayClusterSpec", no_shm["spec"])
+    no_shm_spec["workerGroupSpecs"][0]["template"]["spec"]["volumes"] = []
+    with pytest.raises(ConfigError, match="/dev/shm"):
+        validate_kuberay(no_shm, name)
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS + KUBERAY_MANIFESTS)
+def test_no_config_exposes_ray_or_ssh_publicly(name):
+    config = load(os.path.join(FOLDER, name))
+    assert public_exposures(config, name) == []
+
+
+def test_the_exposure_check_catches_what_it_should():
+    aws = load(os.path.join(FOLDER, "aws.yaml"))
+    opened = copy.deepcopy(aws)
+    opened["provider"]["security_group"] = {"GroupName": "open", "IpPermissions": [
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+    opened["head_start_ray_commands"] = ["ray start --head --dashboard-host 0.0.0.0"]
+    del opened["available_node_types"]["gpu_spot"]["node_config"]["SecurityGroupIds"]
+    findings = " | ".join(public_exposures(opened, "aws.yaml"))
+    for expected in ("opens 0.0.0.0/0", "dashboard to 0.0.0.0", "without RAY_AUTH_MODE=token",
+                     "gpu_spot has no SecurityGroupIds"):
+        assert expected in findings
+    gcp = load(os.path.join(FOLDER, "gcp.yaml"))
+    gcp["available_node_types"]["head"]["node_config"]["networkInterfaces"] = [{"network": "global/networks/default"}]
+    assert "default network" in " ".join(public_exposures(gcp, "gcp.yaml"))
+    cluster = load(os.path.join(FOLDER, "kuberay-raycluster.yaml"))
+    cluster["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    assert "LoadBalancer exposes the head" in " ".join(public_exposures(cluster, "kuberay"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['SELFSUP_PWNED']}",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+    from pipelines.train_loop import CheckpointRefused, load_state
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("SELFSUP_PWNED", str(marker))
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    torch.save({"method": {"weight": torch.zeros(1)}, "payload": _RunsCode()}, folder / "state.pt")
+    with pytest.raises(CheckpointRefused, match="refused: it holds pickled objects"):
+        load_state(str(folder))
+    assert main(["eval", "knn", "--checkpoint", str(folder), "--train", str(tmp_path), "--test", str(tmp_path)]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists()  # nothing ran
+
+
+def test_losing_a_node_mid_run_resumes_from_the_checkpoint_and_completes(tmp_path):
+    # Its own Ray temp folder, short: Ray's socket paths must stay under 108 bytes.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")}
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss_run.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert process.returncode == 0, process.stderr[-3000:]
+    report = json.loads(process.stdout.strip().splitlines()[-1])
+    assert len(set(report["nodes_before"])) == 2  # one worker per node
+    assert report["finished"]
+    metrics = report["metrics"]
+    assert metrics["step"] == metrics["total_steps"] == 1438 // 64  # one epoch, 2 workers x 32
+    assert 4 <= metrics["resumed_from_step"] < metrics["total_steps"]  # restored from a checkpoint
+    assert report["replacement_node"] in report["worker_nodes_ever"]  # the group moved to the new node
