@@ -34,7 +34,10 @@ def main(out: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_port": dashboard_port})
     first, second = cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, logging_level="WARNING")
+    # Every actor of this job finds this cluster, not the test session's Ray beside it, when Ray
+    # itself calls the state API (e.g. to clean up placement groups).
+    ray.init(address=cluster.address, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     cluster.wait_for_nodes()
     try:
         data = os.path.join(out, "digits")

@@ -67,23 +67,35 @@ def killed_search(digits, tmp_path_factory):
     """Three trials one after another: two learn, the last has an LR of ~0 (it cannot lower its
     loss; ranked by the loss, comparable here because only the LR differs). The driver is killed
     during the second trial, and the same command is run again."""
+    import ray
+
     out, _ = digits
     storage = tmp_path_factory.mktemp("tune")
-    command, env = search_command(out, storage, "search"), {**os.environ, "RAY_ADDRESS": ""}
+    # The driver joins the test session's Ray, as `ray job submit` joins a cluster: a second Ray
+    # instance on the machine would break Ray's own state-API calls (placement-group cleanup).
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = search_command(out, storage, "search")
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     train = storage / "search" / "train"
 
-    def second_trial_checkpointed():
-        runs = os.listdir(train) if train.exists() else []
-        return len(runs) == 2 and all(glob.glob(str(train / run / "checkpoint_*")) for run in runs)
+    def second_trial_checkpointed():  # a checkpoint counts once the controller registered it
+        runs = sorted(os.listdir(train)) if train.exists() else []
+        snapshots = [train / run / "checkpoint_manager_snapshot.json" for run in runs]
+        return len(runs) == 2 and all(p.exists() and "checkpoint_" in p.read_text() for p in snapshots)
 
     deadline = time.time() + 400
     while not second_trial_checkpointed():
         assert time.time() < deadline and driver.poll() is None, "the search did not reach its second trial"
         time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies; its trials (actors it owns) die with it
     driver.wait()
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    while list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+        assert time.time() < deadline + 120, "the dead driver's training workers did not stop"
+        time.sleep(1)
     runs_at_kill = sorted(os.listdir(train))
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
