@@ -19,7 +19,7 @@ import ray.data
 import torch
 
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_batch
-from pipelines.quality import QualityLog, check_bad_fraction
+from pipelines.quality import check_bad_fraction, new_quality_log
 from pipelines.shards import find_shards
 from pipelines.validation import check_rules
 
@@ -98,7 +98,7 @@ def image_dataset(
     """
     config.validate()
     shards = find_shards(location)
-    quality_log = quality_log or QualityLog.remote()
+    quality_log = quality_log or new_quality_log()
     shuffle = ray.data.FileShuffleConfig(seed=config.seed) if config.shuffle_files else None
     dataset = ray.data.read_parquet(
         shards.files,

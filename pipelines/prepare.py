@@ -18,7 +18,7 @@ import ray
 import ray.data
 
 from pipelines.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
-from pipelines.quality import QualityLog, check_bad_fraction
+from pipelines.quality import check_bad_fraction, new_quality_log
 from pipelines.samples import CLASS_NAMES, sample_tables
 from pipelines.shards import SHARD_SCHEMA, DataError, resolve_location, find_shards, write_classes
 
@@ -175,7 +175,7 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
     context = ray.data.DataContext.get_current()
     # Blocks no larger than a shard, so shard sizes land between one and two targets.
     context.target_max_block_size = min(context.target_max_block_size or 128 * MB, int(config.shard_mb * MB))
-    quality_log = QualityLog.remote()
+    quality_log = new_quality_log()
     validate = dict(fn_kwargs=dict(quality_log=quality_log, max_pixels=config.max_pixels), batch_format="pyarrow")
     summary: dict = {"source": src, "kind": kind, "out": out}
     ignored = 0

@@ -13,7 +13,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.config import RunConfig
 from pipelines.ingest import image_dataset
-from pipelines.quality import QualityLog
+from pipelines.quality import new_quality_log
 from pipelines.shards import find_shards
 from pipelines.train_loop import NonFiniteLossError, plan, train_loop_per_worker
 
@@ -35,13 +35,13 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     schedule = plan(config, find_shards(data).num_rows)
     if config.optim.batch_size % workers:
         raise ValueError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {workers} workers")
-    quality_log = QualityLog.remote()
+    quality_log = new_quality_log()
     # Training reports one line per epoch; per-operator progress bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": image_dataset(data, config.data, quality_log)[0]}
     if val:
         val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0)
-        datasets["val"] = image_dataset(val, val_config, QualityLog.remote(), with_labels=True)[0]
+        datasets["val"] = image_dataset(val, val_config, new_quality_log(), with_labels=True)[0]
     resources = {"CPU": config.train.cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker

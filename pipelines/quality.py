@@ -60,3 +60,12 @@ def check_bad_fraction(summary: dict, max_bad_fraction: float, where: str, min_s
             f"{max_bad_fraction:.1%}; first: id={first['id']}: {first['reason']}); "
             "fix the data or raise max_bad_fraction"
         )
+
+
+def new_quality_log():
+    """A QualityLog on the driver's node: decode tasks on every node report to it, so it must not
+    sit on a spot node that can disappear mid-run (the driver's node going means the run goes)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return QualityLog.options(scheduling_strategy=here).remote()

@@ -45,7 +45,7 @@ def main(out: str) -> None:
         config = build_config("simclr", "tiny", sets={
             "data.canvas_size": 16, "data.decode_num_cpus": 0.25, "views.view.size": 16, "optim.batch_size": 64,
             "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8, "optim.epochs": 1,
-            "train.checkpoint_every_steps": 4, "train.max_failures": 2, "train.knn_every_epochs": 0,
+            "train.checkpoint_every_steps": 4, "train.max_failures": 5, "train.knn_every_epochs": 0,
             "train.placement_strategy": "STRICT_SPREAD"})
         result, run = {}, os.path.join(out, "runs", "spot")
         thread = threading.Thread(target=lambda: result.update(
