@@ -115,6 +115,11 @@ class Method(nn.Module):
         """The module that is exported / evaluated (the backbone)."""
         return self.backbone
 
+    def encoder_model_args(self) -> dict:
+        """`timm.create_model` arguments that make the exported encoder's `forward` equal
+        `features` (e.g. the pooling), beyond the backbone config's own."""
+        return {}
+
 
 def hparams_from_dict(cls: type, values: dict, section: str = "hparams"):
     """Build a hyperparameter dataclass from a dict, refusing unknown keys, then validate."""

@@ -188,6 +188,12 @@ class MAE(Method):
         tokens = self.backbone.forward_features(images)
         return tokens[:, 0] if self.hparams.feature_pool == "cls" else tokens[:, 1:].mean(dim=1)
 
+    def encoder_model_args(self) -> dict:
+        # timm pools the same way; fc_norm=False keeps the final norm where MAE trained it.
+        if self.hparams.feature_pool == "cls":
+            return {"global_pool": "token"}
+        return {"global_pool": "avg", "fc_norm": False}
+
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
         """For pictures: `(reconstruction, mask image)`, both `(N, 3, H, W)` in the input's

@@ -55,6 +55,23 @@ def emit(result: dict) -> None:
     print(json.dumps(result, default=str), flush=True)
 
 
+def check_checkpoint(path: str) -> str:
+    """The checkpoint folder at `path`, or the latest one in the run folder `path`, after checking
+    that its state loads as plain weights (a file that would run code when unpickled is refused);
+    before Ray starts."""
+    from pipelines.train_loop import STATE_FILE, load_state
+
+    if not os.path.exists(os.path.join(path, STATE_FILE)) and os.path.isdir(path):
+        checkpoints = sorted(e for e in os.listdir(path) if e.startswith("checkpoint_")
+                             and os.path.exists(os.path.join(path, e, STATE_FILE)))
+        if checkpoints:  # Ray names them by time: the last sorts last
+            path = os.path.join(path, checkpoints[-1])
+    if not os.path.exists(os.path.join(path, STATE_FILE)):
+        raise UsageError(f"--checkpoint {path}: no {STATE_FILE} (expected a selfsup checkpoint or run folder)")
+    load_state(path)
+    return path
+
+
 def cmd_prepare(args) -> dict:
     from pipelines.prepare import PrepareConfig, plan_source, prepare
 
@@ -136,11 +153,8 @@ def cmd_tune(args) -> dict:
 def cmd_eval(args) -> dict:
     from pipelines.evaluate import evaluate_checkpoint
     from pipelines.shards import find_shards
-    from pipelines.train_loop import load_state
 
-    if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
-        raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
-    load_state(args.checkpoint)  # refuses a file that would run code, before Ray starts
+    args.checkpoint = check_checkpoint(args.checkpoint)
     for location in (args.train, args.test):
         find_shards(location)
     start_ray(args.num_cpus)
@@ -211,8 +225,7 @@ def cmd_viz_mae(args) -> dict:
         raise UsageError(f"--mask-ratios {args.mask_ratios!r}: expected numbers like 0.5,0.75,0.9") from None
     if not all(0 < r < 1 for r in ratios):
         raise UsageError(f"--mask-ratios {args.mask_ratios}: each must be in (0, 1)")
-    if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
-        raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
+    args.checkpoint = check_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
     if not hasattr(method, "reconstruct"):
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint; viz mae needs an MAE one")
@@ -228,8 +241,7 @@ def cmd_viz_attention(args) -> dict:
     from pipelines.evaluate import load_checkpoint
     from pipelines.viz import attention_picture
 
-    if not os.path.exists(os.path.join(args.checkpoint, "state.pt")):
-        raise UsageError(f"--checkpoint {args.checkpoint}: no state.pt (expected a selfsup checkpoint folder)")
+    args.checkpoint = check_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
     if not hasattr(method, "last_attention") or not hasattr(method.encoder(), "blocks"):
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint with backbone "
@@ -249,6 +261,46 @@ def cmd_viz_attention(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     picture.save(args.out)
     return {"out": args.out, "heads": method.encoder().blocks[-1].attn.num_heads, "size": size}
+
+
+def cmd_viz_curves(args) -> dict:
+    from pipelines.tracking import METRICS_FILE, read_history
+    from pipelines.viz import curves_picture
+
+    try:
+        history = read_history(args.run_folder)
+    except OSError as error:
+        raise UsageError(f"--run {args.run_folder}: cannot read ({error})") from None
+    if not history:
+        raise UsageError(f"--run {args.run_folder}: no {METRICS_FILE} with reports (expected a selfsup run folder)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    panels = curves_picture(history, args.out, title=args.run_folder.rstrip("/").split("/")[-1])
+    return {"out": args.out, "reports": len(history), "last_step": history[-1]["step"], "panels": panels}
+
+
+def cmd_export(args) -> dict:
+    from pipelines.export import export_encoder
+
+    args.checkpoint = check_checkpoint(args.checkpoint)
+    result = export_encoder(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"[export] load it with: {result['load']}", file=sys.stderr)
+    return result
+
+
+def cmd_embed(args) -> dict:
+    from pipelines.embed import embed
+    from pipelines.shards import check_output_folder, find_shards
+
+    args.checkpoint = check_checkpoint(args.checkpoint)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.actors is not None and args.actors < 1:
+        raise UsageError(f"--actors {args.actors}: must be >= 1")
+    find_shards(args.data)
+    check_output_folder(args.out, args.overwrite)
+    start_ray(args.num_cpus)
+    return embed(args.checkpoint, args.data, args.out, batch_size=args.batch_size, actors=args.actors,
+                 gpus_per_actor=args.gpus_per_actor, precision=args.precision, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--size", type=int, default=None,
                            help="input size the ViT sees (default: its training view size)")
     attention.set_defaults(run=cmd_viz_attention)
+    curves = viz.add_parser("curves", help="loss, LR, kNN and collapse indicators over a run's steps")
+    curves.add_argument("--run", dest="run_folder", required=True, help="a run folder (storage/name, local or URI)")
+    curves.add_argument("--out", required=True, help="PNG file to write")
+    curves.set_defaults(run=cmd_viz_curves)
 
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     _method_args(pretrain)
@@ -331,6 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel floors")
     evaluate.add_argument("--num-cpus", type=int, default=None)
     evaluate.set_defaults(run=cmd_eval)
+
+    export = commands.add_parser("export", help="a checkpoint's encoder as timm-loadable safetensors + config.json")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json to")
+    export.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    export.set_defaults(run=cmd_export)
+
+    embedding = commands.add_parser("embed", help="embeddings of every image in shards, as Parquet (Ray Data)")
+    embedding.add_argument("--checkpoint", required=True)
+    embedding.add_argument("--data", required=True, help="shard folder or URI")
+    embedding.add_argument("--out", required=True, help="folder or URI for the embedding Parquet files")
+    embedding.add_argument("--batch-size", type=int, default=256)
+    embedding.add_argument("--actors", type=int, default=None,
+                           help="most model-holding actors (default: one per GPU, else CPUs / 2)")
+    embedding.add_argument("--gpus-per-actor", type=float, default=None,
+                           help="default 1 when the cluster has GPUs, else 0")
+    embedding.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    embedding.add_argument("--overwrite", action="store_true", help="replace Parquet files already in --out")
+    embedding.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    embedding.set_defaults(run=cmd_embed)
 
     demo = commands.add_parser("demo", help="the main job on the bundled sample, end to end, on a laptop")
     demo.add_argument("--sample", default="mnist", choices=["mnist", "digits"])

@@ -15,7 +15,7 @@ from pipelines.ingest import IngestConfig
 from pipelines.validation import check_rules
 from pipelines.views import RECIPES, ViewRecipe
 
-SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train")
+SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train", "tracking")
 
 
 @dataclass
@@ -105,6 +105,36 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Args:
+    tensorboard: write every report as TensorBoard scalars under `<run>/tensorboard`
+        (`metrics.jsonl` in the run folder is always written; `selfsup viz curves` reads it).
+    mlflow_uri: an MLflow tracking URI (`http://host:5000`, `databricks`, ...): each run becomes
+        an MLflow run with the config as parameters and every report as metrics. Off when null.
+    mlflow_experiment: the MLflow experiment the runs go to.
+    """
+
+    tensorboard: bool = True
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "selfsup"
+
+    def validate(self) -> None:
+        check_rules("tracking", self, {
+            "tensorboard": (isinstance(self.tensorboard, bool), "true or false"),
+            "mlflow_uri": (self.mlflow_uri is None or (isinstance(self.mlflow_uri, str) and self.mlflow_uri.strip()),
+                           "a tracking URI or null"),
+            "mlflow_experiment": (isinstance(self.mlflow_experiment, str) and self.mlflow_experiment.strip(),
+                                  "a non-empty name"),
+        })
+        if self.mlflow_uri:
+            try:
+                import mlflow  # noqa: F401
+            except ImportError:
+                raise ValueError(f"tracking.mlflow_uri={self.mlflow_uri!r}: mlflow is not installed "
+                                 "(pip install 'selfsup[mlflow]')") from None
+
+
+@dataclass
 class RunConfig:
     method: str
     backbone: BackboneConfig
@@ -113,6 +143,7 @@ class RunConfig:
     data: IngestConfig
     optim: OptimConfig
     train: TrainConfig
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     preset: str = "tiny"
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -238,6 +269,7 @@ def config_from_dict(raw: dict) -> RunConfig:
         data=_build(IngestConfig, raw["data"], "data"),
         optim=_build(OptimConfig, raw["optim"], "optim"),
         train=_build(TrainConfig, raw["train"], "train"),
+        tracking=_build(TrackingConfig, raw.setdefault("tracking", {}), "tracking"),
         raw=raw,
     )
     config.recipe()  # validates the view overrides

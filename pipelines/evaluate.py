@@ -127,8 +127,9 @@ class FeatureExtractor:
         return out
 
 
-def load_checkpoint(path: str):
-    """(method with the checkpoint's weights, its RunConfig). Weights load without unpickling code."""
+def load_checkpoint(path: str, state: dict | None = None):
+    """(method with the checkpoint's weights, its RunConfig). Weights load without unpickling code;
+    `state` is the checkpoint's already loaded `load_state(path)`, if the caller has it."""
     import os
 
     import yaml
@@ -139,7 +140,7 @@ def load_checkpoint(path: str):
     with open(os.path.join(path, CONFIG_FILE)) as stream:
         config = config_from_dict(yaml.safe_load(stream))
     method = build_method(config)
-    method.load_state_dict(load_state(path)["method"])
+    method.load_state_dict((state or load_state(path))["method"])
     return method, config
 
 
@@ -159,7 +160,7 @@ def extract(location: str, method_factory, state_dicts: dict, canvas_size: int, 
         fn_constructor_args=(method_factory, state_dicts, with_pixels),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if use_gpu else 0,
     )
     parts = list(features.iter_batches(batch_size=None, batch_format="numpy"))

@@ -68,7 +68,8 @@ class IngestConfig:
         })
 
 
-def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool) -> dict[str, np.ndarray]:
+def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool,
+            with_ids: bool = False) -> dict[str, np.ndarray]:
     """map_batches UDF: encoded bytes -> canvases; bad rows are dropped and reported to the log."""
     images = batch.column("image").to_pylist()
     id_column = "id" if "id" in batch.column_names else "path"  # the shard's path names the record
@@ -85,14 +86,17 @@ def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_label
             out["label"] = np.full(len(kept), -1, dtype=np.int64)
         # A stable integer per record (string ids cannot travel as tensors): splits eval sets.
         out["key"] = np.array([zlib.crc32(str(ids[i]).encode()) for i in kept], dtype=np.int64)
+    if with_ids:
+        out["id"] = np.array([str(ids[i]) for i in kept], dtype=object)
     return out
 
 
 def image_dataset(
-    location: str, config: IngestConfig, quality_log=None, with_labels: bool = False
+    location: str, config: IngestConfig, quality_log=None, with_labels: bool = False, with_ids: bool = False
 ) -> tuple[ray.data.Dataset, object]:
     """A lazy, streaming dataset of `{"image": (S, S, 3) uint8}` rows; `with_labels` adds
-    `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id).
+    `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id); `with_ids` adds
+    `"id"` (the record's id string; the shard's path for shards without an id column).
 
     Returns the dataset and the `QualityLog` actor that counts skipped records.
     """
@@ -117,6 +121,7 @@ def image_dataset(
             max_pixels=config.max_pixels,
             quality_log=quality_log,
             with_labels=with_labels,
+            with_ids=with_ids,
         ),
         batch_format="pyarrow",
         batch_size=config.decode_rows(),

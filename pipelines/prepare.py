@@ -20,7 +20,7 @@ import ray.data
 from pipelines.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
 from pipelines.quality import check_bad_fraction, new_quality_log
 from pipelines.samples import CLASS_NAMES, sample_tables
-from pipelines.shards import SHARD_SCHEMA, DataError, resolve_location, find_shards, write_classes
+from pipelines.shards import SHARD_SCHEMA, DataError, check_output_folder, find_shards, resolve_location, write_classes
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MB = 1 << 20
@@ -123,19 +123,6 @@ def _folder_source(src: str, filesystem: pafs.FileSystem, root: str, entries: li
     return Source("folder", filesystem, root, tuple(images), len(files) - len(images))
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    filesystem, root = resolve_location(out)
-    info = filesystem.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise DataError(f"--out {out}: is a file, expected a folder")
-    if info.type == pafs.FileType.Directory:
-        existing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        if any(e.path.endswith(".parquet") for e in existing):
-            if not overwrite:
-                raise DataError(f"--out {out}: already holds Parquet shards; pass --overwrite to replace them")
-            filesystem.delete_dir_contents(root)
-
-
 def _write(dataset: ray.data.Dataset, out: str, mean_bytes: float, config: PrepareConfig) -> None:
     dataset.write_parquet(
         out,
@@ -171,7 +158,7 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
     """
     source = source or plan_source(src)
     kind = source.kind
-    _check_out(out, config.overwrite)
+    check_output_folder(out, config.overwrite)
     context = ray.data.DataContext.get_current()
     # Blocks no larger than a shard, so shard sizes land between one and two targets.
     context.target_max_block_size = min(context.target_max_block_size or 128 * MB, int(config.shard_mb * MB))

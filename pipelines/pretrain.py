@@ -15,6 +15,7 @@ from pipelines.config import RunConfig
 from pipelines.ingest import image_dataset
 from pipelines.quality import new_quality_log
 from pipelines.shards import find_shards
+from pipelines.tracking import RunTracker, flat_params
 from pipelines.train_loop import NonFiniteLossError, plan, train_loop_per_worker
 
 
@@ -31,7 +32,8 @@ def storage_path(storage: str | None) -> str:
 def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int = 1,
                  gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
                  callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for one pretraining run; Ray must be initialised."""
+    """The TorchTrainer for one pretraining run; Ray must be initialised. Every report goes to
+    the run folder's `metrics.jsonl` and TensorBoard (and MLflow when configured)."""
     schedule = plan(config, find_shards(data).num_rows)
     if config.optim.batch_size % workers:
         raise ValueError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {workers} workers")
@@ -42,6 +44,11 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     if val:
         val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0)
         datasets["val"] = image_dataset(val, val_config, new_quality_log(), with_labels=True)[0]
+    name = name or default_run_name(config)
+    storage = storage_path(storage)
+    tracker = RunTracker(f"{storage.rstrip('/')}/{name}", tensorboard=config.tracking.tensorboard,
+                         mlflow_uri=config.tracking.mlflow_uri, mlflow_experiment=config.tracking.mlflow_experiment,
+                         params=flat_params(config.to_dict()))
     resources = {"CPU": config.train.cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
@@ -52,11 +59,11 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources,
                                      placement_strategy=config.train.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=name or default_run_name(config),
-            storage_path=storage_path(storage),
+            name=name,
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
-            callbacks=callbacks,
+            callbacks=[tracker, *(callbacks or [])],
         ),
         datasets=datasets,
         # Every worker sees the whole validation set; only the training data is split.

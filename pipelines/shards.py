@@ -124,3 +124,18 @@ def read_classes(folder: str) -> list[str] | None:
         return None
     with filesystem.open_input_stream(path) as stream:
         return json.loads(stream.read())
+
+
+def check_output_folder(out: str, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a folder already holding Parquet files unless
+    `overwrite` (then its contents are deleted)."""
+    filesystem, root = resolve_location(out)
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise DataError(f"--out {out}: is a file, expected a folder")
+    if info.type == pafs.FileType.Directory:
+        existing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        if any(e.path.endswith(".parquet") for e in existing):
+            if not overwrite:
+                raise DataError(f"--out {out}: already holds Parquet files; pass --overwrite to replace them")
+            filesystem.delete_dir_contents(root)

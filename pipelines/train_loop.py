@@ -114,7 +114,7 @@ def load_state(folder: str) -> dict:
                                 f"({reason})") from None
 
 
-def _autocast(precision: str, device: torch.device):
+def autocast_for(precision: str, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
     optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule["peak_lr"], config.optim)
-    autocast, use_scaler = _autocast(config.train.precision, device)
+    autocast, use_scaler = autocast_for(config.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     progress = {"epoch": 0, "step": 0, "step_in_epoch": 0}

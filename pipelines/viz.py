@@ -121,3 +121,50 @@ def attention_picture(method, image: np.ndarray, size: int, cell: int = 160) -> 
         draw.text((col * cell + 3, 1), name, fill="black")
         grid.paste(Image.fromarray(picture).resize((cell, cell), Image.Resampling.NEAREST), (col * cell, HEADER))
     return grid
+
+
+# Collapse indicators any method may report, drawn on the collapse panel when present.
+COLLAPSE_METRICS = ("embedding_std", "teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")
+
+
+def curves_picture(history: list[dict], out: str, title: str = "") -> list[str]:
+    """Training curves of a run's reports (`metrics.jsonl` rows) over steps: loss, learning rate,
+    online kNN and the collapse indicators, with a red mark where a report flagged collapse and a
+    dotted line where the run resumed. Writes a PNG to `out`; returns the panels drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(row["step"], row[key]) for row in history if key in row]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    panels = [("loss", ["loss"]), ("learning rate", ["lr"]), ("online kNN top-1", ["knn_top1"]),
+              ("collapse indicators", [k for k in COLLAPSE_METRICS if any(k in row for row in history)])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    resumes = sorted({row["resumed_from_step"] for row in history if row.get("resumed_from_step")})
+    for axis, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            steps, values = series(key)
+            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        if name == "collapse indicators":
+            flagged = [row["step"] for row in history if row.get("collapsed")]
+            if flagged:
+                axis.scatter(flagged, [0] * len(flagged), color="red", marker="x", zorder=3, label="collapsed")
+        if name == "learning rate":
+            axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if not any(key in row for key in keys for row in history):
+            axis.text(0.5, 0.5, "not reported", ha="center", va="center", transform=axis.transAxes, color="grey")
+        for step in resumes:
+            axis.axvline(step, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("step")
+        if len(keys) > 1 or name == "collapse indicators":
+            axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return [name for name, _ in panels]

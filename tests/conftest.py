@@ -4,6 +4,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/corpus.py
+# MLflow 3 keeps its file store (the tests' tracking server) behind this switch; set before Ray
+# starts, so Ray's processes (the run controllers that log to MLflow) inherit it.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,34 @@ def digits(ray_session, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("digits"))
     summary = prepare("sample:digits", out, PrepareConfig(shard_mb=0.02, row_group_mb=0.005))
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """A local MLflow tracking store (see the switch above)."""
+    return f"file://{tmp_path_factory.mktemp('mlruns')}"
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
+    """SimCLR (small-image ResNet), one epoch, tracked to TensorBoard and MLflow; test_pretrain
+    resumes it to two epochs under the same name."""
+    from pipelines.pretrain import pretrain
+    from runs import tiny_config
+
+    out, _ = digits
+    storage = str(tmp_path_factory.mktemp("runs"))
+    config = tiny_config(**{"optim.epochs": 1, "tracking.mlflow_uri": mlflow_uri})
+    return storage, pretrain(config, f"{out}/train", storage=storage, name="again")
+
+
+@pytest.fixture(scope="session")
+def mae_run(digits, tmp_path_factory):
+    """MAE (ViT), two epochs with online kNN."""
+    from pipelines.pretrain import pretrain
+    from runs import tiny_config
+
+    out, _ = digits
+    storage = str(tmp_path_factory.mktemp("mae_runs"))
+    return pretrain(tiny_config("mae", **{"optim.epochs": 2}), f"{out}/train", val=f"{out}/test",
+                    storage=storage, name="mae")

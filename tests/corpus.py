@@ -6,7 +6,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
+
+from pipelines.shards import SHARD_SCHEMA
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
@@ -62,3 +66,17 @@ def bad_images() -> dict[str, bytes]:
         "text.jpg": b"this is not an image, just some text that happens to end in .jpg",
         "bomb.png": bomb_png(),
     }
+
+
+def write_shards(folder, values, rows_per_shard=4):
+    """Shards of `rows_per_shard` rows with ids `r0`, `r1`, ... and null labels."""
+    folder.mkdir()
+    for start in range(0, len(values), rows_per_shard):
+        chunk = values[start : start + rows_per_shard]
+        pq.write_table(
+            pa.table(
+                {"image": chunk, "label": [None] * len(chunk), "id": [f"r{start + i}" for i in range(len(chunk))]},
+                schema=SHARD_SCHEMA,
+            ),
+            folder / f"part-{start:04d}.parquet",
+        )

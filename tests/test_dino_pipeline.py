@@ -5,22 +5,16 @@ import json
 
 import pytest
 
-from pipelines.config import build_config
+from runs import tiny_config
 from pipelines.pretrain import pretrain
 
-# The tiny preset scaled down for sample:digits at 16 px (1438 training images, 22 steps/epoch).
-DIGITS = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "views.global1.size": 16, "views.global2.size": 16,
-          "views.local.size": 8, "views.local.copies": 2, "backbone.img_size": 16, "backbone.kwargs.embed_dim": 32,
-          "backbone.kwargs.depth": 2, "backbone.kwargs.num_heads": 2, "hparams.out_dim": 256,
-          "hparams.hidden_dim": 64, "hparams.bottleneck_dim": 32, "optim.batch_size": 64, "optim.base_lr": 2e-3,
-          "optim.epochs": 2, "train.knn_every_epochs": 1}
 COLLAPSE_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm",
                     "embedding_std", "collapsed")
 
 
 def run(digits, storage, name, **sets):
     out, _ = digits
-    return pretrain(build_config("dino", "tiny", sets={**DIGITS, **sets}), f"{out}/train", val=f"{out}/test",
+    return pretrain(tiny_config("dino", **{"optim.epochs": 2, **sets}), f"{out}/train", val=f"{out}/test",
                     storage=str(storage), name=name)
 
 

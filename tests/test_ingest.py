@@ -3,10 +3,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from corpus import bad_images, encode, good_images, rgb_image
+from corpus import bad_images, encode, good_images, rgb_image, write_shards
 from pipelines.ingest import IngestConfig, image_dataset, iter_canvas_batches
 from pipelines.quality import BadDataError
-from pipelines.shards import SHARD_SCHEMA
 
 
 def one_pass(location, config, epoch=0, batch_size=64, with_labels=True):
@@ -29,19 +28,6 @@ def test_streams_every_row_of_many_shards_in_a_new_order_each_epoch(digits):
         orders.append(labels)
     assert not torch.equal(orders[0], orders[1])  # shard order reshuffled between passes
     assert torch.equal(orders[0].sort().values, orders[1].sort().values)
-
-
-def write_shards(folder, values, rows_per_shard=4):
-    folder.mkdir()
-    for start in range(0, len(values), rows_per_shard):
-        chunk = values[start : start + rows_per_shard]
-        pq.write_table(
-            pa.table(
-                {"image": chunk, "label": [None] * len(chunk), "id": [f"r{start + i}" for i in range(len(chunk))]},
-                schema=SHARD_SCHEMA,
-            ),
-            folder / f"part-{start:04d}.parquet",
-        )
 
 
 def test_corrupt_records_are_skipped_counted_and_named(ray_session, tmp_path):

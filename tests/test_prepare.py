@@ -85,7 +85,7 @@ def test_own_schema_round_trip_and_refuses_to_overwrite(ray_session, tmp_path):
     prepare(str(tmp_path / "in.parquet"), str(tmp_path / "out"), PrepareConfig())
     back, _ = read_all(str(tmp_path / "out"))
     assert back.sort_by("id").equals(table.sort_by("id"))
-    with pytest.raises(DataError, match="already holds Parquet shards"):
+    with pytest.raises(DataError, match="already holds Parquet files"):
         prepare(str(tmp_path / "in.parquet"), str(tmp_path / "out"), PrepareConfig())
 
 

@@ -1,0 +1,111 @@
+"""Batch inference: a checkpoint's encoder over Parquet image shards -> embeddings as Parquet.
+
+One streaming Ray Data pipeline, like ingest: read and decode on CPU tasks, embed in an
+autoscaling pool of actors that each hold the model once (one GPU per actor when the cluster
+has GPUs), write Parquet as batches finish. Nothing is collected on the driver, so it scales
+with the cluster, not with the driver's memory. Each output row is `id` (string, from the
+shard), `embedding` (`fixed_size_list<float32>[d]`, readable by pyarrow/pandas/polars without
+Ray) and `label` when the shards have one. Undecodable images are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from pipelines.ingest import IngestConfig, image_dataset
+from pipelines.shards import DataError, check_output_folder, find_shards, resolve_location
+
+SUMMARY_FILE = "_embeddings.json"
+
+
+class Embedder:
+    """Ray Data actor: builds the method once, then `features(eval_images(canvases))` per batch."""
+
+    def __init__(self, config: dict, method_state: dict, precision: str):
+        from pipelines.config import config_from_dict
+        from pipelines.train_loop import autocast_for, build_method
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        method = build_method(config_from_dict(config))
+        method.load_state_dict(method_state)
+        self.method = method.to(self.device).eval()
+        self.autocast, _ = autocast_for(precision, self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        canvases = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
+        with torch.no_grad(), self.autocast:
+            features = self.method.features(self.method.eval_images(canvases))
+        features = features.float().cpu().numpy()
+        columns = {
+            "id": pa.array(batch["id"].tolist(), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
+        }
+        if "label" in batch:
+            columns["label"] = pa.array(batch["label"], pa.int64())
+        return pa.table(columns)
+
+
+def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: int | None = None,
+          gpus_per_actor: float | None = None, precision: str = "auto", overwrite: bool = False) -> dict:
+    """Embed every image of the shards at `data` with `checkpoint`'s encoder into Parquet at `out`.
+
+    Args:
+        batch_size: images per model call.
+        actors: most model-holding actors (default: one per GPU, else CPUs / 2, at least 1).
+        gpus_per_actor: GPUs each actor reserves (default 1 when the cluster has GPUs, else 0).
+        precision: autocast for the forward pass (`auto` = bf16 on GPU, fp32 on CPU).
+    Returns the summary printed as the command's JSON line (rows, dimension, skipped records).
+    """
+    from pipelines.evaluate import load_checkpoint
+    from pipelines.train_loop import load_state
+
+    state = load_state(checkpoint)
+    method, config = load_checkpoint(checkpoint, state)
+    shards = find_shards(data)
+    if not shards.has_id:
+        raise DataError(f"--data {data}: shards have no `id` column to carry into the embeddings; "
+                        "write them with `selfsup prepare` first")
+    check_output_folder(out, overwrite)
+
+    resources = ray.cluster_resources()
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    if actors is None:
+        actors = int(resources.get("GPU", 0) // gpus_per_actor) if gpus_per_actor else int(resources.get("CPU", 2) // 2)
+    ingest = IngestConfig(canvas_size=config.data.canvas_size, shuffle_files=False, shuffle_buffer=0,
+                          max_bad_fraction=config.data.max_bad_fraction)
+    dataset, quality_log = image_dataset(data, ingest, with_labels=shards.has_label, with_ids=True)
+    embedded = dataset.map_batches(
+        Embedder,
+        fn_constructor_args=(config.to_dict(), {k: v.cpu() for k, v in method.state_dict().items()}, precision),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+        num_gpus=gpus_per_actor,
+    )
+    embedded.write_parquet(out)
+
+    quality = ray.get(quality_log.summary.remote())
+    filesystem, root = resolve_location(out)
+    files = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if f.path.endswith(".parquet"))
+    rows = sum(pq.ParquetFile(f, filesystem=filesystem).metadata.num_rows for f in files)
+    probe = torch.zeros(2, config.data.canvas_size, config.data.canvas_size, 3, dtype=torch.uint8)
+    dim = int(method.eval().features(method.eval_images(probe)).shape[1])
+    summary = {
+        "out": out, "rows": rows, "files": len(files), "dimension": dim, "method": config.method,
+        "checkpoint": checkpoint, "images_seen": quality["seen"], "bad_skipped": quality["bad"],
+        "bad_by_reason": quality["bad_by_reason"], "bad_examples": quality["bad_examples"],
+    }
+    with filesystem.open_output_stream(os.path.join(root, SUMMARY_FILE)) as stream:
+        stream.write(json.dumps(summary, indent=1).encode())
+    return summary

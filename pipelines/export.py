@@ -1,0 +1,154 @@
+"""Export a checkpoint's encoder as a timm model folder: `model.safetensors` + `config.json`.
+
+The folder is what timm itself writes for the Hugging Face hub (`timm.models.save_for_hf`), so
+timm loads it with its own calls and no selfsup code:
+
+    model = timm.create_model("local-dir:DIR", pretrained=True)            # timm >= 1.0.16
+    model = timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file="DIR/model.safetensors"),
+                              **MODEL_ARGS)                                   # any timm 1.x
+
+`model(images)` then gives exactly the features selfsup evaluates (`Method.features`), and
+`timm.data.resolve_data_config({}, model=model)` the preprocessing (size, mean, std) it trained
+with. The export checks both loading routes against the checkpoint before it returns.
+
+One architecture timm cannot express: a ResNet with selfsup's small-image stem (3x3 stride-1
+conv, no max-pool; `backbone.small_images`). Its folder loads with the standard timm model and
+two lines that swap the stem (`SMALL_STEM_RECIPE`, printed by the export with its paths).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from pipelines.shards import DataError
+
+EXPORT_INFO = "selfsup"  # the config.json key where the export records where it came from
+SMALL_STEM_RECIPE = (  # str.format(arch=..., folder=...)
+    'model = timm.create_model("{arch}", **json.load(open("{folder}/config.json"))["model_args"]); '
+    "model.conv1 = torch.nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False); "
+    "model.maxpool = torch.nn.Identity(); "
+    'model.load_state_dict(safetensors.torch.load_file("{folder}/model.safetensors"))'
+)
+FEATURE_TOLERANCE = 1e-4  # max |timm features - checkpoint features| accepted by the self-check
+
+
+class ExportError(DataError):
+    """An export that would not load in timm as the checkpoint's encoder."""
+
+
+def timm_model_args(method, config) -> dict:
+    """The `timm.create_model` arguments that rebuild the encoder so that its `forward` gives the
+    method's evaluation features (classifier removed, the method's pooling)."""
+    args = dict(config.backbone.kwargs)
+    for key in ("img_size", "patch_size"):
+        if getattr(config.backbone, key) is not None:
+            args[key] = getattr(config.backbone, key)
+    if "channels" in args:
+        args["channels"] = list(args["channels"])
+    args.update(method.encoder_model_args())
+    args["num_classes"] = 0
+    return args
+
+
+def small_stem(config) -> bool:
+    from timm.models.resnet import ResNet
+
+    return bool(config.backbone.small_images) and isinstance(_bare_model(config), ResNet)
+
+
+def _bare_model(config, **extra) -> nn.Module:
+    import timm
+
+    return timm.create_model(config.backbone.name, pretrained=False, **extra)
+
+
+def load_exported(folder: str) -> nn.Module:
+    """The exported encoder through timm's own loader (or the small-stem recipe), in eval mode."""
+    import safetensors.torch
+    import timm
+
+    with open(os.path.join(folder, "config.json")) as stream:
+        exported = json.load(stream)
+    info = exported.get(EXPORT_INFO, {})
+    if info.get("small_images_stem"):
+        model = timm.create_model(exported["architecture"], pretrained=False, **exported["model_args"])
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
+    else:
+        model = timm.create_model(
+            exported["architecture"], pretrained=True,
+            pretrained_cfg_overlay=dict(file=os.path.join(folder, "model.safetensors")),
+            **exported["model_args"],
+        )
+    return model.eval()
+
+
+def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int = 0) -> dict:
+    """Write `checkpoint`'s encoder (DINO's teacher, MAE's encoder, SimCLR's backbone without its
+    projection head) to `out` as a timm model folder, then load it back through timm and check it
+    gives the checkpoint's features on random images. Returns what was written and checked."""
+    from timm.models import save_for_hf
+
+    from pipelines.evaluate import load_checkpoint
+    from pipelines.train_loop import load_state
+
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise ExportError(f"--out {out}: not empty (pass --overwrite to replace its files)")
+    state = load_state(checkpoint)
+    method, config = load_checkpoint(checkpoint, state)
+    method.eval()
+    encoder = method.encoder()
+    args = timm_model_args(method, config)
+    stem = small_stem(config)
+    model = _bare_model(config, **args)
+    if stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"checkpoint {checkpoint}: encoder does not match timm {config.backbone.name} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    size = method.eval_size
+    recipe = config.recipe()
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "input_size": (3, size, size),
+        "crop_pct": 1.0,  # evaluation resizes the whole (square) canvas, no centre crop
+        "interpolation": "bilinear",
+        "mean": tuple(recipe.mean),
+        "std": tuple(recipe.std),
+        "num_classes": 0,
+    }
+    for key in ("hf_hub_id", "url", "file", "tag", "license", "origin_url", "paper_ids", "notes"):
+        model.pretrained_cfg.pop(key, None)
+    progress = state.get("progress", {})
+    info = {
+        "method": config.method,
+        "checkpoint": os.path.abspath(checkpoint),
+        "step": progress.get("step"),
+        "epoch": progress.get("epoch"),
+        "small_images_stem": stem,
+        "feature_dim": int(model.num_features),
+    }
+    os.makedirs(out, exist_ok=True)
+    save_for_hf(model.eval(), out, model_config={"model_args": args, EXPORT_INFO: info}, safe_serialization=True)
+
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = method.features(images)
+        got = load_exported(out)(images)
+    error = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    if error > FEATURE_TOLERANCE:
+        raise ExportError(f"--out {out}: timm's model gives features {tuple(got.shape)} differing from the "
+                          f"checkpoint's {tuple(expected.shape)} by {error:.2e} (> {FEATURE_TOLERANCE})")
+    folder = os.path.abspath(out)
+    load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
+            else f'timm.create_model("local-dir:{folder}", pretrained=True)')
+    return {"out": out, "architecture": config.backbone.name, "model_args": args, "feature_dim": info["feature_dim"],
+            "max_feature_difference": error, "method": config.method, "checkpoint": checkpoint, "load": load}
+

@@ -1,0 +1,53 @@
+"""Tiny run configs on sample:digits, shared by the tests that train (see conftest's run fixtures),
+and a reader of the TensorBoard files runs write."""
+
+import os
+
+from pipelines.config import build_config
+
+COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_size": 64, "train.knn_every_epochs": 1}
+VIT = {"backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,
+       "backbone.kwargs.num_heads": 2}
+TINY = {
+    "simclr": {"views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8},
+    "mae": {"views.view.size": 16, **VIT},
+    # The DINO tiny preset at 16 px; 2 global + 2 local crops.
+    "dino": {"views.global1.size": 16, "views.global2.size": 16, "views.local.size": 8, "views.local.copies": 2,
+             **VIT, "hparams.out_dim": 256, "hparams.hidden_dim": 64, "hparams.bottleneck_dim": 32,
+             "optim.base_lr": 2e-3},
+}
+STEPS_PER_EPOCH = 1438 // 64  # sample:digits train split, global batch 64
+
+
+def tiny_config(method="simclr", **sets):
+    return build_config(method, "tiny", sets={**COMMON, **TINY[method], **sets})
+
+
+def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    """`{tag: {step: value}}` as TensorBoard shows the event files in `folder`: files in the order
+    they were started, a SessionLog.START at step s hiding earlier files' events from step s on.
+    (TFRecord framing: length, CRC, payload, CRC.)"""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    files = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as stream:
+            data = stream.read()
+        events, offset = [], 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            events.append(Event.FromString(data[offset + 12:offset + 12 + length]))
+            offset += 12 + length + 4
+        files.append(events)
+    scalars: dict[str, dict[int, float]] = {}
+    for events in sorted(files, key=lambda events: events[0].wall_time):
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                for values in scalars.values():
+                    for step in [s for s in values if s >= event.step]:
+                        del values[step]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
