@@ -88,17 +88,18 @@ class Method(nn.Module):
     def make_optimizer(self, groups: list[dict], lr: float, optim: Any) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def before_step(self, step: int, total_steps: int, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Called before each forward pass (schedules of temperature, weight decay, ...); returns
-        metrics for the next report."""
+    def before_step(self, step: float, total_steps: int, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called before each optimizer step (schedules of temperature, weight decay, ...); returns
+        metrics for the next report. `step` is the schedule position: images seen in steps of the
+        recipe's global batch (fractional only when an elastic group cannot keep that batch)."""
         return {}
 
     def on_gradients(self, step: int, epoch: int) -> None:
         """Called after backward and clipping, before the optimizer step (e.g. freeze a layer by
         dropping its gradients)."""
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Called after each optimizer step (e.g. EMA teacher update)."""
+    def after_step(self, step: float, total_steps: int) -> None:
+        """Called after each optimizer step (e.g. EMA teacher update); `step` as in before_step."""
 
     def diagnose(self, metrics: dict[str, float]) -> dict[str, float]:
         """From a report's metrics (window means of the scalar statistics `forward` returns),

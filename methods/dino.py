@@ -95,6 +95,7 @@ class DINOLoss(nn.Module):
         self.centering = centering
         self.global_views = global_views
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending, self._pending_passes = None, 0
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float):
         n = teacher_out.shape[0] // self.global_views
@@ -126,14 +127,27 @@ class DINOLoss(nn.Module):
                 "teacher_batch_entropy": batch_entropy,
                 "center_norm": self.center.norm(),
             }
-        self.update_center(teacher_out)
+        self.accumulate_center(teacher_out)
         return loss, stats
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        """`teacher_out: (G * n, K)` raw teacher logits; the mean over every worker's rows."""
-        batch_center = all_reduce_mean(teacher_out.mean(dim=0, keepdim=True))
+    def accumulate_center(self, teacher_out: torch.Tensor) -> None:
+        """`teacher_out: (G * n, K)` raw teacher logits of one forward pass, kept for the step's
+        center update (several passes per step under gradient accumulation)."""
+        mean = teacher_out.mean(dim=0, keepdim=True)
+        self._pending = mean if self._pending is None else self._pending + mean
+        self._pending_passes += 1
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        """Once per optimizer step: center <- m * center + (1 - m) * the mean teacher output of
+        the step's whole global batch (every worker's rows, every accumulated pass: passes have
+        equal size, so the mean of their means is the batch mean)."""
+        if self._pending is None:
+            return
+        batch_center = all_reduce_mean(self._pending / self._pending_passes)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self._pending, self._pending_passes = None, 0
 
 
 @dataclass
@@ -292,7 +306,7 @@ class DINO(Method):
     def make_optimizer(self, groups, lr, optim):
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
 
-    def before_step(self, step: int, total_steps: int, epoch: int, optimizer) -> dict[str, float]:
+    def before_step(self, step: float, total_steps: int, epoch: int, optimizer) -> dict[str, float]:
         self.teacher_temp = self.teacher_temp_at(epoch)
         weight_decay = self.weight_decay_at(step, total_steps)
         for group in optimizer.param_groups:
@@ -309,8 +323,10 @@ class DINO(Method):
                 parameter.grad = None
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        """teacher <- m * teacher + (1 - m) * student, with m on its cosine schedule."""
+    def after_step(self, step: float, total_steps: int) -> None:
+        """The step's center update, then teacher <- m * teacher + (1 - m) * student, with m on
+        its cosine schedule."""
+        self.criterion.update_center()
         momentum = self.momentum_at(step, total_steps)
         teacher = [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]
         student = [*self.backbone.parameters(), *self.head.parameters()]

@@ -110,16 +110,21 @@ def cmd_pretrain(args) -> dict:
     from pipelines.pretrain import pretrain
     from pipelines.shards import find_shards
 
+    from pipelines.elastic import batch_plan, parse_workers
+
+    if args.workers is not None:
+        args.set = [*args.set, f"train.workers={args.workers}"]
     config = _config(args)
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be >= 1")
-    if config.optim.batch_size % args.workers:
-        raise UsageError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {args.workers} workers")
+    _, most = parse_workers(config.train.workers, "train.workers")
+    try:
+        batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     find_shards(args.data)  # a wrong path or schema fails here, before Ray starts
     if args.val:
         find_shards(args.val)
     start_ray(args.num_cpus)
-    return pretrain(config, args.data, val=args.val, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+    return pretrain(config, args.data, val=args.val, gpus_per_worker=args.gpus_per_worker,
                     storage=args.storage, name=args.name)
 
 
@@ -351,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     _method_args(pretrain)
     pretrain.add_argument("--data", required=True, help="training shards (folder or URI)")
     pretrain.add_argument("--val", help="labeled shards for online kNN")
-    pretrain.add_argument("--workers", type=int, default=1, help="training workers")
+    pretrain.add_argument("--workers", default=None, metavar="N|MIN:MAX",
+                          help="training workers; MIN:MAX runs elastically (default: train.workers, 1)")
     pretrain.add_argument("--gpus-per-worker", type=float, default=0)
     pretrain.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
     pretrain.add_argument("--name", help="run name; a run that exists under --storage is resumed")

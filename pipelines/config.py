@@ -12,7 +12,8 @@ import yaml
 
 from methods.backbone import BackboneConfig
 from pipelines.ingest import IngestConfig
-from pipelines.validation import check_rules
+from pipelines.elastic import parse_workers
+from pipelines.validation import check_rules, load_yaml
 from pipelines.views import RECIPES, ViewRecipe
 
 SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train", "tracking")
@@ -30,6 +31,8 @@ class OptimConfig:
     weight_decay: on weights only (never biases or norms).
     momentum: for SGD/LARS; betas: for AdamW.
     clip_grad: clip the global gradient norm to this (0 = off).
+    max_worker_batch: most images a worker puts through one forward pass (its memory); a larger
+        share of the global batch is split into gradient-accumulation steps (0 = no limit).
     """
 
     epochs: int = 10
@@ -42,6 +45,7 @@ class OptimConfig:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 0.0
+    max_worker_batch: int = 0
 
     def validate(self) -> None:
         rules = {
@@ -55,6 +59,8 @@ class OptimConfig:
             "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
             "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             "clip_grad": (self.clip_grad >= 0, "a number >= 0 (0 = off)"),
+            "max_worker_batch": (isinstance(self.max_worker_batch, int) and self.max_worker_batch >= 0,
+                                 "an integer >= 0 (0 = no limit)"),
         }
         check_rules("optim", self, rules)
 
@@ -73,6 +79,9 @@ class TrainConfig:
     torch_threads: intra-op threads per worker (0 = from cpus_per_worker).
     placement_strategy: how workers spread over nodes: PACK (fewest nodes), SPREAD,
         STRICT_SPREAD (one per node: a lost node costs one worker), STRICT_PACK.
+    workers: training workers, N or "MIN:MAX" for an elastic group that shrinks when nodes go
+        and grows when they come back (each time from the last checkpoint; `--workers` sets it).
+    resize_interval_s: an elastic group looks for more room this often (seconds).
     """
 
     checkpoint_every_steps: int = 0
@@ -86,6 +95,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
     placement_strategy: str = "PACK"
+    workers: int | str = 1
+    resize_interval_s: float = 60.0
 
     def validate(self) -> None:
         rules = {
@@ -102,6 +113,9 @@ class TrainConfig:
                                    "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"),
         }
         check_rules("train", self, rules)
+        check_rules("train", self, {"resize_interval_s": (self.resize_interval_s >= 0, "a number >= 0")})
+        parse_workers(self.workers, "train.workers")  # N or MIN:MAX
+
 
 
 @dataclass
@@ -197,7 +211,8 @@ def _build(cls, values: dict, section: str):
             value = tuple(value)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(default, (int, float, bool)) and not isinstance(default, bool) and isinstance(value, str):
+        if (isinstance(default, (int, float, bool)) and not isinstance(default, bool) and isinstance(value, str)
+                and "str" not in str(fields[key].type)):
             raise ValueError(f"{section}.{key}={value!r}: must be a number")
         coerced[key] = value
     built = cls(**coerced)
@@ -216,7 +231,7 @@ def build_config(method: str, preset: str = "tiny", file: str | None = None, set
     if file:
         try:
             with open(file) as stream:
-                file_values = yaml.safe_load(stream) or {}
+                file_values = load_yaml(stream) or {}
         except OSError as error:
             raise ValueError(f"--config {file}: {error.strerror}") from None
         except yaml.YAMLError as error:

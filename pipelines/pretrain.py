@@ -12,6 +12,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.config import RunConfig
+from pipelines.elastic import batch_plan, parse_workers
 from pipelines.ingest import image_dataset
 from pipelines.quality import new_quality_log
 from pipelines.shards import find_shards
@@ -29,14 +30,15 @@ def storage_path(storage: str | None) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
-def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int = 1,
+def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int | None = None,
                  gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
                  callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for one pretraining run; Ray must be initialised. Every report goes to
-    the run folder's `metrics.jsonl` and TensorBoard (and MLflow when configured)."""
+    """The TorchTrainer for one pretraining run; Ray must be initialised. `workers` (default
+    `train.workers`) is a count or an elastic (min, max). Every report goes to the run folder's
+    `metrics.jsonl` and TensorBoard (and MLflow when configured)."""
     schedule = plan(config, find_shards(data).num_rows)
-    if config.optim.batch_size % workers:
-        raise ValueError(f"optim.batch_size={config.optim.batch_size}: must divide evenly across {workers} workers")
+    low, high = parse_workers(config.train.workers if workers is None else workers, "workers")
+    batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule["lr_scaling"])  # fits max
     quality_log = new_quality_log()
     # Training reports one line per epoch; per-operator progress bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -56,8 +58,9 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
                            "has_val": bool(val)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources,
-                                     placement_strategy=config.train.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=bool(gpus_per_worker),
+                                     resources_per_worker=resources, placement_strategy=config.train.placement_strategy,
+                                     elastic_resize_monitor_interval_s=config.train.resize_interval_s),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,

@@ -25,6 +25,7 @@ from methods import get_method
 from methods.distributed import all_reduce_mean
 from methods.schedules import scaled_lr, warmup_cosine
 from pipelines.config import RunConfig, config_from_dict
+from pipelines.elastic import batch_plan
 from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
 from pipelines.ingest import iter_canvas_batches
 from pipelines.shards import DataError
@@ -56,11 +57,12 @@ def plan(config: RunConfig, train_rows: int) -> dict:
         "total_steps": steps_per_epoch * config.optim.epochs,
         "warmup_steps": int(round(config.optim.warmup_epochs * steps_per_epoch)),
         "peak_lr": scaled_lr(config.optim.base_lr, config.optim.batch_size, rule),
+        "lr_scaling": rule,
         "min_lr": config.optim.min_lr,
     }
 
 
-def lr_at(step: int, schedule: dict) -> float:
+def lr_at(step: float, schedule: dict) -> float:
     return warmup_cosine(step, schedule["total_steps"], schedule["peak_lr"], schedule["min_lr"],
                          schedule["warmup_steps"])
 
@@ -140,7 +142,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
-    per_worker_batch = config.optim.batch_size // world
+    # Derived again at every (re)start: an elastic group may come back with another world size.
+    batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule["lr_scaling"])
 
     method = build_method(config)
     if method.sync_bn and world > 1:
@@ -150,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     autocast, use_scaler = autocast_for(config.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0}
+    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "samples": 0, "samples_in_epoch": 0}
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -159,70 +162,90 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        progress = dict(state["progress"])
+        progress = {**_samples_of(state["progress"], config.optim.batch_size), **state["progress"]}
         _set_rng_state(state["rng"])
         resumed_from = progress["step"]
         if rank == 0:
             print(f"[selfsup] resumed from step {resumed_from} (epoch {progress['epoch']})", file=sys.stderr)
+            before = progress.get("world_size", world)
+            if before != world:
+                print(f"[selfsup] resized {before} -> {world} workers at step {resumed_from}: {batches.describe()}",
+                      file=sys.stderr, flush=True)
     else:
         torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
+    if rank == 0 and (not batches.exact or batches.accumulation > 1) and not (checkpoint and progress.get("world_size", world) != world):
+        print(f"[selfsup] batch: {batches.describe()}", file=sys.stderr, flush=True)
+    progress["world_size"] = world
 
     train_shard = ray.train.get_dataset_shard("train")
     total = schedule["total_steps"]
+    samples_per_epoch = schedule["steps_per_epoch"] * config.optim.batch_size
     last_knn = None
     while progress["epoch"] < config.optim.epochs:
         epoch = progress["epoch"]
         window = ReportWindow()
-        lr, hook_metrics = lr_at(progress["step"], schedule), {}
-        batches = iter(iter_canvas_batches(train_shard, per_worker_batch, quality_log, config.data, device,
-                                           drop_last=True, where="train", epoch=epoch))
-        while progress["step_in_epoch"] < schedule["steps_per_epoch"]:
-            started = time.perf_counter()
-            batch = next(batches, None)
-            waited = time.perf_counter() - started
-            if batch is None:  # fewer rows than planned (bad images skipped): the epoch ends here
-                break
-            views = method.views(batch["image"])
-            lr = lr_at(progress["step"], schedule)
+        lr, hook_metrics = lr_at(position(progress, config), schedule) * batches.lr_factor, {}
+        stream = iter(iter_canvas_batches(train_shard, batches.worker_batch, quality_log, config.data, device,
+                                          drop_last=True, where="train", epoch=epoch))
+        while progress["samples_in_epoch"] + batches.global_batch <= samples_per_epoch:
+            # The schedules run on images seen, in units of the recipe's steps: a step of another
+            # global batch moves them by global / recipe batch.
+            at = position(progress, config)
+            lr = lr_at(at, schedule) * batches.lr_factor
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            hook_metrics = method.before_step(progress["step"], total, epoch, optimizer)
-            with autocast:
-                loss, stats = model(views)
-            global_loss = all_reduce_mean(loss.detach())
-            if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
-                message = (f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); the last good "
-                           "checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data")
-                print(f"[selfsup] stopping: {message}", file=sys.stderr, flush=True)
-                # Returned, not raised: Ray Train would retry a worker error from the last
-                # checkpoint and meet the same NaN again. The driver raises NonFiniteLossError.
-                return {"stopped": "non_finite_loss", "message": message}
+            hook_metrics = method.before_step(at, total, epoch, optimizer)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            started, waited = time.perf_counter(), 0.0
+            for micro in range(batches.accumulation):
+                fetch = time.perf_counter()
+                batch = next(stream, None)
+                waited += time.perf_counter() - fetch
+                if batch is None:  # fewer rows than planned (bad images skipped): the epoch ends here
+                    break
+                views = method.views(batch["image"])
+                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+                last = micro == batches.accumulation - 1
+                with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
+                    loss, stats = model(views)
+                global_loss = all_reduce_mean(loss.detach())
+                if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
+                    message = (f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); the last good "
+                               "checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data")
+                    print(f"[selfsup] stopping: {message}", file=sys.stderr, flush=True)
+                    # Returned, not raised: Ray Train would retry a worker error from the last
+                    # checkpoint and meet the same NaN again. The driver raises NonFiniteLossError.
+                    return {"stopped": "non_finite_loss", "message": message}
+                scaler.scale(loss / batches.accumulation).backward()
+                window.add(global_loss, stats)
+            if batch is None:
+                break
             if config.optim.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.clip_grad)
             method.on_gradients(progress["step"], epoch)
             scaler.step(optimizer)
             scaler.update()
-            method.after_step(progress["step"], total)
+            method.after_step(at, total)
             progress["step"] += 1
             progress["step_in_epoch"] += 1
-            window.add(global_loss, stats, waited, time.perf_counter() - started)
+            progress["samples"] += batches.global_batch
+            progress["samples_in_epoch"] += batches.global_batch
+            window.timed(batches.global_batch, waited, time.perf_counter() - started)
             every = config.train.checkpoint_every_steps
-            epoch_done = progress["step_in_epoch"] >= schedule["steps_per_epoch"]
+            epoch_done = progress["samples_in_epoch"] + batches.global_batch > samples_per_epoch
             if every and progress["step"] % every == 0 and not epoch_done:
                 _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                        resumed_from, last_knn)
+                        resumed_from, last_knn, batches)
                 window = ReportWindow()
         progress["epoch"] += 1
-        progress["step_in_epoch"] = 0
+        progress["step_in_epoch"] = progress["samples_in_epoch"] = 0
         final = progress["epoch"] == config.optim.epochs
         knn_due = has_val and (final or (config.train.knn_every_epochs and progress["epoch"] % config.train.knn_every_epochs == 0))
         if knn_due and rank == 0:
             last_knn = _online_knn(method, config, device)
         metrics = _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                          resumed_from, last_knn if knn_due else None)
+                          resumed_from, last_knn if knn_due else None, batches)
         if rank == 0:
             print(
                 f"[selfsup] epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
@@ -234,20 +257,36 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     return None
 
 
+def position(progress: dict, config: RunConfig) -> float:
+    """Where the schedules are: images seen, in steps of the recipe's global batch."""
+    return progress["samples"] / config.optim.batch_size
+
+
+def _samples_of(progress: dict, recipe_batch: int) -> dict:
+    """Image counts of a checkpoint written before they were recorded (every step a recipe batch)."""
+    return {"samples": progress["step"] * recipe_batch, "samples_in_epoch": progress["step_in_epoch"] * recipe_batch}
+
+
 class ReportWindow:
     """Sums over the steps since the last report, kept as tensors on the device (the NaN check is
     a step's only host sync; measured free on an H200); averaged and all-reduced when reported."""
 
     def __init__(self):
-        self.steps, self.wait, self.time = 0, 0.0, 0.0
+        self.passes, self.steps, self.images, self.wait, self.time = 0, 0, 0, 0.0, 0.0
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], waited: float, elapsed: float) -> None:
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """One forward pass (micro-batch): its loss and statistics."""
         values = {"loss": loss, "embedding_std": embedding_spread(stats["embeddings"])}
         values.update({k: v.detach().float() for k, v in stats.items() if k != "embeddings" and torch.is_tensor(v) and v.numel() == 1})
         for key, value in values.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.passes += 1
+
+    def timed(self, images: int, waited: float, elapsed: float) -> None:
+        """One optimizer step: images over all workers, seconds waiting for data and in total."""
         self.steps += 1
+        self.images += images
         self.wait += waited
         self.time += elapsed
 
@@ -256,23 +295,25 @@ class ReportWindow:
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        stacked = all_reduce_mean(torch.stack([self.sums[k].reshape(()) for k in keys]) / self.steps)
+        stacked = all_reduce_mean(torch.stack([self.sums[k].reshape(()) for k in keys]) / self.passes)
         return dict(zip(keys, stacked.tolist()))
 
 
 def _report(window: ReportWindow, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-            resumed_from, knn) -> dict:
+            resumed_from, knn, batches) -> dict:
     """Metrics for this window and a checkpoint (rank 0 writes it; every rank reaches report)."""
     statistics = window.means()
     metrics = {
         "epoch": progress["epoch"],
         "step": progress["step"],
         "total_steps": schedule["total_steps"],
+        "samples": progress["samples"],
         "loss": statistics.pop("loss", float("nan")),
         "lr": lr,
-        "images_per_s": config.optim.batch_size * window.steps / max(window.time, 1e-9),
+        "images_per_s": window.images / max(window.time, 1e-9),
         "data_wait_frac": window.wait / max(window.time, 1e-9),
         "resumed_from_step": resumed_from,
+        **batches.metrics(),
         **statistics,
         **hook_metrics,
     }

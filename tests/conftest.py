@@ -52,11 +52,11 @@ def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mae_run(digits, tmp_path_factory):
-    """MAE (ViT), two epochs with online kNN."""
+    """MAE (ViT), one epoch with online kNN."""
     from pipelines.pretrain import pretrain
     from runs import tiny_config
 
     out, _ = digits
     storage = str(tmp_path_factory.mktemp("mae_runs"))
-    return pretrain(tiny_config("mae", **{"optim.epochs": 2}), f"{out}/train", val=f"{out}/test",
+    return pretrain(tiny_config("mae", **{"optim.epochs": 1}), f"{out}/train", val=f"{out}/test",
                     storage=storage, name="mae")

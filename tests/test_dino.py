@@ -38,6 +38,7 @@ def dino_loss_and_center(rank, world):
         whole = method.teacher_head(method.teacher_backbone(torch.cat(views[:2])))
     per = IMAGES // world
     loss, _ = method([v[rank * per : (rank + 1) * per] for v in views])
+    method.criterion.update_center()  # once per optimizer step (after_step)
     expected = 0.1 * whole.mean(dim=0, keepdim=True)  # center starts at 0, momentum 0.9
     assert torch.allclose(method.criterion.center, expected, atol=1e-5), "center is not the all-reduced mean"
     return loss, method
@@ -47,6 +48,21 @@ def test_center_is_the_all_reduced_mean_and_two_workers_equal_one(tmp_path):
     two = run_two_workers(dino_loss_and_center, tmp_path, "dino")  # asserts the center in each worker
     one = single_worker(dino_loss_and_center)
     assert same(two, one) == []
+
+
+def test_accumulated_passes_move_the_center_once_by_the_whole_batch_mean():
+    """Gradient accumulation keeps DINO's center statistics: two half-batch passes then one
+    step's update give the center of one pass over the whole batch."""
+    whole, halves = make_dino(), make_dino()
+    views = fixed_views()
+    whole(views)
+    whole.criterion.update_center()
+    half = IMAGES // 2
+    for part in (slice(0, half), slice(half, IMAGES)):
+        halves([v[part] for v in views])
+    assert torch.equal(halves.criterion.center, torch.zeros_like(halves.criterion.center))  # not yet
+    halves.criterion.update_center()
+    assert torch.allclose(halves.criterion.center, whole.criterion.center, atol=1e-6)
 
 
 def test_same_view_pairs_are_excluded_from_the_loss():

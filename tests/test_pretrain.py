@@ -15,12 +15,13 @@ from pipelines.train_loop import lr_at, plan
 from pipelines.tracking import read_history
 from runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
-@pytest.mark.parametrize("method", ["simclr", "mae"])
-def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path, method):
+def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path):
+    """Resuming is the pipeline's, so one method shows it; DINO's teacher and center resume in
+    tests/test_elastic.py, where each resize restarts the group from a checkpoint."""
     from ray.util.state import list_actors
 
     out, _ = digits
-    config = tiny_config(method, **{"optim.epochs": 2, "train.checkpoint_every_steps": 4, "train.max_failures": 1})
+    config = tiny_config(**{"optim.epochs": 1, "train.checkpoint_every_steps": 4, "train.max_failures": 1})
     result, run = {}, tmp_path / "runs" / "killed"
     thread = threading.Thread(target=lambda: result.update(
         pretrain(config, f"{out}/train", val=f"{out}/test", storage=str(tmp_path / "runs"), name="killed")))
@@ -39,7 +40,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=600)
     metrics = result["metrics"]
-    total = 2 * STEPS_PER_EPOCH
+    total = STEPS_PER_EPOCH
     assert metrics["step"] == metrics["total_steps"] == total
     assert 4 <= metrics["resumed_from_step"] < total  # it did resume, from a checkpoint
     schedule = plan(config, 1438)  # what an uninterrupted run plans

@@ -13,12 +13,11 @@ import pytest
 import yaml
 
 from pipelines.config import build_config
+from runs import COMMON, TINY
 from tune.search import SearchSettings, check_space
 from tune.space import DEFAULT_SPACES, parse_dimension, parse_space
 
-SIMCLR_DIGITS = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "views.view.size": 16, "optim.batch_size": 64,
-                 "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8,
-                 "train.knn_every_epochs": 1}
+SIMCLR_DIGITS = {**COMMON, **TINY["simclr"]}
 
 
 def base_config(**sets):

@@ -1,0 +1,55 @@
+"""An elastic run on a simulated autoscaling spot cluster, as its own process (its own Ray):
+
+head (1 CPU: decoding, too small for a worker) + 3 nodes of 2 CPUs, each the room of one worker
+(`train.cpus_per_worker=2`, as one GPU per node would be); DINO with `train.workers=1:3` starts
+with 3 workers; once it has a checkpoint, one worker's node is removed (a spot preemption) and the
+group goes on from the checkpoint with 2; once that smaller group has reported, a node is added
+(the autoscaler bringing one back) and the group grows to 3 again. Prints one JSON line: the
+run's result and the history of its reports.
+
+    python tests/elastic_run.py OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ELASTIC = {"optim.batch_size": 96,  # divides by 1, 2 and 3 workers: the recipe's batch at every size
+           "optim.epochs": 3, "train.checkpoint_every_steps": 2, "train.max_failures": 5,
+           "train.knn_every_epochs": 0, "train.workers": "1:3", "train.resize_interval_s": 5,
+           "train.cpus_per_worker": 2, "train.torch_threads": 1}
+
+
+def main(out: str) -> None:
+    from cluster.simulate import SpotCluster
+    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.pretrain import pretrain
+    from pipelines.tracking import read_history
+    from runs import tiny_config
+
+    with SpotCluster(head_cpus=1, nodes=3, node_cpus=2) as cluster:
+        data = os.path.join(out, "digits")
+        prepare("sample:digits", data, PrepareConfig(shard_mb=0.02, row_group_mb=0.005))
+        storage, name = os.path.join(out, "runs"), "elastic"
+        training = cluster.start(lambda: pretrain(tiny_config("dino", **ELASTIC), f"{data}/train", storage=storage,
+                                                  name=name))
+
+        def world_sizes():
+            return [row.get("world_size") for row in read_history(os.path.join(storage, name))]
+
+        cluster.wait_for(lambda: 3 in world_sizes(), "a report of the 3-worker group")
+        lost = cluster.preempt_a_worker_node()
+        cluster.wait_for(lambda: 2 in world_sizes(), "a report of the 2-worker group")
+        cluster.add_node()
+        cluster.wait_for(lambda: 3 in world_sizes()[world_sizes().index(2):], "a report of the regrown group",
+                         timeout=400)
+        result = training.join(timeout=600)
+        print(json.dumps({"metrics": result["metrics"], "history": read_history(os.path.join(storage, name)),
+                          "lost_node": lost}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
