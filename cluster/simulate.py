@@ -93,11 +93,13 @@ class SpotCluster:
         filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", "ALIVE")] if alive_only else [])
         return sorted(w.node_id for w in list_actors(address=self.cluster.gcs_address, filters=filters))
 
-    def preempt_a_worker_node(self) -> str:
-        """Remove, without warning, a node that holds a training worker; returns its id."""
+    def preempt_a_worker_node(self, graceful: bool = False) -> str:
+        """Remove a node that holds a training worker; returns its id. Without `graceful` the node
+        just dies (Ray notices through missed health checks); with it, the node is drained
+        first, as after a spot notice."""
         busy = set(self.training_nodes())
         node = next(n for n in self.nodes if n.node_id in busy)
-        self.cluster.remove_node(node, allow_graceful=False)
+        self.cluster.remove_node(node, allow_graceful=graceful)
         self.nodes.remove(node)
         self.preempted.append(node.node_id)
         return node.node_id

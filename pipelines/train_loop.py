@@ -167,13 +167,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         resumed_from = progress["step"]
         if rank == 0:
             print(f"[selfsup] resumed from step {resumed_from} (epoch {progress['epoch']})", file=sys.stderr)
-            before = progress.get("world_size", world)
-            if before != world:
-                print(f"[selfsup] resized {before} -> {world} workers at step {resumed_from}: {batches.describe()}",
-                      file=sys.stderr, flush=True)
     else:
         torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
-    if rank == 0 and (not batches.exact or batches.accumulation > 1) and not (checkpoint and progress.get("world_size", world) != world):
+    previous_world = progress.get("world_size", world)
+    if rank == 0 and previous_world != world:
+        print(f"[selfsup] resized {previous_world} -> {world} workers at step {resumed_from}: {batches.describe()}",
+              file=sys.stderr, flush=True)
+    elif rank == 0 and (not batches.exact or batches.accumulation > 1):
         print(f"[selfsup] batch: {batches.describe()}", file=sys.stderr, flush=True)
     progress["world_size"] = world
 

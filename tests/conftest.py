@@ -58,5 +58,6 @@ def mae_run(digits, tmp_path_factory):
 
     out, _ = digits
     storage = str(tmp_path_factory.mktemp("mae_runs"))
-    return pretrain(tiny_config("mae", **{"optim.epochs": 1}), f"{out}/train", val=f"{out}/test",
+    return pretrain(tiny_config("mae", **{"optim.epochs": 1, "optim.warmup_epochs": 0.5}), f"{out}/train",
+                    val=f"{out}/test",
                     storage=storage, name="mae")
