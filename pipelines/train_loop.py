@@ -76,12 +76,17 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, rank: int = 0) -> None:
+    """Restores the checkpoint's generators (rank 0's). Rank 0 continues exactly; every other
+    rank branches off to a stream of its own, or all workers would draw the same view parameters
+    after a resume."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if rank > 0:
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + rank)
 
 
 def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, config: RunConfig) -> None:
@@ -163,7 +168,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         progress = {**_samples_of(state["progress"], config.optim.batch_size), **state["progress"]}
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], rank)
         resumed_from = progress["step"]
         if rank == 0:
             print(f"[selfsup] resumed from step {resumed_from} (epoch {progress['epoch']})", file=sys.stderr)

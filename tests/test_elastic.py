@@ -84,3 +84,22 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
         assert row["teacher_temp"] == pytest.approx(dino.teacher_temp_at(epoch))
         assert row["weight_decay"] == pytest.approx(dino.weight_decay_at(at, schedule["total_steps"]))
     assert [row["step"] for row in history] == sorted({row["step"] for row in history})
+
+
+def test_resumed_workers_draw_views_of_their_own():
+    """A checkpoint holds rank 0's generator: rank 0 continues it exactly, other ranks branch off
+    deterministically (a resumed or resized group must not draw the same views on every worker)."""
+    import torch
+
+    from pipelines.train_loop import _rng_state, _set_rng_state
+
+    torch.manual_seed(5)
+    state = _rng_state()
+    expected = torch.rand(4)
+    draws = {}
+    for rank in (0, 1, 2, 1):
+        _set_rng_state(state, rank)
+        draws.setdefault(rank, []).append(torch.rand(4))
+    assert torch.equal(draws[0][0], expected)
+    assert torch.equal(draws[1][0], draws[1][1])
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[1][0], draws[2][0])

@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +12,7 @@ from pipelines.pretrain import pretrain
 from pipelines.train_loop import lr_at, plan
 from pipelines.tracking import read_history
 from runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
+
 
 def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path):
     """Resuming is the pipeline's, so one method shows it; DINO's teacher and center resume in
@@ -78,3 +77,83 @@ def test_rerun_with_the_same_name_resumes_instead_of_starting_over(digits, one_e
     losses = client.get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in losses] == [row["step"] for row in history]
     assert [m.value for m in losses] == pytest.approx([row["loss"] for row in history])
+
+
+def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, capsys):
+    import json
+
+    from pipelines.cli import main
+    from pipelines.evaluate import load_checkpoint
+
+    out, _ = digits
+    checkpoint = one_epoch_run[1]["checkpoint"]
+    method, config = load_checkpoint(checkpoint)  # weights_only load
+    assert config.optim.epochs == 1 and config.method == "simclr"
+    for protocol in ("knn", "linear"):
+        assert main(["eval", protocol, "--checkpoint", checkpoint, "--train", f"{out}/train",
+                     "--test", f"{out}/test"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["protocol"] == protocol
+        for key in ("top1", "random_init_top1", "raw_pixels_top1"):
+            assert 0.1 < result[key] <= 1.0, (key, result)  # 10 classes: well above chance
+    assert main(["eval", "knn", "--checkpoint", str(out), "--train", f"{out}/train", "--test", f"{out}/test"]) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.batch_size=0", "optim.batch_size=0: must be an integer >= 2"),
+        ("optim.lrr=1", "optim.lrr: unknown key"),
+        ("hparams.temperature=0", "hparams.temperature=0: must be in (0, 10]"),
+        ("views.view.size=2", "views.view.size=2: must be an integer >= 4"),
+        ("backbone.kwargs.num_heads=5", "model: cannot build simclr with this config"),
+        ("train.workers=3:1", "train.workers='3:1': must be N or MIN:MAX with 1 <= MIN <= MAX"),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override, message, capsys, monkeypatch):
+    from pipelines import cli
+
+    out, _ = digits
+    monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started for a bad config"))
+    assert cli.main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--set", override]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines == [f"selfsup pretrain: error: {message}"] or (len(lines) == 1 and message in lines[0])
+    assert captured.out == ""
+
+
+def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    out, _ = digits
+    picture = tmp_path / "mae.png"
+    assert main(["viz", "mae", "--checkpoint", mae_run["checkpoint"], "--data", f"{out}/test",
+                 "--mask-ratios", "0.5,0.75,0.9", "--images", "3", "--out", str(picture)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mask_ratios"] == [0.5, 0.75, 0.9]
+    width, height = Image.open(picture).size
+    assert width == 96 * 7 and height > 96 * 3  # original + (masked, reconstruction) x 3
+    assert main(["viz", "mae", "--checkpoint", mae_run["checkpoint"], "--data", f"{out}/test",
+                 "--mask-ratios", "0.5,1.0", "--out", str(picture)]) == 2
+
+
+def test_non_finite_loss_stops_without_retrying_and_keeps_the_last_good_checkpoint(digits, tmp_path):
+    from pipelines.train_loop import NonFiniteLossError, load_state
+
+    out, _ = digits
+    # Warmup makes step 0's LR 0 (a finite checkpoint after step 1), then the LR explodes the weights.
+    config = tiny_config("mae", **{"optim.epochs": 2, "optim.base_lr": 1e30, "optim.warmup_epochs": 1,
+                                   "train.checkpoint_every_steps": 1, "train.max_failures": 2,
+                                   "train.knn_every_epochs": 0})
+    started = time.time()
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+ \(epoch 0\)") as error:
+        pretrain(config, f"{out}/train", storage=str(tmp_path / "runs"), name="nan")
+    # A worker error would have been retried max_failures times and surfaced as a TrainingFailedError.
+    checkpoint = str(error.value).rsplit("(", 1)[1].rstrip(")")
+    state = load_state(checkpoint)
+    assert 1 <= state["progress"]["step"] < 2 * STEPS_PER_EPOCH
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+    assert time.time() - started < 180
