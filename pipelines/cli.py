@@ -293,19 +293,20 @@ def cmd_export(args) -> dict:
 
 
 def cmd_embed(args) -> dict:
-    from pipelines.embed import embed
-    from pipelines.shards import check_output_folder, find_shards
+    from pipelines.embed import embed, embeddable_shards
+    from pipelines.shards import check_output_folder
 
     args.checkpoint = check_checkpoint(args.checkpoint)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.actors is not None and args.actors < 1:
         raise UsageError(f"--actors {args.actors}: must be >= 1")
-    find_shards(args.data)
+    shards = embeddable_shards(args.data)  # no ids: refused before Ray starts
     check_output_folder(args.out, args.overwrite)
     start_ray(args.num_cpus)
     return embed(args.checkpoint, args.data, args.out, batch_size=args.batch_size, actors=args.actors,
-                 gpus_per_actor=args.gpus_per_actor, precision=args.precision, overwrite=args.overwrite)
+                 gpus_per_actor=args.gpus_per_actor, precision=args.precision, overwrite=args.overwrite,
+                 shards=shards)
 
 
 def build_parser() -> argparse.ArgumentParser:

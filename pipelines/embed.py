@@ -54,8 +54,18 @@ class Embedder:
         return pa.table(columns)
 
 
+def embeddable_shards(data: str):
+    """The shards at `data`, refused when they have no `id` column to carry into the embeddings."""
+    shards = find_shards(data)
+    if not shards.has_id:
+        raise DataError(f"--data {data}: shards have no `id` column to carry into the embeddings; "
+                        "write them with `selfsup prepare` first")
+    return shards
+
+
 def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: int | None = None,
-          gpus_per_actor: float | None = None, precision: str = "auto", overwrite: bool = False) -> dict:
+          gpus_per_actor: float | None = None, precision: str = "auto", overwrite: bool = False,
+          shards=None) -> dict:
     """Embed every image of the shards at `data` with `checkpoint`'s encoder into Parquet at `out`.
 
     Args:
@@ -63,6 +73,7 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
         actors: most model-holding actors (default: one per GPU, else CPUs / 2, at least 1).
         gpus_per_actor: GPUs each actor reserves (default 1 when the cluster has GPUs, else 0).
         precision: autocast for the forward pass (`auto` = bf16 on GPU, fp32 on CPU).
+        shards: `embeddable_shards(data)`, when the caller has it.
     Returns the summary printed as the command's JSON line (rows, dimension, skipped records).
     """
     from pipelines.evaluate import load_checkpoint
@@ -70,10 +81,7 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
 
     state = load_state(checkpoint)
     method, config = load_checkpoint(checkpoint, state)
-    shards = find_shards(data)
-    if not shards.has_id:
-        raise DataError(f"--data {data}: shards have no `id` column to carry into the embeddings; "
-                        "write them with `selfsup prepare` first")
+    shards = shards or embeddable_shards(data)
     check_output_folder(out, overwrite)
 
     resources = ray.cluster_resources()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import timm
@@ -149,6 +150,12 @@ def test_embed_writes_one_row_per_image_with_its_id(digits, one_epoch_run, tmp_p
     assert mixed["rows"] == len(good) and mixed["bad_skipped"] == len(bad)
     written = pq.read_table(tmp_path / "mixed_embeddings").column("id").to_pylist()
     assert sorted(written) == sorted(f"r{i}" for i in range(len(good)))
+    # Shards without ids have nothing to carry into the rows: refused with one line.
+    (tmp_path / "no_ids").mkdir()
+    pq.write_table(pa.table({"image": good}), tmp_path / "no_ids" / "part.parquet")
+    assert main(["embed", "--checkpoint", result["checkpoint"], "--data", str(tmp_path / "no_ids"),
+                 "--out", str(tmp_path / "no_ids_embeddings")]) == 2
+    assert "no `id` column" in capsys.readouterr().err
     # An output that already holds embeddings is not overwritten by accident.
     assert main(["embed", "--checkpoint", result["checkpoint"], "--data", str(tmp_path / "mixed"),
                  "--out", str(tmp_path / "mixed_embeddings")]) == 2
