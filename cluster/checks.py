@@ -1,37 +1,176 @@
-"""Offline checks of the cluster configs in this folder: Ray's own autoscaler schema for the
-cluster-launcher YAMLs, the required fields of the KubeRay manifests, and that nothing exposes
-Ray's ports (dashboard, client, GCS, jobs) or SSH to the internet.
+"""Offline checks of cluster configs: Ray's own autoscaler schema for the cluster-launcher YAMLs,
+the required fields of the KubeRay manifests, and what each would expose, ship or leave unpinned.
 
-    python -m cluster.checks            # every config here; exit 1 on the first problem
+    python -m cluster.checks                      # every config in cluster/
+    python -m cluster.checks my-cluster.yaml      # your own edits (launcher YAML or KubeRay manifest)
 
 Ray's APIs run code for whoever reaches them: the dashboard and job ports submit jobs, the client
-and GCS ports execute tasks. So a config must keep them on the private network (SSH tunnel or
-`kubectl port-forward` to reach them) and turn token auth on.
+and GCS ports execute tasks. So a config must keep them on the private network (no public node
+IPs; an SSH/IAP tunnel or `kubectl port-forward` to reach them), turn token auth on, ship none of
+the checkout's secrets or data, and run the same pinned code on every node.
+
+Commands are read as a shell reads them (shell words, quotes, `;`/`&&`/newlines, `export` and
+`NAME=value` prefixes, the last assignment winning), and `ray start` options in both `--opt=value`
+and `--opt value` forms, so `--dashboard-host="::"` or a token setting inside an `echo` are seen
+for what they are. Exit 1 with one line per finding.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
+import re
+import shlex
 import sys
+from dataclasses import dataclass, field
 
 import yaml
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(FOLDER)
 LAUNCHER_CONFIGS = ("aws.yaml", "gcp.yaml")
 KUBERAY_MANIFESTS = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")
-PUBLIC_RANGES = ("0.0.0.0/0", "::/0")
+RUNTIME_ENV = "runtime_env.yaml"
+DOCKERFILE = "Dockerfile"
+EXCLUDE_FILE = os.path.join(FOLDER, "exclude.txt")
+CONSTRAINTS_FILE = "cluster/constraints.txt"  # relative to the checkout, as node setup reads it
+WORLD = ("0.0.0.0/0", "::/0")
+# What no exclude list may miss: secrets, data, runs and checkpoints (cluster/exclude.txt has more).
+REQUIRED_EXCLUDES = (".env*", "*.pem", "*.key", "*credentials*", ".aws", ".ssh", "data", "runs",
+                     "checkpoint_*", "*.pt", "*.ckpt", "*.safetensors", ".venv", ".git")
+DIGEST = re.compile(r"@sha256:([0-9a-f]{64}|REPLACE[\w.-]*)$")
 
 
 class ConfigError(ValueError):
-    """A config that would not launch, or would launch exposed."""
+    """A config that would not launch."""
 
 
 def load(path: str) -> dict:
+    """The first YAML document of a file (a manifest may carry more: see `load_all`)."""
+    return load_all(path)[0]
+
+
+def load_all(path: str) -> list[dict]:
     with open(path) as stream:
-        return yaml.safe_load(stream)
+        return [d for d in yaml.safe_load_all(stream) if d is not None]
 
 
+# --- shell commands ---------------------------------------------------------------------------
+@dataclass
+class Command:
+    """One simple command: its words and the environment it runs with."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+
+
+def shell_commands(text: str, environment: dict[str, str] | None = None) -> list[Command]:
+    """The simple commands of a shell command line, each with the environment it sees: the
+    exported variables so far plus its own `NAME=value` prefixes (later ones win)."""
+    exported = dict(environment or {})
+    variables: dict[str, str] = {}
+    lexer = shlex.shlex(text.replace("\\\n", " ").replace("\n", " ; "), posix=True, punctuation_chars=";&|()")
+    lexer.whitespace_split = True
+    commands: list[Command] = []
+    words: list[str] = []
+
+    def finish() -> None:
+        prefix: dict[str, str] = {}
+        rest = list(words)
+        while rest and _ASSIGNMENT.match(rest[0]):
+            name, value = _ASSIGNMENT.match(rest.pop(0)).groups()
+            prefix[name] = value
+        if rest[:1] == ["env"]:  # env NAME=value ... command
+            rest.pop(0)
+            while rest and (_ASSIGNMENT.match(rest[0]) or rest[0].startswith("-")):
+                match = _ASSIGNMENT.match(rest.pop(0))
+                if match:
+                    prefix[match.group(1)] = match.group(2)
+        if not rest:  # a bare assignment: a shell variable, exported only if already exported
+            variables.update(prefix)
+            exported.update({k: v for k, v in prefix.items() if k in exported})
+        elif rest[0] == "export":
+            for word in rest[1:]:
+                match = _ASSIGNMENT.match(word)
+                if match:
+                    exported[match.group(1)] = variables[match.group(1)] = match.group(2)
+                elif word in variables:
+                    exported[word] = variables[word]
+        elif rest[0] == "unset":
+            for word in rest[1:]:
+                exported.pop(word, None)
+                variables.pop(word, None)
+        else:
+            commands.append(Command(rest, {**exported, **prefix}))
+        words.clear()
+
+    for token in lexer:
+        if token and set(token) <= set(";&|()"):
+            if words:
+                finish()
+        else:
+            words.append(token)
+    if words:
+        finish()
+    return commands
+
+
+def ray_start_options(argv: list[str]) -> dict[str, str] | None:
+    """`{option: value}` of a `ray start` command (`--opt=value` or `--opt value`; flags -> ""),
+    or None for any other command."""
+    if len(argv) < 2 or os.path.basename(argv[0]) != "ray" or argv[1] != "start":
+        return None
+    options: dict[str, str] = {}
+    index = 2
+    while index < len(argv):
+        word = argv[index]
+        if word.startswith("--"):
+            name, sep, value = word[2:].partition("=")
+            if not sep and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                value, index = argv[index + 1], index + 1
+            options[name] = value
+        index += 1
+    return options
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ray_start_findings(commands: list[str], where: str, key: str) -> list[str]:
+    """Each `ray start` in a launcher command list: token auth in the environment it runs with,
+    the dashboard on loopback. Every list item runs in its own shell (the launcher's way)."""
+    found, starts = [], 0
+    for index, line in enumerate(commands):
+        for command in shell_commands(line):
+            options = ray_start_options(command.argv)
+            if options is None:
+                continue
+            starts += 1
+            mode = command.env.get("RAY_AUTH_MODE")
+            if mode != "token":
+                found.append(f"{where}: {key}[{index}]: ray start runs with RAY_AUTH_MODE={mode or 'unset'} "
+                             "(token auth must be on)")
+            host = options.get("dashboard-host")
+            if host is not None and not is_loopback_host(host):
+                found.append(f"{where}: {key}[{index}]: ray start binds the dashboard to {host!r} "
+                             "(keep --dashboard-host=127.0.0.1 and tunnel to it)")
+    if commands and not starts:
+        found.append(f"{where}: {key}: no `ray start` found")
+    return found
+
+
+# --- cluster-launcher configs -----------------------------------------------------------------
 def validate_launcher(config: dict, where: str) -> dict:
     """Ray's own validation of a cluster-launcher config (defaults filled as `ray up` fills them,
     then the JSON schema in `ray/autoscaler/ray-schema.json` and Ray's consistency checks)."""
@@ -46,6 +185,93 @@ def validate_launcher(config: dict, where: str) -> dict:
     return prepared
 
 
+def _is_public_cidr(cidr: str) -> bool:
+    try:
+        network = ipaddress.ip_network(str(cidr).strip(), strict=False)
+    except ValueError:
+        return False
+    return not (network.is_private or network.is_loopback or network.is_link_local)
+
+
+def _strings(node, path=""):
+    """Every string in a YAML tree with its path."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _strings(value, f"{path}[{index}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
+def launcher_network_findings(config: dict, where: str) -> list[str]:
+    """Public node IPs, inline firewall rules open to public addresses, the default network."""
+    found = []
+    provider = config.get("provider") or {}
+    if provider.get("use_internal_ips") is not True:
+        found.append(f"{where}: provider.use_internal_ips must be true: nodes get no public IP (reach the head "
+                     "through IAP or a bastion, cluster/README.md)")
+    for index, rule in enumerate((provider.get("security_group") or {}).get("IpPermissions") or []):
+        ranges = [r.get("CidrIp", "") for r in rule.get("IpRanges") or []]
+        ranges += [r.get("CidrIpv6", "") for r in rule.get("Ipv6Ranges") or []]
+        for cidr in ranges:
+            if _is_public_cidr(cidr) and (cidr in WORLD or rule.get("FromPort") != 22):
+                found.append(f"{where}: provider.security_group.IpPermissions[{index}] opens ports "
+                             f"{rule.get('FromPort')}-{rule.get('ToPort')} to {cidr}")
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        node = node_type.get("node_config") or {}
+        if provider.get("type") == "aws":
+            if not node.get("SecurityGroupIds"):
+                found.append(f"{where}: {name} has no SecurityGroupIds, so Ray creates a group with SSH open "
+                             "to 0.0.0.0/0")
+            for interface in node.get("NetworkInterfaces") or []:
+                if interface.get("AssociatePublicIpAddress"):
+                    found.append(f"{where}: {name}: NetworkInterfaces AssociatePublicIpAddress gives it a public IP")
+        if provider.get("type") == "gcp":
+            interfaces = node.get("networkInterfaces") or []
+            if not interfaces or any(i.get("network", "").endswith("/default") or "subnetwork" not in i
+                                     for i in interfaces):
+                found.append(f"{where}: {name} is on the default network, whose firewall allows SSH from "
+                             "anywhere; use your own subnetwork")
+            if any(i.get("accessConfigs") for i in interfaces):
+                found.append(f"{where}: {name}: networkInterfaces accessConfigs give it a public IP")
+    found += [f"{where}: {path} opens {world}" for path, text in _strings(config) for world in WORLD
+              if world in text and "IpPermissions" not in path]
+    return found
+
+
+def launcher_findings(config: dict, where: str) -> list[str]:
+    found = launcher_network_findings(config, where)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        found += ray_start_findings(config.get(key) or [], where, key)
+    found += pinning_findings_for_setup(config, where)
+    found += exclude_findings(config.get("rsync_exclude"), f"{where}: rsync_exclude")
+    return found
+
+
+def pinning_findings_for_setup(config: dict, where: str) -> list[str]:
+    """Node setup installs the checkout's pinned requirements, never the newest of anything."""
+    found = []
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
+        for index, line in enumerate(config.get(key) or []):
+            for command in shell_commands(line):
+                argv = command.argv
+                if "pip" not in " ".join(argv[:3]) or "install" not in argv:
+                    continue
+                if {"-U", "--upgrade"} & set(argv):
+                    found.append(f"{where}: {key}[{index}]: pip install --upgrade takes whatever is newest")
+                if not ({"-c", "--constraint", "-r", "--requirement"} & set(argv)
+                        or any(a.startswith(("--constraint=", "--requirement=")) for a in argv)):
+                    found.append(f"{where}: {key}[{index}]: pip install without -c {CONSTRAINTS_FILE}: two nodes "
+                                 "can install different versions")
+    for path, text in _strings(config):
+        if path.endswith("sourceImage") and "/family/" in text:
+            found.append(f"{where}: {path}: an image family moves; name one image (cluster/README.md, pinning)")
+    return found
+
+
+# --- KubeRay manifests --------------------------------------------------------------------------
 def _cluster_spec(manifest: dict, where: str) -> dict:
     if manifest.get("apiVersion") != "ray.io/v1":
         raise ConfigError(f"{where}: apiVersion must be ray.io/v1")
@@ -61,6 +287,11 @@ def _cluster_spec(manifest: dict, where: str) -> dict:
 
 def _containers(group: dict) -> list[dict]:
     return ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+
+
+def _groups(spec: dict) -> list[tuple[str, dict]]:
+    return [("headGroupSpec", spec.get("headGroupSpec") or {})] + [
+        (f"workerGroupSpecs[{g.get('groupName') or i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs") or [])]
 
 
 def validate_kuberay(manifest: dict, where: str) -> None:
@@ -95,75 +326,201 @@ def validate_kuberay(manifest: dict, where: str) -> None:
             raise ConfigError(f"{where}: worker group {name}: /dev/shm must be a mounted emptyDir with medium Memory")
 
 
-def _strings(node, path=""):
-    """Every string in a YAML tree with its path."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _strings(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _strings(value, f"{path}[{index}]")
-    elif isinstance(node, str):
-        yield path, node
-
-
-def public_exposures(config: dict, where: str) -> list[str]:
-    """What in a config would open Ray (or SSH) to the internet, or run without token auth."""
-    found = [f"{where}: {path} opens {r}" for path, text in _strings(config) for r in PUBLIC_RANGES if r in text]
-    commands = " ".join(config.get("head_start_ray_commands", []) + config.get("worker_start_ray_commands", []))
-    if "dashboard-host=0.0.0.0" in commands.replace(" ", "="):
-        found.append(f"{where}: head_start_ray_commands bind the dashboard to 0.0.0.0")
-    if config.get("provider"):  # a cluster-launcher config
-        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-            if "RAY_AUTH_MODE=token" not in " ".join(config.get(key, [])):
-                found.append(f"{where}: {key}: ray start runs without RAY_AUTH_MODE=token")
-        for name, node_type in (config.get("available_node_types") or {}).items():
-            node = node_type.get("node_config") or {}
-            if config["provider"].get("type") == "aws" and not node.get("SecurityGroupIds"):
-                found.append(f"{where}: {name} has no SecurityGroupIds, so Ray creates a group with SSH open "
-                             "to 0.0.0.0/0")
-            if config["provider"].get("type") == "gcp":
-                interfaces = node.get("networkInterfaces") or []
-                if not interfaces or any(i.get("network", "").endswith("/default") or "subnetwork" not in i
-                                         for i in interfaces):
-                    found.append(f"{where}: {name} is on the default network, whose firewall allows SSH from "
-                                 "anywhere; use your own subnetwork")
-    else:  # a KubeRay manifest
-        spec = _cluster_spec(config, where)
-        service = (spec.get("headGroupSpec") or {}).get("serviceType", "ClusterIP")
-        if service != "ClusterIP":
-            found.append(f"{where}: headGroupSpec.serviceType {service} exposes the head outside the cluster")
-        if (spec.get("headGroupSpec") or {}).get("enableIngress"):
-            found.append(f"{where}: headGroupSpec.enableIngress exposes the dashboard")
+def kuberay_findings(manifest: dict, where: str, others: list[dict] = ()) -> list[str]:
+    """Exposure, privileges and pinning of a RayCluster / RayJob (and the documents beside it)."""
+    found = []
+    spec = _cluster_spec(manifest, where)
+    head = spec.get("headGroupSpec") or {}
+    service = head.get("serviceType", "ClusterIP")
+    if service != "ClusterIP":
+        found.append(f"{where}: headGroupSpec.serviceType {service} exposes the head outside the cluster")
+    head_service_type = (((head.get("headService") or {}).get("spec") or {}).get("type")) or "ClusterIP"
+    if head_service_type != "ClusterIP":
+        found.append(f"{where}: headGroupSpec.headService.spec.type {head_service_type} exposes the head")
+    if head.get("enableIngress"):
+        found.append(f"{where}: headGroupSpec.enableIngress exposes the dashboard")
+    for path, group in _groups(spec):
+        pod = (group.get("template") or {}).get("spec") or {}
+        host = str((group.get("rayStartParams") or {}).get("dashboard-host", "127.0.0.1"))
+        if not is_loopback_host(host):
+            found.append(f"{where}: {path}.rayStartParams dashboard-host {host!r} binds the dashboard beyond the pod")
+        if pod.get("hostNetwork"):
+            found.append(f"{where}: {path}: hostNetwork puts Ray's ports on the node's own network")
+        pod_context = pod.get("securityContext") or {}
+        for container in pod.get("containers") or []:
+            name = f"{path} container {container.get('name')}"
+            for variable in container.get("env") or []:
+                if variable.get("name") == "RAY_AUTH_MODE" and variable.get("value") != "token":
+                    found.append(f"{where}: {name}: env RAY_AUTH_MODE={variable.get('value')} turns token auth off")
+            context = {**pod_context, **(container.get("securityContext") or {})}
+            if context.get("runAsNonRoot") is not True:
+                found.append(f"{where}: {name}: securityContext.runAsNonRoot must be true")
+            if context.get("allowPrivilegeEscalation") is not False or context.get("privileged"):
+                found.append(f"{where}: {name}: securityContext must set allowPrivilegeEscalation: false")
+            if context.get("readOnlyRootFilesystem") is not True:
+                found.append(f"{where}: {name}: securityContext.readOnlyRootFilesystem must be true")
+            if not DIGEST.search(str(container.get("image", ""))):
+                found.append(f"{where}: {name}: image {container.get('image')!r} is a tag, not a digest "
+                             "(image@sha256:…, cluster/pin_images.sh)")
+    for other in others:
+        if other.get("kind") == "Service" and ((other.get("spec") or {}).get("type") or "ClusterIP") != "ClusterIP":
+            found.append(f"{where}: Service {(other.get('metadata') or {}).get('name')} of type "
+                         f"{other['spec']['type']} exposes Ray outside the cluster")
+    if manifest.get("kind") == "RayCluster":
+        found += network_policy_findings(manifest, others, where)
     return found
 
 
-def check_all(folder: str = FOLDER) -> list[str]:
-    """Validate every config in `folder`; the list of exposure findings (empty = safe)."""
+def network_policy_findings(manifest: dict, others: list[dict], where: str) -> list[str]:
+    """A NetworkPolicy beside the RayCluster that admits traffic to its pods only from its pods."""
+    name = (manifest.get("metadata") or {}).get("name")
+    selector = {"ray.io/cluster": name}
+    for policy in (d for d in others if d.get("kind") == "NetworkPolicy"):
+        spec = policy.get("spec") or {}
+        if (spec.get("podSelector") or {}).get("matchLabels") != selector or "Ingress" not in spec.get("policyTypes", []):
+            continue
+        sources = [peer for rule in spec.get("ingress") or [] for peer in rule.get("from") or [{}]]
+        if sources and all(set(p) == {"podSelector"} and (p["podSelector"].get("matchLabels") == selector)
+                           for p in sources):
+            return []
+        return [f"{where}: NetworkPolicy {(policy.get('metadata') or {}).get('name')} admits peers other than "
+                f"the cluster's own pods"]
+    return [f"{where}: no NetworkPolicy admits Ray's ports only from the cluster's own pods "
+            f"(podSelector {selector}, policyTypes [Ingress])"]
+
+
+# --- what ships, what is pinned -----------------------------------------------------------------
+def exclude_patterns(path: str = EXCLUDE_FILE) -> list[str]:
+    with open(path) as stream:
+        return [line.strip() for line in stream if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _normalise(pattern: str) -> str:
+    return pattern.strip().rstrip("/")
+
+
+def exclude_findings(patterns, where: str, expected: list[str] | None = None) -> list[str]:
+    """An exclude list must be cluster/exclude.txt (which has every REQUIRED_EXCLUDES pattern)."""
+    expected = expected if expected is not None else exclude_patterns()
+    given = {_normalise(p) for p in patterns or []}
+    missing = [p for p in REQUIRED_EXCLUDES if p not in given]
+    if missing:
+        return [f"{where} would ship {', '.join(missing)} (use the list in cluster/exclude.txt)"]
+    if given != {_normalise(p) for p in expected}:
+        differs = sorted(given ^ {_normalise(p) for p in expected})
+        return [f"{where} differs from cluster/exclude.txt in {', '.join(differs)}"]
+    return []
+
+
+def dockerignore_lines(patterns: list[str]) -> list[str]:
+    """.dockerignore matches from the context root, so each pattern also gets a `**/` twin to
+    match at any depth as rsync and gitignore do."""
+    lines = []
+    for pattern in patterns:
+        lines.append(pattern)
+        if not pattern.startswith("**/") and "/" not in pattern.rstrip("/"):
+            lines.append(f"**/{pattern}")
+    return lines
+
+
+def runtime_env_findings(runtime_env: dict, where: str, constraints: dict[str, str]) -> list[str]:
+    found = exclude_findings(runtime_env.get("excludes"), f"{where}: excludes")
+    packages = runtime_env.get("pip") or []
+    packages = packages.get("packages", []) if isinstance(packages, dict) else packages
+    for requirement in packages:
+        name, sep, version = str(requirement).partition("==")
+        key = name.strip().lower().replace("_", "-")
+        if not sep:
+            found.append(f"{where}: pip {requirement!r} is not pinned (==, as in {CONSTRAINTS_FILE})")
+        elif constraints and constraints.get(key) != version.strip():
+            found.append(f"{where}: pip {requirement!r} differs from {CONSTRAINTS_FILE} ({constraints.get(key)})")
+    return found
+
+
+def dockerfile_findings(text: str, where: str) -> list[str]:
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"] and len(words) > 1 and not DIGEST.search(words[1]):
+            found.append(f"{where}: FROM {words[1]} is a tag, not a digest (cluster/pin_images.sh)")
+        if words[:1] == ["RUN"] and "pip" in line and "install" in line:
+            if "--upgrade" in words or "-U" in words:
+                found.append(f"{where}: RUN pip install --upgrade takes whatever is newest")
+            if "-c" not in words and "--constraint" not in words:
+                found.append(f"{where}: RUN pip install without -c {CONSTRAINTS_FILE}")
+    return found
+
+
+def read_constraints(path: str) -> dict[str, str]:
+    pins = {}
+    with open(path) as stream:
+        for line in stream:
+            name, sep, version = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+# --- entry points -------------------------------------------------------------------------------
+def check_file(path: str) -> list[str]:
+    """Validate one config (launcher YAML, KubeRay manifest, runtime env or Dockerfile) and return
+    its findings; ConfigError when it would not launch at all."""
+    name = os.path.basename(path)
+    if name == DOCKERFILE or name.endswith(".Dockerfile"):
+        with open(path) as stream:
+            found = dockerfile_findings(stream.read(), path)
+        ignore = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), ".dockerignore")
+        if not os.path.exists(ignore):
+            return found + [f"{path}: no .dockerignore beside the build context: `COPY .` ships everything"]
+        with open(ignore) as stream:
+            lines = [line.strip() for line in stream if line.strip() and not line.startswith("#")]
+        if lines != dockerignore_lines(exclude_patterns()):
+            found.append(f"{ignore}: differs from cluster/exclude.txt (each pattern, then its **/ twin)")
+        return found
+    documents = load_all(path)
+    if not documents:
+        raise ConfigError(f"{path}: empty")
+    first = documents[0]
+    if first.get("provider"):
+        validate_launcher(first, path)
+        return launcher_findings(first, path)
+    if str(first.get("apiVersion", "")).startswith("ray.io/"):
+        validate_kuberay(first, path)
+        return kuberay_findings(first, path, documents[1:])
+    if "excludes" in first or "pip" in first or "working_dir" in first:
+        constraints_path = os.path.join(ROOT, CONSTRAINTS_FILE)
+        constraints = read_constraints(constraints_path) if os.path.exists(constraints_path) else {}
+        return runtime_env_findings(first, path, constraints)
+    raise ConfigError(f"{path}: not a Ray cluster-launcher config, a KubeRay manifest, a runtime env or a Dockerfile")
+
+
+def default_files(folder: str = FOLDER) -> list[str]:
+    return [os.path.join(folder, name) for name in (*LAUNCHER_CONFIGS, *KUBERAY_MANIFESTS, RUNTIME_ENV, DOCKERFILE)]
+
+
+def check_all(files: list[str] | None = None) -> list[str]:
+    """Validate every config in `files` (default: the ones in cluster/); the findings (empty = safe)."""
     findings = []
-    for name in LAUNCHER_CONFIGS:
-        path = os.path.join(folder, name)
-        config = load(path)
-        validate_launcher(config, path)
-        findings += public_exposures(config, path)
-    for name in KUBERAY_MANIFESTS:
-        path = os.path.join(folder, name)
-        manifest = load(path)
-        validate_kuberay(manifest, path)
-        findings += public_exposures(manifest, path)
+    for path in files or default_files():
+        findings += check_file(path)
     return findings
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    files = list(sys.argv[1:] if argv is None else argv) or default_files()
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        print(f"cluster.checks: error: {missing[0]}: no such file", file=sys.stderr)
+        return 2
     try:
-        findings = check_all()
-    except ConfigError as error:
-        print(f"cluster.checks: error: {error}", file=sys.stderr)
+        findings = check_all(files)
+    except (ConfigError, yaml.YAMLError) as error:
+        print(f"cluster.checks: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     for finding in findings:
-        print(f"cluster.checks: exposed: {finding}", file=sys.stderr)
+        print(f"cluster.checks: {finding}", file=sys.stderr)
     if not findings:
-        print(f"cluster.checks: {len(LAUNCHER_CONFIGS) + len(KUBERAY_MANIFESTS)} configs valid, none exposed")
+        print(f"cluster.checks: {len(files)} configs valid: nothing exposed, shipped or unpinned")
     return 1 if findings else 0
 
 

@@ -8,8 +8,12 @@ import json
 import os
 import sys
 
-from pipelines.validation import parse_value
-from pipelines.shards import DataError
+from pipelines.local_ray import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
+
+from pipelines.validation import parse_value  # noqa: E402
+from pipelines.shards import DataError  # noqa: E402
 
 
 class UsageError(ValueError):

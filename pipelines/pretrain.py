@@ -16,6 +16,7 @@ from pipelines.elastic import batch_plan, parse_workers
 from pipelines.ingest import image_dataset
 from pipelines.quality import new_quality_log
 from pipelines.shards import find_shards
+from pipelines.torch_loopback import torch_config
 from pipelines.tracking import RunTracker, flat_params
 from pipelines.train_loop import NonFiniteLossError, plan, train_loop_per_worker
 
@@ -56,6 +57,7 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
+        torch_config=torch_config(),
         train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
                            "has_val": bool(val)},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=bool(gpus_per_worker),

@@ -4,6 +4,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/corpus.py
+from pipelines.local_ray import keep_local_ray_on_loopback  # noqa: E402
+
+# The tests' own Rays listen on loopback only, as `selfsup`'s do (set before anything imports Ray).
+keep_local_ray_on_loopback()
 # MLflow 3 keeps its file store (the tests' tracking server) behind this switch; set before Ray
 # starts, so Ray's processes (the run controllers that log to MLflow) inherit it.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

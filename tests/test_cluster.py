@@ -1,5 +1,5 @@
-"""Cluster configs validate offline and expose nothing; checkpoints never run code on load; a run
-survives losing a node of a simulated cluster."""
+"""Cluster configs validate offline (what they expose, ship and pin: test_cluster_checks.py);
+checkpoints never run code on load; a run survives losing a node of a simulated cluster."""
 
 import copy
 import json
@@ -11,8 +11,7 @@ import tempfile
 import pytest
 import torch
 
-from cluster.checks import (FOLDER, KUBERAY_MANIFESTS, LAUNCHER_CONFIGS, ConfigError, load, public_exposures,
-                            validate_kuberay, validate_launcher)
+from cluster.checks import FOLDER, KUBERAY_MANIFESTS, LAUNCHER_CONFIGS, ConfigError, load, validate_kuberay, validate_launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,31 +48,6 @@ def test_kuberay_manifests_carry_the_required_fields(name):
     with pytest.raises(ConfigError, match="/dev/shm"):
         validate_kuberay(no_shm, name)
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-
-
-@pytest.mark.parametrize("name", LAUNCHER_CONFIGS + KUBERAY_MANIFESTS)
-def test_no_config_exposes_ray_or_ssh_publicly(name):
-    config = load(os.path.join(FOLDER, name))
-    assert public_exposures(config, name) == []
-
-
-def test_the_exposure_check_catches_what_it_should():
-    aws = load(os.path.join(FOLDER, "aws.yaml"))
-    opened = copy.deepcopy(aws)
-    opened["provider"]["security_group"] = {"GroupName": "open", "IpPermissions": [
-        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
-    opened["head_start_ray_commands"] = ["ray start --head --dashboard-host 0.0.0.0"]
-    del opened["available_node_types"]["gpu_spot"]["node_config"]["SecurityGroupIds"]
-    findings = " | ".join(public_exposures(opened, "aws.yaml"))
-    for expected in ("opens 0.0.0.0/0", "dashboard to 0.0.0.0", "without RAY_AUTH_MODE=token",
-                     "gpu_spot has no SecurityGroupIds"):
-        assert expected in findings
-    gcp = load(os.path.join(FOLDER, "gcp.yaml"))
-    gcp["available_node_types"]["head"]["node_config"]["networkInterfaces"] = [{"network": "global/networks/default"}]
-    assert "default network" in " ".join(public_exposures(gcp, "gcp.yaml"))
-    cluster = load(os.path.join(FOLDER, "kuberay-raycluster.yaml"))
-    cluster["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
-    assert "LoadBalancer exposes the head" in " ".join(public_exposures(cluster, "kuberay"))
 
 
 class _RunsCode:

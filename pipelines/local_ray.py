@@ -1,0 +1,39 @@
+"""Where a Ray that selfsup starts on this machine listens: loopback only, unless asked otherwise.
+
+Ray's servers run code for whoever reaches them (the GCS, the raylet, every worker's gRPC port,
+the dashboard and its agent). A laptop on a café network or a shared workstation should not offer
+them, and a local run never needs another machine to reach them. Ray 2.60 binds them to the node's
+IP or to all interfaces, and `ray.init(_node_ip_address="127.0.0.1")` is turned back into the
+machine's address on Linux. What Ray gives for it is the switch it uses on macOS and Windows, where
+local clusters are the only kind: with `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` the node's address is
+127.0.0.1 and every server binds to loopback (measured: tests/test_security.py lists the listening
+sockets of a local `selfsup pretrain`). Ray reads it when it is imported, and its processes
+inherit it, so it is set before the first `import ray`.
+
+A run that joins a cluster (`RAY_ADDRESS`, as under `ray job submit`) is left as it is. To offer a
+local Ray to other machines on purpose: `SELFSUP_RAY_LISTEN=all`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+RAY_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LISTEN_ENV = "SELFSUP_RAY_LISTEN"  # "loopback" (default) or "all"
+
+
+def keep_local_ray_on_loopback(environ=os.environ) -> bool:
+    """Before Ray is imported: make a local Ray listen on loopback only. True when it will."""
+    if environ.get("RAY_ADDRESS") or environ.get(LISTEN_ENV, "loopback").lower() == "all":
+        return False
+    if "ray" in sys.modules and environ.get(RAY_SWITCH) != "0":
+        return False  # too late for this process; its caller imported Ray first
+    environ.setdefault(RAY_SWITCH, "0")
+    return environ[RAY_SWITCH] == "0"
+
+
+def loopback_only() -> bool:
+    """True when this process's Ray (if it starts one) listens on loopback only."""
+    return os.environ.get(RAY_SWITCH) == "0" and not os.environ.get("RAY_ADDRESS")
+
