@@ -24,7 +24,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ViewSpec:
-    """One kind of view. Probabilities are per sample; `copies` views of this kind are made."""
+    """One kind of view. Probabilities are per sample; `copies` views of this kind are made.
+
+    `mix` > 0 blends every view with another image of the batch, drawn per view and per sample,
+    at a weight drawn uniformly from [0, mix] (Kornia's `RandomMixUpV2`; Zhang et al., 2018). The
+    target stays the view's own image: the partner is clutter that differs between the two views
+    of one image, so a contrastive method cannot match views by what is behind the object. On the
+    MNIST-M sample, where every digit sits on a photo crop, instance discrimination otherwise
+    learns the backgrounds (docs/BENCHMARKS.md). Related: Un-Mix (Shen et al., AAAI 2022) mixes
+    images within a batch for self-supervision and adds the mixture as a soft target instead.
+    """
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
@@ -36,6 +45,7 @@ class ViewSpec:
     blur: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize: float = 0.0
+    mix: float = 0.0
     copies: int = 1
 
     def validate(self, name: str) -> None:
@@ -55,6 +65,8 @@ class ViewSpec:
             fail(f"jitter={self.jitter!r}: must be (brightness, contrast, saturation, hue >= 0, hue <= 0.5)")
         if not (0 < self.blur_sigma[0] <= self.blur_sigma[1]):
             fail(f"blur_sigma={self.blur_sigma!r}: must satisfy 0 < low <= high")
+        if not 0 <= self.mix <= 0.5:
+            fail(f"mix={self.mix!r}: must be in [0, 0.5] (the partner's largest weight)")
         if not (isinstance(self.copies, int) and self.copies >= 0):
             fail(f"copies={self.copies!r}: must be an integer >= 0")
 
@@ -148,7 +160,10 @@ def _augmentation(spec: ViewSpec) -> nn.Module:
     if spec.solarize > 0:
         # thresholds=0 -> exactly 0.5 (the reference code's 128 of 255); nothing added.
         steps.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize))
-    return K.AugmentationSequential(*steps)
+    sequence = K.AugmentationSequential(*steps)
+    if spec.mix > 0:  # after the photometric ops: the partner is a view of its own
+        return nn.Sequential(sequence, K.RandomMixUpV2(lambda_val=(0.0, spec.mix), p=1.0, data_keys=["input"]))
+    return sequence
 
 
 class ViewMaker(nn.Module):

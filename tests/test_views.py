@@ -74,3 +74,29 @@ def test_overrides_reach_every_field_and_are_validated():
 def test_wrong_input_is_refused():
     with pytest.raises(ValueError, match="uint8"):
         ViewMaker(mae_recipe(16))(torch.zeros(2, 3, 16, 16))
+
+
+def test_mix_blends_each_view_with_another_image_of_the_batch():
+    """Only crop-free ops, so the mixture can be checked pixel by pixel against the inputs."""
+    recipe = simclr_recipe(16).with_overrides({"view.scale": [1.0, 1.0], "view.ratio": [1.0, 1.0], "view.flip": 0.0,
+                                               "view.jitter_p": 0.0, "view.grayscale": 0.0, "view.blur": 0.0,
+                                               "view.mix": 0.4})
+    maker = ViewMaker(recipe)
+    batch = canvases(16, 16)
+    plain = batch.permute(0, 3, 1, 2).float() / 255
+    torch.manual_seed(0)
+    first, second = (maker.denormalize(v) for v in maker(batch))
+    for view in (first, second):
+        # each row is (1 - w) * own + w * partner, with w in [0, 0.4] and some partner of the batch
+        for row in range(16):
+            best = []
+            for partner in range(16):
+                towards = plain[partner] - plain[row]
+                weight = ((view[row] - plain[row]) * towards).sum() / towards.pow(2).sum().clamp_min(1e-12)
+                best.append(((view[row] - plain[row] - weight * towards).abs().max().item(), weight.item()))
+            error, weight = min(best)
+            assert error < 2e-3 and -1e-3 <= weight <= 0.4 + 1e-3
+    assert not torch.allclose(first, second)  # each view draws its own partners and weights
+    assert (first - plain).abs().amax(dim=(1, 2, 3)).gt(0.01).sum() >= 12  # most rows are mixed
+    with pytest.raises(ValueError, match="views.view.mix=0.7"):
+        simclr_recipe(16).with_overrides({"view.mix": 0.7})
