@@ -13,6 +13,7 @@ from pipelines.local_ray import keep_local_ray_on_loopback
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
 from pipelines.validation import parse_value  # noqa: E402
+from pipelines.samples import SAMPLES  # noqa: E402
 from pipelines.shards import DataError  # noqa: E402
 
 
@@ -78,6 +79,7 @@ def check_checkpoint(path: str) -> str:
 
 def cmd_prepare(args) -> dict:
     from pipelines.prepare import PrepareConfig, plan_source, prepare
+    from pipelines.shards import check_output_folder
 
     config = PrepareConfig(
         shard_mb=args.shard_mb,
@@ -90,6 +92,8 @@ def cmd_prepare(args) -> dict:
     if not 0 <= config.max_bad_fraction <= 1:
         raise UsageError(f"--max-bad-fraction {config.max_bad_fraction}: must be in [0, 1]")
     source = plan_source(args.src)  # a missing or unusable source fails here, before Ray starts
+    if not config.overwrite:
+        check_output_folder(args.out, overwrite=False)  # an output holding shards, too
     start_ray(args.num_cpus)
     return prepare(args.src, args.out, config, source)
 
@@ -110,6 +114,16 @@ def _config(args):
     return config
 
 
+def check_batch_fits(batch_size: int, rows: int, workers: int, data: str) -> None:
+    """Refuse, before Ray starts, a global batch that the training images cannot fill once."""
+    if rows == 0:
+        raise UsageError(f"--data {data}: the shards hold no images")
+    if batch_size > rows:
+        fits = rows - rows % workers
+        fix = f"use --set optim.batch_size={fits} or smaller" if fits else f"use at most {rows} workers"
+        raise UsageError(f"optim.batch_size={batch_size}: larger than the {rows} training images in {data}; {fix}")
+
+
 def cmd_pretrain(args) -> dict:
     from pipelines.pretrain import pretrain
     from pipelines.shards import find_shards
@@ -124,7 +138,11 @@ def cmd_pretrain(args) -> dict:
         batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    find_shards(args.data)  # a wrong path or schema fails here, before Ray starts
+    shards = find_shards(args.data)  # a wrong path or schema fails here, before Ray starts
+    check_batch_fits(config.optim.batch_size, shards.num_rows, most, args.data)
+    if config.optim.warmup_epochs >= config.optim.epochs:
+        print(f"[selfsup] warning: optim.warmup_epochs={config.optim.warmup_epochs:g} >= optim.epochs="
+              f"{config.optim.epochs}: the learning rate never leaves warm-up", file=sys.stderr)
     if args.val:
         find_shards(args.val)
     start_ray(args.num_cpus)
@@ -318,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="write Parquet image shards from a folder, a Parquet or sample:NAME")
-    prepare.add_argument("src", help="image folder (subfolders = classes), image Parquet, or sample:digits|sample:mnist")
+    prepare.add_argument("src", help="image folder (subfolders = classes), image Parquet, or sample:"
+                         + "|sample:".join(SAMPLES))
     prepare.add_argument("--out", required=True, help="output folder or URI")
     prepare.add_argument("--shard-mb", type=float, default=256.0, help="target shard size (MB)")
     prepare.add_argument("--row-group-mb", type=float, default=8.0, help="target row-group size (MB)")
@@ -420,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     embedding.set_defaults(run=cmd_embed)
 
     demo = commands.add_parser("demo", help="the main job on the bundled sample, end to end, on a laptop")
-    demo.add_argument("--sample", default="mnist", choices=["mnist", "digits"])
+    demo.add_argument("--sample", default="mnist-m", choices=list(SAMPLES),
+                      help="mnist-m (default: digits on photo crops, where raw pixels are weak), mnist or digits")
     demo.add_argument("--workdir", default="selfsup-demo", help="where data and pictures go")
     demo.add_argument("--epochs", type=int, default=3, help="SimCLR epochs on the sample")
     demo.add_argument("--num-cpus", type=int, default=None)

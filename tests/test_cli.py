@@ -36,3 +36,15 @@ def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, capsys):
     assert main(["viz", "augment", "--data", str(tmp_path), "--method", "simclr", "--out", "x.png",
                  "--set", "view.scale=[0.9,0.1]"]) == 2
     assert "views.view.scale" in capsys.readouterr().err
+
+
+def test_prepare_refuses_an_output_holding_shards_before_ray_starts(digits, tmp_path, capsys, monkeypatch):
+    import pytest
+
+    from pipelines import cli
+
+    out, _ = digits
+    monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    assert cli.main(["prepare", "sample:digits", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"selfsup prepare: error: --out {out}: already holds Parquet files; pass --overwrite to replace them"

@@ -108,6 +108,8 @@ def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, cap
         ("views.view.size=2", "views.view.size=2: must be an integer >= 4"),
         ("backbone.kwargs.num_heads=5", "model: cannot build simclr with this config"),
         ("train.workers=3:1", "train.workers='3:1': must be N or MIN:MAX with 1 <= MIN <= MAX"),
+        ("optim.batch_size=4096", "optim.batch_size=4096: larger than the 1438 training images in"),
+        ("optim.batch_size=4096", "use --set optim.batch_size=1438 or smaller"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override, message, capsys, monkeypatch):
@@ -157,3 +159,20 @@ def test_non_finite_loss_stops_without_retrying_and_keeps_the_last_good_checkpoi
     assert 1 <= state["progress"]["step"] < 2 * STEPS_PER_EPOCH
     assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
     assert time.time() - started < 180
+
+
+def test_a_warmup_as_long_as_the_run_is_said_before_ray_starts(digits, capsys, monkeypatch):
+    from pipelines import cli
+
+    class RayWouldStart(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise RayWouldStart
+
+    out, _ = digits
+    monkeypatch.setattr(cli, "start_ray", refuse)
+    with pytest.raises(RayWouldStart):
+        cli.main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--set", "optim.epochs=2",
+                  "--set", "optim.warmup_epochs=2"])
+    assert "optim.warmup_epochs=2 >= optim.epochs=2: the learning rate never leaves warm-up" in capsys.readouterr().err
