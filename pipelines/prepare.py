@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import random
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -184,9 +185,11 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
             {posixpath.relpath(e.path, root).split("/")[0] for e in images if "/" in posixpath.relpath(e.path, root)}
         )
         class_index = {name: i for i, name in enumerate(class_names)}
-        dataset = ray.data.read_binary_files(
-            [e.path for e in images], filesystem=filesystem, include_paths=True
-        ).map_batches(_with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
+        # Folders are sorted by class; shards written in that order would feed a bounded shuffle
+        # buffer batches of a few classes. A seeded random order mixes them once, for every pass.
+        paths = [e.path for e in images]
+        random.Random(0).shuffle(paths)
+        dataset = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True).map_batches(_with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
         dataset = dataset.map_batches(_to_shard_rows, **validate)
         _write(dataset, out, sum(e.size for e in images) / len(images), config)
         if class_names:

@@ -120,11 +120,18 @@ def split_indices(labels: np.ndarray, train_fraction: float) -> dict[str, np.nda
     return {"train": np.sort(np.array(train)), "test": np.sort(np.array(test))}
 
 
+ROW_ORDER_SEED = 0
+
+
 def sample_tables(name: str) -> dict[str, pa.Table]:
-    """The sample as one shard-schema table per split."""
+    """The sample as one shard-schema table per split, rows in a seeded random order: the sources
+    are sorted by class, and a stream that reads them through a bounded shuffle buffer would
+    otherwise see batches of two or three classes (contrastive negatives from one class)."""
     images, labels, train_fraction = _load(name)
     tables = {}
+    rng = np.random.Generator(np.random.PCG64(ROW_ORDER_SEED))
     for split, indices in split_indices(labels, train_fraction).items():
+        indices = rng.permutation(indices)
         tables[split] = pa.table(
             {
                 "image": [_png(images[i]) for i in indices],

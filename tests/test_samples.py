@@ -57,3 +57,8 @@ def test_blend_is_absolute_difference_with_the_background():
     # another seed draws other crops of a textured photo
     texture = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     assert not np.array_equal(blend_into_photos(digits, [texture], seed=1), blend_into_photos(digits, [texture], seed=2))
+
+
+def test_rows_are_in_a_mixed_order_so_a_bounded_shuffle_buffer_sees_every_class(mnist_m):
+    labels = mnist_m["train"].column("label").to_numpy()
+    assert all(len(set(labels[start:start + 64])) >= 7 for start in range(0, 4000, 64))
