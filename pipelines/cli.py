@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     embedding.set_defaults(run=cmd_embed)
 
     demo = commands.add_parser("demo", help="the main job on the bundled sample, end to end, on a laptop")
-    demo.add_argument("--sample", default="mnist-m", choices=list(SAMPLES),
-                      help="mnist-m (default: digits on photo crops, where raw pixels are weak), mnist or digits")
+    demo.add_argument("--sample", default="mnist", choices=list(SAMPLES),
+                      help="mnist (default), mnist-m (digits on photo crops, where raw pixels are weak) or digits")
     demo.add_argument("--workdir", default="selfsup-demo", help="where data and pictures go")
     demo.add_argument("--epochs", type=int, default=3, help="SimCLR epochs on the sample")
     demo.add_argument("--num-cpus", type=int, default=None)
