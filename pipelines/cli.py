@@ -78,7 +78,7 @@ def check_checkpoint(path: str) -> str:
 
 
 def cmd_prepare(args) -> dict:
-    from pipelines.prepare import PrepareConfig, plan_source, prepare
+    from pipelines.prepare import PrepareConfig, held_out_images, plan_source, prepare
     from pipelines.shards import check_output_folder
 
     config = PrepareConfig(
@@ -86,12 +86,20 @@ def cmd_prepare(args) -> dict:
         row_group_mb=args.row_group_mb,
         max_bad_fraction=args.max_bad_fraction,
         overwrite=args.overwrite,
+        test_fraction=args.test_fraction,
     )
     if not (config.shard_mb > 0 and config.row_group_mb > 0):
         raise UsageError("--shard-mb and --row-group-mb must be > 0")
     if not 0 <= config.max_bad_fraction <= 1:
         raise UsageError(f"--max-bad-fraction {config.max_bad_fraction}: must be in [0, 1]")
+    if config.test_fraction and not 0 < config.test_fraction < 1:
+        raise UsageError(f"--test-fraction {config.test_fraction}: must be in (0, 1)")
     source = plan_source(args.src)  # a missing or unusable source fails here, before Ray starts
+    if config.test_fraction:
+        if source.kind != "folder":
+            raise UsageError(f"--test-fraction: splits image folders; {args.src} is a {source.kind} source"
+                             + (" with fixed train/test splits" if source.kind == "sample" else ""))
+        held_out_images(source, config.test_fraction)  # refuses an empty split
     if not config.overwrite:
         check_output_folder(args.out, overwrite=False)  # an output holding shards, too
     start_ray(args.num_cpus)
@@ -343,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--row-group-mb", type=float, default=8.0, help="target row-group size (MB)")
     prepare.add_argument("--max-bad-fraction", type=float, default=0.5, help="fail above this fraction of bad images")
     prepare.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    prepare.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
+                         help="image folders: hold out F of every class as OUT/test, the rest OUT/train "
+                              "(deterministic, by record id)")
     prepare.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     prepare.set_defaults(run=cmd_prepare)
 

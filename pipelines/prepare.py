@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import random
+import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -35,6 +36,8 @@ class PrepareConfig:
     max_pixels: images with more pixels are skipped as decompression bombs.
     max_bad_fraction: fail when more than this fraction of the source is bad.
     overwrite: replace shards already in the output folder.
+    test_fraction: for an image folder, hold out this fraction of every class (of the whole
+        folder when it has no class subfolders) as `out/test`, the rest `out/train`; 0 = one split.
     """
 
     shard_mb: float = 256.0
@@ -42,6 +45,7 @@ class PrepareConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bad_fraction: float = 0.5
     overwrite: bool = False
+    test_fraction: float = 0.0
 
 
 def _group_rows(mean_bytes: float, config: PrepareConfig) -> int:
@@ -124,6 +128,33 @@ def _folder_source(src: str, filesystem: pafs.FileSystem, root: str, entries: li
     return Source("folder", filesystem, root, tuple(images), len(files) - len(images))
 
 
+def split_by_record_id(ids: list[str], classes: list[str], test_fraction: float) -> set[str]:
+    """The ids held out as the test split: per class, the round(fraction x n) ids that rank first
+    by the CRC-32 of the id. Deterministic (the same folder gives the same split on any machine),
+    independent of listing order, and exact per class."""
+    by_class: dict[str, list[str]] = {}
+    for record, label in zip(ids, classes):
+        by_class.setdefault(label, []).append(record)
+    held_out = set()
+    for members in by_class.values():
+        ranked = sorted(members, key=lambda record: (zlib.crc32(record.encode()), record))
+        held_out.update(ranked[:int(round(test_fraction * len(members)))])
+    return held_out
+
+
+def held_out_images(source: Source, test_fraction: float) -> set[str]:
+    """The paths of a folder source that `test_fraction` holds out (see `split_by_record_id`;
+    the record id is the path relative to the folder, its first part the class). Raises DataError
+    when a split would be empty; cheap, so callers check before Ray starts."""
+    relative = {e.path: posixpath.relpath(e.path, source.root) for e in source.images}
+    classes = [r.split("/")[0] if "/" in r else "" for r in relative.values()]
+    held_ids = split_by_record_id(list(relative.values()), classes, test_fraction)
+    if not held_ids or len(held_ids) == len(relative):
+        raise DataError(f"--test-fraction {test_fraction}: would leave the {'test' if not held_ids else 'train'} "
+                        f"split of the {len(relative)} images empty")
+    return {path for path, record in relative.items() if record in held_ids}
+
+
 def _write(dataset: ray.data.Dataset, out: str, mean_bytes: float, config: PrepareConfig) -> None:
     dataset.write_parquet(
         out,
@@ -189,13 +220,21 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
         # buffer batches of a few classes. A seeded random order mixes them once, for every pass.
         paths = [e.path for e in images]
         random.Random(0).shuffle(paths)
-        dataset = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True).map_batches(_with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
-        dataset = dataset.map_batches(_to_shard_rows, **validate)
-        _write(dataset, out, sum(e.size for e in images) / len(images), config)
-        if class_names:
-            write_classes(out, class_names)
-            summary["classes"] = class_names
         outputs = {"all": out}
+        groups = {"all": paths}
+        if config.test_fraction:
+            held_out = held_out_images(source, config.test_fraction)
+            groups = {"train": [p for p in paths if p not in held_out], "test": [p for p in paths if p in held_out]}
+            outputs = {split: f"{out}/{split}" for split in groups}
+        mean_bytes = sum(e.size for e in images) / len(images)
+        for split, members in groups.items():
+            dataset = ray.data.read_binary_files(members, filesystem=filesystem, include_paths=True).map_batches(
+                _with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
+            _write(dataset.map_batches(_to_shard_rows, **validate), outputs[split], mean_bytes, config)
+            if class_names:
+                write_classes(outputs[split], class_names)
+        if class_names:
+            summary["classes"] = class_names
     else:
         shards = find_shards(src)
         mean_bytes = sum(

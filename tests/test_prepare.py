@@ -117,3 +117,48 @@ def test_bad_sources_fail_with_one_line(ray_session, tmp_path, setup, message):
     with pytest.raises(DataError, match=message) as error:
         prepare(str(src), str(tmp_path / "out"), PrepareConfig())
     assert str(src) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_split_by_record_id_is_exact_per_class_and_independent_of_order():
+    from pipelines.prepare import split_by_record_id
+
+    ids = [f"{c}/{i}.png" for c in ("a", "b", "c") for i in range(40 if c != "c" else 7)]
+    classes = [i.split("/")[0] for i in ids]
+    held = split_by_record_id(ids, classes, 0.2)
+    assert [sum(h.startswith(c) for h in held) for c in "abc"] == [8, 8, 1]
+    assert split_by_record_id(ids[::-1], classes[::-1], 0.2) == held
+    assert split_by_record_id(ids, classes, 0.3) > held  # a larger fraction keeps the smaller one's ids
+
+
+def test_own_folder_gets_train_and_test_splits(ray_session, tmp_path):
+    root = tmp_path / "src"
+    for index in range(24):
+        cls = ["cats", "dogs"][index % 2]
+        os.makedirs(root / cls, exist_ok=True)
+        (root / cls / f"{index}.png").write_bytes(encode(rgb_image(index)))
+    summary = prepare(str(root), str(tmp_path / "out"), PrepareConfig(test_fraction=0.25))
+    assert summary["splits"]["train"]["images"] == 18 and summary["splits"]["test"]["images"] == 6
+    train = set(read_all(str(tmp_path / "out" / "train"))[0].column("id").to_pylist())
+    test_table = read_all(str(tmp_path / "out" / "test"))[0]
+    test = set(test_table.column("id").to_pylist())
+    assert not train & test and len(train | test) == 24
+    assert sorted(test_table.column("label").to_pylist()) == [0, 0, 0, 1, 1, 1]  # 3 of each class's 12
+    assert read_classes(str(tmp_path / "out" / "test")) == ["cats", "dogs"]
+    again = prepare(str(root), str(tmp_path / "again"), PrepareConfig(test_fraction=0.25))
+    assert set(read_all(again["splits"]["test"]["path"])[0].column("id").to_pylist()) == test
+
+
+def test_test_fraction_refusals_come_before_ray(tmp_path, capsys, monkeypatch):
+    from pipelines import cli
+
+    monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    (tmp_path / "few" / "a").mkdir(parents=True)
+    (tmp_path / "few" / "a" / "x.png").write_bytes(encode(rgb_image(0)))
+    for args, message in [
+        (["sample:digits", "--test-fraction", "0.2"], "is a sample source with fixed train/test splits"),
+        ([str(tmp_path / "few"), "--test-fraction", "1.5"], "--test-fraction 1.5: must be in (0, 1)"),
+        ([str(tmp_path / "few"), "--test-fraction", "0.2"], "would leave the test split of the 1 images empty"),
+    ]:
+        assert cli.main(["prepare", *args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
