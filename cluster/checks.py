@@ -379,12 +379,20 @@ def network_policy_findings(manifest: dict, others: list[dict], where: str) -> l
         spec = policy.get("spec") or {}
         if (spec.get("podSelector") or {}).get("matchLabels") != selector or "Ingress" not in spec.get("policyTypes", []):
             continue
-        sources = [peer for rule in spec.get("ingress") or [] for peer in rule.get("from") or [{}]]
-        if sources and all(set(p) == {"podSelector"} and (p["podSelector"].get("matchLabels") == selector)
-                           for p in sources):
+        rules = spec.get("ingress") or []
+
+        def own_pods(peer):
+            return set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels") == selector
+
+        def dashboard_only(rule):  # e.g. the KubeRay operator's namespace, for RayJob status
+            ports = rule.get("ports") or []
+            return bool(ports) and all(str(port.get("port")) == "8265" for port in ports)
+
+        if rules and all(dashboard_only(rule) or (rule.get("from") and all(map(own_pods, rule["from"])))
+                         for rule in rules):
             return []
         return [f"{where}: NetworkPolicy {(policy.get('metadata') or {}).get('name')} admits peers other than "
-                f"the cluster's own pods"]
+                f"the cluster's own pods (beyond the dashboard port 8265)"]
     return [f"{where}: no NetworkPolicy admits Ray's ports only from the cluster's own pods "
             f"(podSelector {selector}, policyTypes [Ingress])"]
 

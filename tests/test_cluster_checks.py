@@ -123,7 +123,10 @@ def _cluster_spec(documents):
         readOnlyRootFilesystem=False), "readOnlyRootFilesystem must be true"),
     (lambda d: d.pop(1), "no NetworkPolicy admits"),
     (lambda d: d[1]["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}), "admits peers other than"),
+    (lambda d: d[1]["spec"]["ingress"].append({"from": [{"namespaceSelector": {}}], "ports": [{"port": 6379}]}),
+     "admits peers other than"),
 ])
+
 def test_altered_kuberay_manifests_are_refused(tmp_path, alter, expected):
     documents = read("kuberay-raycluster.yaml")
     alter(documents)
@@ -204,3 +207,10 @@ def test_the_way_in_is_documented():
     for expected in ("--tunnel-through-iap", "35.235.240.0/20", "ProxyJump", "ray dashboard", "use_internal_ips",
                      "Cloud NAT", "NAT gateway", "kubectl port-forward", "SELFSUP_RAY_LISTEN"):
         assert expected in text, expected
+
+
+def test_a_network_policy_may_admit_the_operator_on_the_dashboard_port_only(tmp_path):
+    documents = read("kuberay-raycluster.yaml")
+    documents[1]["spec"]["ingress"].append({"from": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "kuberay-operator"}}}], "ports": [{"port": 8265, "protocol": "TCP"}]})
+    assert findings_for(tmp_path, "kuberay-raycluster.yaml", documents) == ""
