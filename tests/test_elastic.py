@@ -51,13 +51,13 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
 
     from elastic_run import ELASTIC
     from pipelines.train_loop import build_method, lr_at, plan
-    from runs import tiny_config
+    from runs import simulated_cluster_environment, tiny_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Its own short Ray temp folder (socket paths < 108 bytes); a lost node's resources can still
     # look reserved for a while: a worker group that cannot start is given up on after 20 s.
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp"),
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+    env = simulated_cluster_environment(RAY_TMPDIR=tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp"),
+                                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
     process = subprocess.run([sys.executable, os.path.join(root, "tests", "elastic_run.py"), str(tmp_path)],
                              capture_output=True, text=True, timeout=1200, env=env, cwd=root)
     assert process.returncode == 0, process.stderr[-3000:]
