@@ -11,9 +11,10 @@ all-reduced across workers) and sharpening (a low teacher temperature).
 
 from __future__ import annotations
 
+import collections
 import copy
+import logging
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from methods.base import Method, register
 from methods.distributed import all_reduce_mean
 from methods.schedules import warmup_cosine
+
+log = logging.getLogger("selfsup")  # the pipeline decides where its lines go (pipelines/console.py)
 
 
 class DINOHead(nn.Module):
@@ -209,6 +212,12 @@ class DINOHyperparameters:
 DOMINANT_BATCH_ENTROPY = 0.1  # the batch-mean teacher distribution sits on ~1 dimension
 UNIFORM_TEACHER_ENTROPY = 0.95  # every teacher output is (near) uniform: the loss sits at ln K
 UNIFORM_KL = 0.01  # ... and the student matches it
+# Slow drift, seen before either end state (issue 14: on the MNIST sample the loss climbed from 2.79
+# at epoch 3 back to 5.75 of ln K = 6.93 by epoch 10 while kNN fell): a teacher entropy moving the
+# same way at every one of DRIFT_REPORTS consecutive reports, by DRIFT_FRACTION of ln K in all,
+# while the spread of the embeddings falls.
+DRIFT_REPORTS = 4
+DRIFT_FRACTION = 0.05
 
 
 @register
@@ -259,6 +268,8 @@ class DINO(Method):
         self.teacher_temp = hparams.warmup_teacher_temp
         self.weight_decay_start = 0.0
         self.eval_size = recipe.views[names[0]].size
+        self.recent_reports: collections.deque = collections.deque(maxlen=DRIFT_REPORTS)
+        self.drift_warned = ""
 
     # --- the schedules -------------------------------------------------------------------
     def teacher_temp_at(self, epoch: int) -> float:
@@ -348,8 +359,46 @@ class DINO(Method):
                 f"{metrics['teacher_entropy']:.3f}); sharpen: lower teacher_temp"
             )
         if reasons:
-            print(f"[selfsup] WARNING: DINO collapse: {'; '.join(reasons)}", file=sys.stderr, flush=True)
-        return {"collapsed": float(bool(reasons))}
+            log.warning(f"DINO collapse: {'; '.join(reasons)}")
+        drift = self.drift(metrics)
+        direction = drift.split(":")[0]
+        if drift and direction != self.drift_warned:  # once per drift, not at every report of it
+            log.warning(f"DINO drifting {drift}")
+        self.drift_warned = direction
+        return {"collapsed": float(bool(reasons)), "drifting": float(bool(drift))}
+
+    def drift(self, metrics: dict[str, float]) -> str:
+        """Which way the last DRIFT_REPORTS reports are drifting, with the knob to turn, or "".
+
+        Towards uniform: the teacher's per-sample entropy rises at every report (its outputs
+        flatten, the loss heads back to ln K) while the embeddings' spread falls. Towards one
+        dimension: the entropy of the batch-mean teacher output falls at every report while the
+        spread falls. Both are judged on trends, so a run warns before it reaches the end states
+        `diagnose` flags."""
+        self.recent_reports.append({k: metrics[k] for k in ("teacher_entropy", "teacher_batch_entropy", "embedding_std")})
+        if len(self.recent_reports) < DRIFT_REPORTS:
+            return ""
+        ln_k, reports = math.log(self.hparams.out_dim), list(self.recent_reports)
+        spread = [r["embedding_std"] for r in reports]
+        if spread[-1] >= spread[0]:
+            return ""
+
+        def trend(key: str) -> list[float]:
+            return [r[key] / ln_k for r in reports]
+
+        entropy, batch_entropy = trend("teacher_entropy"), trend("teacher_batch_entropy")
+        pairs = list(zip(entropy, entropy[1:]))
+        over = f"over the last {DRIFT_REPORTS} reports, embedding std {spread[0]:.3f} -> {spread[-1]:.3f}"
+        if all(b > a for a, b in pairs) and entropy[-1] - entropy[0] >= DRIFT_FRACTION:
+            return (f"towards a uniform teacher output: teacher entropy {entropy[0]:.2f} -> {entropy[-1]:.2f} of ln K "
+                    f"{over}; sharpen: lower hparams.teacher_temp (now {self.teacher_temp:g}) or raise "
+                    f"hparams.teacher_momentum (now {self.hparams.teacher_momentum:g})")
+        pairs = list(zip(batch_entropy, batch_entropy[1:]))
+        if all(b < a for a, b in pairs) and batch_entropy[0] - batch_entropy[-1] >= DRIFT_FRACTION:
+            return (f"towards one dominant dimension: batch entropy {batch_entropy[0]:.2f} -> {batch_entropy[-1]:.2f} "
+                    f"of ln K {over}; centre harder: lower hparams.center_momentum (now "
+                    f"{self.hparams.center_momentum:g}) or raise hparams.teacher_temp (now {self.teacher_temp:g})")
+        return ""
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -358,6 +407,12 @@ class DINO(Method):
 
     def encoder(self) -> nn.Module:
         return self.teacher_backbone
+
+    @torch.no_grad()
+    def init_encoder(self, weights: dict[str, torch.Tensor]) -> None:
+        """Student and teacher start from the same weights, as they start from the same init."""
+        self.backbone.load_state_dict(weights)
+        self.teacher_backbone.load_state_dict(weights)
 
     @torch.no_grad()
     def last_attention(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from methods.backbone import BackboneConfig
 from methods.dino import DINO, DINOHyperparameters, DINOLoss
 from pipelines.config import OptimConfig
+from pipelines.console import to_stderr
 from pipelines.views import dino_recipe
 from twoworkers import run_two_workers, same, single_worker
 
@@ -161,15 +162,22 @@ def test_resnet_backbone_and_attention_maps():
     assert torch.all(maps >= 0) and torch.all(maps.sum(dim=(-2, -1)) <= 1 + 1e-5)
 
 
-def test_collapse_flag_trips_on_either_signature_only(capsys):
+@pytest.fixture
+def console():
+    """selfsup's logger on stderr, as the CLI and the training workers set it up."""
+    to_stderr()
+
+
+def test_collapse_flag_trips_on_either_signature_only(console, capsys):
     method = make_dino()
     ln_k = math.log(64)
-    healthy = {"teacher_batch_entropy": 0.9 * ln_k, "teacher_entropy": 0.5 * ln_k, "teacher_student_kl": 0.5}
-    assert method.diagnose(healthy) == {"collapsed": 0.0}
+    healthy = {"teacher_batch_entropy": 0.9 * ln_k, "teacher_entropy": 0.5 * ln_k, "teacher_student_kl": 0.5,
+               "embedding_std": 0.5}
+    assert method.diagnose(healthy) == {"collapsed": 0.0, "drifting": 0.0}
     assert capsys.readouterr().err == ""
     assert method.diagnose({**healthy, "teacher_batch_entropy": 0.01})["collapsed"] == 1.0
-    assert "DINO collapse: one dimension dominates" in capsys.readouterr().err
-    uniform = {"teacher_batch_entropy": ln_k, "teacher_entropy": 0.999 * ln_k, "teacher_student_kl": 1e-4}
+    assert "[selfsup] WARNING: DINO collapse: one dimension dominates" in capsys.readouterr().err
+    uniform = {**healthy, "teacher_batch_entropy": ln_k, "teacher_entropy": 0.999 * ln_k, "teacher_student_kl": 1e-4}
     assert method.diagnose(uniform)["collapsed"] == 1.0
     assert "loss sits at ln K" in capsys.readouterr().err
 
@@ -180,3 +188,34 @@ def test_bad_hyperparameters_are_refused_with_the_key():
     with pytest.raises(ValueError, match="views: DINO needs two or more global views"):
         DINO(VIT, DINOHyperparameters(out_dim=8, hidden_dim=8, bottleneck_dim=8),
              dino_recipe(16, 8, 2).with_overrides({"global2.copies": 0}))
+
+
+def drift_reports(method, entropies, batch_entropies, spreads) -> list[float]:
+    ln_k = math.log(method.hparams.out_dim)
+    return [method.diagnose({"teacher_entropy": e * ln_k, "teacher_batch_entropy": b * ln_k, "teacher_student_kl": 0.5,
+                             "embedding_std": s})["drifting"] for e, b, s in zip(entropies, batch_entropies, spreads)]
+
+
+def test_drift_towards_uniform_is_warned_once_with_the_knob(console, capsys):
+    method = make_dino()
+    # Entropy rising at every report by 0.06 of ln K in all, spread falling: drifting from the 4th report.
+    flags = drift_reports(method, [0.50, 0.52, 0.54, 0.56, 0.58], [0.9] * 5, [0.6, 0.55, 0.5, 0.45, 0.4])
+    assert flags == [0.0, 0.0, 0.0, 1.0, 1.0]
+    err = capsys.readouterr().err
+    assert err.count("DINO drifting towards a uniform teacher output") == 1  # once per drift, not per report
+    assert "teacher entropy 0.50 -> 0.56 of ln K" in err and "lower hparams.teacher_temp" in err
+
+
+def test_drift_towards_one_dimension_names_centering(console, capsys):
+    method = make_dino()
+    flags = drift_reports(method, [0.5] * 4, [0.80, 0.77, 0.74, 0.71], [0.6, 0.55, 0.5, 0.45])
+    assert flags[-1] == 1.0
+    assert "towards one dominant dimension" in capsys.readouterr().err
+
+
+def test_no_drift_when_the_trend_breaks_or_the_spread_holds(console, capsys):
+    # A dip in the entropy rise, a rise too small, or a spread that does not fall: healthy noise.
+    assert drift_reports(make_dino(), [0.50, 0.53, 0.52, 0.58], [0.9] * 4, [0.6, 0.5, 0.4, 0.3])[-1] == 0.0
+    assert drift_reports(make_dino(), [0.50, 0.51, 0.52, 0.53], [0.9] * 4, [0.6, 0.5, 0.4, 0.3])[-1] == 0.0
+    assert drift_reports(make_dino(), [0.50, 0.53, 0.56, 0.59], [0.9] * 4, [0.5, 0.55, 0.5, 0.5])[-1] == 0.0
+    assert capsys.readouterr().err == ""
