@@ -116,6 +116,12 @@ class Method(nn.Module):
         """The module that is exported / evaluated (the backbone)."""
         return self.backbone
 
+    @torch.no_grad()
+    def init_encoder(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start from existing encoder weights (`--init-from`): `weights` is a state dict of
+        exactly the backbone's keys and shapes (checked by the caller)."""
+        self.backbone.load_state_dict(weights)
+
     def encoder_model_args(self) -> dict:
         """`timm.create_model` arguments that make the exported encoder's `forward` equal
         `features` (e.g. the pooling), beyond the backbone config's own."""

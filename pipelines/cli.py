@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -12,9 +13,26 @@ from pipelines.local_ray import keep_local_ray_on_loopback
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
+from pipelines.console import log, to_stderr  # noqa: E402
 from pipelines.validation import parse_value  # noqa: E402
 from pipelines.samples import SAMPLES  # noqa: E402
 from pipelines.shards import DataError  # noqa: E402
+
+
+# Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
+# "execution finished") stay in the session's ray-data.log.
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
+
+def quiet_console() -> None:
+    """selfsup's lines on stderr, Ray Data's INFO lines in its log file only (local runs; on a
+    cluster the workers' logs never reach this console)."""
+    to_stderr()
+    # Ray's notice that token authentication is on advises turning it off; selfsup keeps it on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
 
 
 class UsageError(ValueError):
@@ -39,14 +57,22 @@ def start_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray."""
     import ray
 
+    from pipelines.console import forward_worker_logs
+
     global _started_ray
     if ray.is_initialized():
         return
     _started_ray = True
+    # Worker output stays in Ray's log files; selfsup's own lines reach the console through
+    # pipelines.console (SELFSUP_RAY_LOGS=all forwards everything, for debugging).
+    options = {"logging_level": "WARNING", "log_to_driver": forward_worker_logs()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
+        ray.init(**options)
     else:
-        ray.init(num_cpus=num_cpus, logging_level="WARNING")
+        ray.init(num_cpus=num_cpus, **options)
+
+
+_stdout = sys.stdout  # where the final JSON line goes; everything else printed goes to stderr
 
 
 def emit(result: dict) -> None:
@@ -57,7 +83,7 @@ def emit(result: dict) -> None:
 
         ray.shutdown()
     sys.stderr.flush()
-    print(json.dumps(result, default=str), flush=True)
+    print(json.dumps(result, default=str), file=_stdout, flush=True)
 
 
 def check_checkpoint(path: str) -> str:
@@ -74,7 +100,7 @@ def check_checkpoint(path: str) -> str:
     if not os.path.exists(os.path.join(path, STATE_FILE)):
         raise UsageError(f"--checkpoint {path}: no {STATE_FILE} (expected a selfsup checkpoint or run folder)")
     load_state(path)
-    return path
+    return os.path.abspath(path)  # every JSON line names checkpoints the same way
 
 
 def cmd_prepare(args) -> dict:
@@ -138,9 +164,14 @@ def cmd_pretrain(args) -> dict:
 
     from pipelines.elastic import batch_plan, parse_workers
 
+    from pipelines.init_from import initial_weights
+
     if args.workers is not None:
         args.set = [*args.set, f"train.workers={args.workers}"]
     config = _config(args)
+    if args.init_from:
+        config.train.init_from = args.init_from
+        initial_weights(config)  # weights that do not fit the backbone are refused before Ray
     _, most = parse_workers(config.train.workers, "train.workers")
     try:
         batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
@@ -149,8 +180,8 @@ def cmd_pretrain(args) -> dict:
     shards = find_shards(args.data)  # a wrong path or schema fails here, before Ray starts
     check_batch_fits(config.optim.batch_size, shards.num_rows, most, args.data)
     if config.optim.warmup_epochs >= config.optim.epochs:
-        print(f"[selfsup] warning: optim.warmup_epochs={config.optim.warmup_epochs:g} >= optim.epochs="
-              f"{config.optim.epochs}: the learning rate never leaves warm-up", file=sys.stderr)
+        log.warning(f"optim.warmup_epochs={config.optim.warmup_epochs:g} >= optim.epochs="
+                    f"{config.optim.epochs}: the learning rate never leaves warm-up")
     if args.val:
         find_shards(args.val)
     start_ray(args.num_cpus)
@@ -197,14 +228,14 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_viz_augment(args) -> dict:
-    from pipelines.viz import augment_picture, default_recipe, first_canvases
+    from pipelines.viz import augment_picture, default_recipe, first_canvases, masking_of
 
     try:
         recipe = default_recipe(args.method, args.canvas_size).with_overrides(parse_sets(args.set))
     except ValueError as error:
         raise UsageError(str(error)) from None
     canvases = first_canvases(args.data, args.images, args.canvas_size)
-    picture = augment_picture(canvases, recipe, seed=args.seed)
+    picture = augment_picture(canvases, recipe, seed=args.seed, masking=masking_of(args.method))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     picture.save(args.out)
     return {"out": args.out, "images": len(canvases), "views": recipe.names}
@@ -217,35 +248,33 @@ def cmd_demo(args) -> dict:
     from pipelines.evaluate import evaluate_checkpoint
     from pipelines.prepare import PrepareConfig, prepare
     from pipelines.pretrain import pretrain
-    from pipelines.viz import augment_picture, default_recipe, first_canvases
+    from pipelines.viz import augment_picture, default_recipe, first_canvases, masking_of
 
     config = build_config("simclr", "tiny", sets={"optim.epochs": args.epochs, "train.knn_every_epochs": 0})
     data = os.path.join(args.workdir, "data", args.sample)
     pictures = os.path.join(args.workdir, "pictures")
     os.makedirs(pictures, exist_ok=True)
+    log.info(f"demo: starting Ray, then writing sample:{args.sample} to {data}")
     start_ray(args.num_cpus)
     prepared = prepare(f"sample:{args.sample}", data, PrepareConfig(overwrite=True))
     canvases = first_canvases(f"{data}/train", 6, 32)
     drawn = {}
     for method in ("simclr", "dino", "mae"):
         drawn[method] = os.path.join(pictures, f"augment_{method}.png")
-        augment_picture(canvases, default_recipe(method, 32)).save(drawn[method])
-    print(f"[demo] views drawn in {pictures}; pretraining SimCLR ({args.epochs} epochs)", file=sys.stderr)
+        augment_picture(canvases, default_recipe(method, 32), masking=masking_of(method)).save(drawn[method])
+    log.info(f"demo: views drawn in {pictures}; pretraining SimCLR ({args.epochs} epochs)")
     run = pretrain(config, f"{data}/train", val=f"{data}/test", storage=os.path.join(args.workdir, "runs"),
                    name=f"demo-{args.sample}")
     knn = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "knn")
-    print(
-        f"[demo] kNN top-1 on {args.sample} test: SimCLR {knn['top1']:.3f} | random-init encoder "
-        f"{knn['random_init_top1']:.3f} | raw pixels {knn['raw_pixels_top1']:.3f}",
-        file=sys.stderr,
-    )
+    log.info(f"demo: kNN top-1 on {args.sample} test: SimCLR {knn['top1']:.3f} | random-init encoder "
+             f"{knn['random_init_top1']:.3f} | raw pixels {knn['raw_pixels_top1']:.3f}")
     return {"data": data, "images_written": prepared["images_written"], "pictures": drawn,
             "checkpoint": run["checkpoint"], "pretrain_metrics": run["metrics"], "knn": knn}
 
 
 def _method_args(parser) -> None:
     parser.add_argument("--method", required=True, help="simclr, mae or dino")
-    parser.add_argument("--preset", default="tiny", help="tiny (CPU sample) or imagenet")
+    parser.add_argument("--preset", default="tiny", help="tiny (CPU sample; the default) or imagenet")
     parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
 
@@ -317,8 +346,8 @@ def cmd_export(args) -> dict:
     from pipelines.export import export_encoder
 
     args.checkpoint = check_checkpoint(args.checkpoint)
-    result = export_encoder(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"[export] load it with: {result['load']}", file=sys.stderr)
+    result = export_encoder(args.checkpoint, args.out, overwrite=args.overwrite, onnx=args.format == "onnx")
+    log.info(f"export: load it with: {result['load']}")
     return result
 
 
@@ -396,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--gpus-per-worker", type=float, default=0)
     pretrain.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
     pretrain.add_argument("--name", help="run name; a run that exists under --storage is resumed")
+    pretrain.add_argument("--init-from", metavar="PATH",
+                          help="start the encoder from these weights: a `selfsup export` or timm model folder, "
+                               "or a .safetensors/.pth file (continued pretraining)")
     pretrain.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     pretrain.set_defaults(run=cmd_pretrain)
 
@@ -433,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json to")
     export.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    export.add_argument("--format", default="timm", choices=["timm", "onnx"],
+                        help="timm (default): a timm model folder; onnx: the same plus encoder.onnx, checked with "
+                             "onnxruntime (pip install 'selfsup[onnx]')")
     export.set_defaults(run=cmd_export)
 
     embedding = commands.add_parser("embed", help="embeddings of every image in shards, as Parquet (Ray Data)")
@@ -460,7 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _stdout
     args = build_parser().parse_args(argv)
+    quiet_console()
+    # stdout holds the JSON line only: Ray prints its raylets' warnings on the driver's stdout
+    # whatever log_to_driver says, and any library may print; while the command runs, all of
+    # that goes to stderr.
+    _stdout, sys.stdout = sys.stdout, sys.stderr
+    try:
+        return _run(args)
+    finally:
+        sys.stdout = _stdout
+
+
+def _run(args) -> int:
     try:
         emit(args.run(args))
     except (UsageError, DataError) as error:

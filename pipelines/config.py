@@ -82,6 +82,8 @@ class TrainConfig:
     workers: training workers, N or "MIN:MAX" for an elastic group that shrinks when nodes go
         and grows when they come back (each time from the last checkpoint; `--workers` sets it).
     resize_interval_s: an elastic group looks for more room this often (seconds).
+    init_from: start the encoder from these weights (`--init-from`: a `selfsup export` or timm
+        model folder, or a .safetensors/.pth file; pipelines/init_from.py); "" = random init.
     """
 
     checkpoint_every_steps: int = 0
@@ -97,6 +99,7 @@ class TrainConfig:
     placement_strategy: str = "PACK"
     workers: int | str = 1
     resize_interval_s: float = 60.0
+    init_from: str = ""
 
     def validate(self) -> None:
         rules = {
@@ -113,7 +116,8 @@ class TrainConfig:
                                    "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"),
         }
         check_rules("train", self, rules)
-        check_rules("train", self, {"resize_interval_s": (self.resize_interval_s >= 0, "a number >= 0")})
+        check_rules("train", self, {"resize_interval_s": (self.resize_interval_s >= 0, "a number >= 0"),
+                                    "init_from": (isinstance(self.init_from, str), "a path (a string)")})
         parse_workers(self.workers, "train.workers")  # N or MIN:MAX
 
 

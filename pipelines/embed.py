@@ -21,6 +21,7 @@ import ray
 import ray.data
 import torch
 
+from pipelines.console import Progress
 from pipelines.ingest import IngestConfig, image_dataset
 from pipelines.shards import DataError, check_output_folder, find_shards, resolve_location
 
@@ -41,7 +42,8 @@ class Embedder:
         self.autocast, _ = autocast_for(precision, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        canvases = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
+        # Ray Data's arrays are read-only: copied only then, so that torch may own the memory.
+        canvases = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device, non_blocking=True)
         with torch.no_grad(), self.autocast:
             features = self.method.features(self.method.eval_images(canvases))
         features = features.float().cpu().numpy()
@@ -100,7 +102,9 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
         num_gpus=gpus_per_actor,
     )
-    embedded.write_parquet(out)
+    seen = lambda: ray.get(quality_log.summary.remote())["seen"]  # noqa: E731
+    with Progress("embed:", shards.num_rows).watching(seen):
+        embedded.write_parquet(out)
 
     quality = ray.get(quality_log.summary.remote())
     filesystem, root = resolve_location(out)

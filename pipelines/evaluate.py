@@ -117,7 +117,8 @@ class FeatureExtractor:
         self.with_pixels = with_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        canvases = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        # Ray Data's arrays are read-only: copied only then, so that torch may own the memory.
+        canvases = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device)
         out = {"label": batch["label"], "key": batch["key"]}
         with torch.no_grad():
             for name, method in self.methods.items():
@@ -150,7 +151,9 @@ def extract(location: str, method_factory, state_dicts: dict, canvas_size: int, 
     Ray Data batch-inference pass (an actor holding the encoders; a GPU when the cluster has one)."""
     import ray
 
+    from pipelines.console import Progress
     from pipelines.ingest import IngestConfig, image_dataset
+    from pipelines.shards import find_shards
 
     config = IngestConfig(canvas_size=canvas_size, shuffle_files=False, shuffle_buffer=0)
     dataset, _ = image_dataset(location, config, with_labels=True)
@@ -163,7 +166,10 @@ def extract(location: str, method_factory, state_dicts: dict, canvas_size: int, 
         compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if use_gpu else 0,
     )
-    parts = list(features.iter_batches(batch_size=None, batch_format="numpy"))
+    progress, parts = Progress(f"features of {location}:", find_shards(location).num_rows), []
+    for part in features.iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(part)
+        progress.tick(sum(len(p["label"]) for p in parts))
     return {key: torch.from_numpy(np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
 

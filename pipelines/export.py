@@ -54,6 +54,17 @@ def timm_model_args(method, config) -> dict:
     return args
 
 
+def readable_by_umask(folder: str) -> None:
+    """safetensors writes its files with mode 0600; an export is for sharing, so its files get the
+    mode any new file gets here (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
 def small_stem(config) -> bool:
     from timm.models.resnet import ResNet
 
@@ -88,10 +99,13 @@ def load_exported(folder: str) -> nn.Module:
     return model.eval()
 
 
-def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int = 0) -> dict:
+def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int = 0, onnx: bool = False) -> dict:
     """Write `checkpoint`'s encoder (DINO's teacher, MAE's encoder, SimCLR's backbone without its
     projection head) to `out` as a timm model folder, then load it back through timm and check it
-    gives the checkpoint's features on random images. Returns what was written and checked."""
+    gives the checkpoint's features on random images. With `onnx`, also `encoder.onnx` (see
+    `export_onnx`). Returns what was written and checked."""
+    if onnx:
+        _require_onnx()
     from timm.models import save_for_hf
 
     from pipelines.evaluate import load_checkpoint
@@ -137,6 +151,7 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     }
     os.makedirs(out, exist_ok=True)
     save_for_hf(model.eval(), out, model_config={"model_args": args, EXPORT_INFO: info}, safe_serialization=True)
+    readable_by_umask(out)
 
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -149,6 +164,49 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     folder = os.path.abspath(out)
     load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
             else f'timm.create_model("local-dir:{folder}", pretrained=True)')
-    return {"out": out, "architecture": config.backbone.name, "model_args": args, "feature_dim": info["feature_dim"],
-            "max_feature_difference": error, "method": config.method, "checkpoint": checkpoint, "load": load}
+    result = {"out": out, "architecture": config.backbone.name, "model_args": args, "feature_dim": info["feature_dim"],
+              "max_feature_difference": error, "method": config.method, "checkpoint": checkpoint, "load": load}
+    if onnx:
+        result["onnx"] = export_onnx(load_exported(out), os.path.join(out, ONNX_FILE), size, recipe, seed)
+    return result
+
+
+ONNX_FILE = "encoder.onnx"
+
+
+def _require_onnx() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ExportError("--format onnx: needs onnx, onnxscript and onnxruntime: "
+                          "pip install 'selfsup[onnx]'") from None
+
+
+def export_onnx(model: nn.Module, path: str, size: int, recipe, seed: int = 0) -> dict:
+    """`model` (the exported encoder) as ONNX at `path`: input `images (batch, 3, size, size)`
+    float32, normalised with the recipe's mean and std; output `features (batch, d)`. Run with
+    onnxruntime on a batch of another size than the one traced and compared with PyTorch's
+    features; refused beyond FEATURE_TOLERANCE."""
+    import contextlib
+    import io
+
+    import onnxruntime
+
+    traced = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each pass
+        torch.onnx.export(model, (traced,), path, input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}}, dynamo=True)
+    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        expected = model(images)
+    error = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    if error > FEATURE_TOLERANCE:
+        raise ExportError(f"--format onnx: onnxruntime's features of {path} differ from PyTorch's by {error:.2e} "
+                          f"(> {FEATURE_TOLERANCE})")
+    return {"path": os.path.abspath(path), "input": f"images (batch, 3, {size}, {size}) float32, normalised with "
+            f"mean {tuple(round(m, 4) for m in recipe.mean)} and std {tuple(round(s, 4) for s in recipe.std)}",
+            "max_feature_difference": error}
 

@@ -12,8 +12,10 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.config import RunConfig
+from pipelines.console import Relay, log
 from pipelines.elastic import batch_plan, parse_workers
 from pipelines.ingest import image_dataset
+from pipelines.init_from import initial_weights
 from pipelines.quality import new_quality_log
 from pipelines.shards import find_shards
 from pipelines.torch_loopback import torch_config
@@ -33,13 +35,18 @@ def storage_path(storage: str | None) -> str:
 
 def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int | None = None,
                  gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
-                 callbacks: list | None = None) -> TorchTrainer:
+                 callbacks: list | None = None, console=None) -> TorchTrainer:
     """The TorchTrainer for one pretraining run; Ray must be initialised. `workers` (default
     `train.workers`) is a count or an elastic (min, max). Every report goes to the run folder's
-    `metrics.jsonl` and TensorBoard (and MLflow when configured)."""
+    `metrics.jsonl` and TensorBoard (and MLflow when configured). `console`: the queue of a
+    `pipelines.console.Relay` that carries the workers' lines to this process's stderr."""
     schedule = plan(config, find_shards(data).num_rows)
     low, high = parse_workers(config.train.workers if workers is None else workers, "workers")
     batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule["lr_scaling"])  # fits max
+    init = initial_weights(config)  # before anything starts: weights that do not fit are refused
+    if init:
+        log.info(f"init: {len(init[0])} tensors from {config.train.init_from}"
+                 + (f" (classifier left out: {', '.join(init[1])})" if init[1] else ""))
     quality_log = new_quality_log()
     # Training reports one line per epoch; per-operator progress bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -59,7 +66,8 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         train_loop_per_worker,
         torch_config=torch_config(),
         train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
-                           "has_val": bool(val)},
+                           "has_val": bool(val), "console": console,
+                           "init_weights": ray.put(init[0]) if init else None},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=config.train.placement_strategy,
                                      elastic_resize_monitor_interval_s=config.train.resize_interval_s),
@@ -78,7 +86,8 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
 
 def pretrain(config: RunConfig, data: str, **kwargs) -> dict:
     """Run (or resume, when `name` already exists in `storage`) a pretraining run."""
-    result = make_trainer(config, data, **kwargs).fit()
+    with Relay() as relay:
+        result = make_trainer(config, data, console=relay.queue, **kwargs).fit()
     stopped = result.return_value or {}
     if stopped.get("stopped") == "non_finite_loss":
         raise NonFiniteLossError(f"{stopped['message']} ({result.checkpoint.path if result.checkpoint else 'no checkpoint yet'})")

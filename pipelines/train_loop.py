@@ -10,7 +10,6 @@ import contextlib
 import os
 import pickle
 import random
-import sys
 import tempfile
 import time
 
@@ -25,6 +24,7 @@ from methods import get_method
 from methods.distributed import all_reduce_mean
 from methods.schedules import scaled_lr, warmup_cosine
 from pipelines.config import RunConfig, config_from_dict
+from pipelines.console import StepProgress, log, to_relay
 from pipelines.elastic import batch_plan
 from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
 from pipelines.ingest import iter_canvas_batches
@@ -145,12 +145,15 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     schedule, quality_log, has_val = loop_config["schedule"], loop_config["quality_log"], loop_config["has_val"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    to_relay(loop_config.get("console"))  # selfsup's lines reach the driver's console
     device = ray.train.torch.get_device()
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
     # Derived again at every (re)start: an elastic group may come back with another world size.
     batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule["lr_scaling"])
 
     method = build_method(config)
+    if loop_config.get("init_weights") is not None:  # a checkpoint, when resuming, overrides it below
+        method.init_encoder(ray.get(loop_config["init_weights"]))
     if method.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
@@ -171,21 +174,21 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         _set_rng_state(state["rng"], rank)
         resumed_from = progress["step"]
         if rank == 0:
-            print(f"[selfsup] resumed from step {resumed_from} (epoch {progress['epoch']})", file=sys.stderr)
+            log.info(f"resumed from step {resumed_from} (epoch {progress['epoch']})")
     else:
         torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
     previous_world = progress.get("world_size", world)
     if rank == 0 and previous_world != world:
-        print(f"[selfsup] resized {previous_world} -> {world} workers at step {resumed_from}: {batches.describe()}",
-              file=sys.stderr, flush=True)
+        log.info(f"resized {previous_world} -> {world} workers at step {resumed_from}: {batches.describe()}")
     elif rank == 0 and (not batches.exact or batches.accumulation > 1):
-        print(f"[selfsup] batch: {batches.describe()}", file=sys.stderr, flush=True)
+        log.info(f"batch: {batches.describe()}")
     progress["world_size"] = world
 
     train_shard = ray.train.get_dataset_shard("train")
     total = schedule["total_steps"]
     samples_per_epoch = schedule["steps_per_epoch"] * config.optim.batch_size
     last_knn = None
+    ticker = StepProgress(total, config.optim.epochs, progress["step"]) if rank == 0 else None
     while progress["epoch"] < config.optim.epochs:
         epoch = progress["epoch"]
         window = ReportWindow()
@@ -217,7 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
                     message = (f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); the last good "
                                "checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data")
-                    print(f"[selfsup] stopping: {message}", file=sys.stderr, flush=True)
+                    log.warning(f"stopping: {message}")
                     # Returned, not raised: Ray Train would retry a worker error from the last
                     # checkpoint and meet the same NaN again. The driver raises NonFiniteLossError.
                     return {"stopped": "non_finite_loss", "message": message}
@@ -237,6 +240,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             progress["samples"] += batches.global_batch
             progress["samples_in_epoch"] += batches.global_batch
             window.timed(batches.global_batch, waited, time.perf_counter() - started)
+            if ticker:
+                ticker.step(batches.global_batch, waited, time.perf_counter() - started, progress["step"], epoch)
             every = config.train.checkpoint_every_steps
             epoch_done = progress["samples_in_epoch"] + batches.global_batch > samples_per_epoch
             if every and progress["step"] % every == 0 and not epoch_done:
@@ -252,11 +257,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         metrics = _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
                           resumed_from, last_knn if knn_due else None, batches)
         if rank == 0:
-            print(
-                f"[selfsup] epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
-                f"loss {metrics['loss']:.4f} lr {lr:.4g}" + (f" knn_top1 {last_knn:.4f}" if knn_due else ""),
-                file=sys.stderr, flush=True,
-            )
+            log.info(f"epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
+                     f"loss {metrics['loss']:.4f} lr {lr:.4g} · {metrics['images_per_s']:,.0f} img/s"
+                     + (f" · knn_top1 {last_knn:.4f}" if knn_due else ""))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return None

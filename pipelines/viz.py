@@ -44,12 +44,38 @@ def _cell(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image).resize((CELL, CELL), Image.Resampling.NEAREST)
 
 
-def augment_picture(canvases: np.ndarray, recipe: ViewRecipe, seed: int = 0) -> Image.Image:
-    """A grid: one row per image, the original canvas then each of the recipe's views."""
+def masking_of(method: str, preset: str = "tiny") -> tuple[float, int] | None:
+    """(mask ratio, patch size) of a method that masks its input (MAE), from its preset."""
+    from pipelines.config import build_config
+
+    config = build_config(method, preset)
+    ratio = getattr(config.hparams, "mask_ratio", None)
+    return (ratio, config.backbone.patch_size) if ratio and config.backbone.patch_size else None
+
+
+def mask_patches(views: torch.Tensor, mask_ratio: float, patch: int) -> torch.Tensor:
+    """`views: (N, 3, H, W)` with the patches MAE hides greyed out, drawn by MAE's own
+    `random_masking` (what the encoder is left to see)."""
+    from methods.mae import MAE
+
+    n, _, height, width = views.shape
+    grid = (max(1, height // patch), max(1, width // patch))
+    _, mask, _ = MAE.random_masking(torch.zeros(n, grid[0] * grid[1], 1), mask_ratio)
+    pixels = torch.nn.functional.interpolate(mask.reshape(n, 1, *grid), size=(height, width), mode="nearest")
+    return views * (1 - pixels) + pixels * _grey(views)
+
+
+def augment_picture(canvases: np.ndarray, recipe: ViewRecipe, seed: int = 0,
+                    masking: tuple[float, int] | None = None) -> Image.Image:
+    """A grid: one row per image, the original canvas then each of the recipe's views; with
+    `masking` (mask ratio, patch size), then the first view as the encoder sees it."""
     torch.manual_seed(seed)
     maker = ViewMaker(recipe)
     views = maker(torch.from_numpy(canvases))
     columns = ["original"] + recipe.names
+    if masking:
+        views = [*views, mask_patches(views[0], *masking)]
+        columns.append(f"masked {masking[0]:.0%}")
     grid = Image.new("RGB", (CELL * len(columns), HEADER + CELL * len(canvases)), "white")
     draw = ImageDraw.Draw(grid)
     for col, name in enumerate(columns):

@@ -29,6 +29,22 @@ def test_viz_augment_draws_originals_beside_views(digits, tmp_path, capsys):
     assert width == 96 * 5 and height > 96 * 3
 
 
+def test_mae_picture_shows_the_patches_the_encoder_does_not_see(digits, tmp_path, capsys):
+    import torch
+
+    from pipelines.viz import mask_patches
+
+    out, _ = digits
+    picture = tmp_path / "mae.png"
+    assert main(["viz", "augment", "--data", f"{out}/train", "--method", "mae", "--out", str(picture),
+                 "--images", "2", "--canvas-size", "32"]) == 0
+    assert Image.open(picture).size[0] == 96 * 3  # original, the view, the view masked
+    views = torch.full((2, 3, 32, 32), 5.0)  # a value no grey patch has
+    masked = mask_patches(views, 0.75, 4)
+    hidden = (masked != 5.0).all(dim=1).float().mean(dim=(1, 2))
+    assert torch.allclose(hidden, torch.tensor([0.75, 0.75]))  # 48 of the 64 patches, each image
+
+
 def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

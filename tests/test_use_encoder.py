@@ -1,6 +1,7 @@
 """Using the encoder: timm-loadable export, embeddings with Ray Data, training curves."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -98,14 +99,25 @@ def test_export_round_trip_without_training(tmp_path, method_name, sets):
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
     save_checkpoint(str(checkpoint), method, optimizer, torch.amp.GradScaler(enabled=False),
                     {"epoch": 1, "step": 3, "step_in_epoch": 0}, config)
-    result = export_encoder(str(checkpoint), str(tmp_path / "export"))
+    result = export_encoder(str(checkpoint), str(tmp_path / "export"), onnx=True)
     model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model(images), method.features(images), atol=1e-5)
+    # The ONNX file, run by onnxruntime on a batch size it was not traced with, gives the same features.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(result["onnx"]["path"], providers=["CPUExecutionProvider"])
+    onnx_features = session.run(None, {"images": images[:3].numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(onnx_features, method.features(images[:3]).numpy(), atol=1e-4)
         if method_name == "dino":
             assert not torch.allclose(model(images), method.backbone(images), atol=1e-3)
     assert result["max_feature_difference"] <= 1e-5
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):  # shareable: not safetensors' own 0600
+        assert os.stat(tmp_path / "export" / name).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_embed_writes_one_row_per_image_with_its_id(digits, one_epoch_run, tmp_path, capsys):

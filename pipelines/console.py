@@ -1,0 +1,195 @@
+"""What the user sees: selfsup's own lines, once each, on stderr; stdout holds only the final JSON.
+
+By default Ray forwards everything its workers print to the driver's console (`log_to_driver`):
+Ray Train's and Ray Data's INFO logs, C++ warnings, other libraries' deprecation warnings, and
+some of it on the driver's *stdout*, where it breaks `selfsup … | jq`. A selfsup command starts
+Ray with `log_to_driver=False` (the workers' output stays in the session's log files,
+`/tmp/ray/session_latest/logs`) and its own lines travel from the workers to the driver through a
+`ray.util.queue.Queue` (`Relay`), printed there by a thread while the job runs.
+
+Everything, workers and methods included, writes through the standard `logging` logger named
+`selfsup` (`log`): INFO lines read `[selfsup] …`, warnings `[selfsup] WARNING: …`. Where they go is
+the pipeline's choice: the driver's stderr (`to_stderr`), or the driver's relay from a worker
+(`to_relay`). `SELFSUP_RAY_LOGS=all` brings back Ray's forwarding of every worker's output, for
+debugging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+RAY_LOGS_ENV = "SELFSUP_RAY_LOGS"  # "all": forward every worker's output to the console, as Ray does
+# Long work prints a progress line at least this often (seconds); the variable is for tests.
+PROGRESS_EVERY_S = float(os.environ.get("SELFSUP_PROGRESS_EVERY_S", 15))
+
+log = logging.getLogger("selfsup")
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        return f"[selfsup] {level}{record.getMessage()}"
+
+
+def _use(handler: logging.Handler) -> None:
+    handler.setFormatter(_Format())
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (a test may have swapped it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def to_stderr() -> None:
+    """The `selfsup` logger prints to this process's stderr (the driver, or a plain script)."""
+    _use(_Stderr())
+
+
+def forward_worker_logs() -> bool:
+    """Whether Ray should forward every worker's output to the console (`SELFSUP_RAY_LOGS=all`)."""
+    return os.environ.get(RAY_LOGS_ENV, "").lower() == "all"
+
+
+class _RelayHandler(logging.Handler):
+    def __init__(self, queue):
+        super().__init__()
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put(self.format(record), timeout=10)
+        except Exception:  # the driver is gone or slow: the line must not stop training
+            print(self.format(record), file=sys.stderr, flush=True)
+
+
+def to_relay(queue) -> None:
+    """In a Ray worker: the `selfsup` logger's lines go to the driver's relay (`queue`), or to the
+    worker's stderr when there is none (a caller that made no relay)."""
+    _use(_RelayHandler(queue) if queue is not None else _Stderr())
+
+
+class Relay:
+    """Driver side: a queue actor the workers put lines into and a thread printing them on the
+    driver's stderr while the job runs. `with Relay() as relay:` and pass `relay.queue` to the
+    workers' config; leaving the block prints what is left and removes the actor."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._print, name="selfsup-console", daemon=True)
+
+    def _print(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                line = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # Ray is shutting down
+                return
+            print(line, file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Relay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            for line in self.queue.get_nowait_batch(self.queue.qsize()):
+                print(line, file=sys.stderr, flush=True)
+            self.queue.shutdown()
+        except Exception:
+            pass
+
+
+class Progress:
+    """Progress lines for long work: `tick(done)` prints `[selfsup] {what} done/total · rate/s ·
+    ETA` when PROGRESS_EVERY_S has passed since the last line; `extra` adds fields."""
+
+    def __init__(self, what: str, total: int, unit: str = "images", every_s: float = PROGRESS_EVERY_S):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.started = self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def watching(self, count: Callable[[], int]):
+        """For work that runs in one blocking call: a thread prints a line every `every_s` with
+        `count()` as the amount done (e.g. images seen, from the run's quality log)."""
+        stop = threading.Event()
+
+        def watch():
+            while not stop.wait(self.every_s):
+                try:
+                    self.tick(count(), force=True)
+                except Exception:  # a count that failed once (Ray busy) is tried again next time
+                    pass
+
+        thread = threading.Thread(target=watch, name="selfsup-progress", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def tick(self, done: int, rate: float | None = None, extra: str = "", force: bool = False) -> None:
+        if not (force or self.due()):
+            return
+        now = time.monotonic()
+        self.last = now
+        rate = rate if rate is not None else done / max(now - self.started, 1e-9)
+        left = (self.total - done) / rate if rate > 0 and self.total else float("nan")
+        eta = f" · ETA {format_seconds(left)}" if left == left else ""
+        log.info(f"{self.what} {done:,}/{self.total:,} {self.unit} · {rate:,.0f} {self.unit}/s{extra}{eta}")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class StepProgress:
+    """Training progress: `step(...)` after each optimizer step; at most every PROGRESS_EVERY_S
+    it prints `[selfsup] epoch e/E · step s/S · N img/s · data wait W% · ETA …` (rates over the
+    steps since the last line; the ETA from every step since this worker (re)started)."""
+
+    def __init__(self, total_steps: int, epochs: int, start_step: int, every_s: float = PROGRESS_EVERY_S):
+        self.total_steps, self.epochs, self.start_step, self.every_s = total_steps, epochs, start_step, every_s
+        self.started = self.last = time.monotonic()
+        self.images = self.time = self.wait = 0.0
+
+    def step(self, images: int, waited: float, elapsed: float, step: int, epoch: int) -> None:
+        self.images, self.time, self.wait = self.images + images, self.time + elapsed, self.wait + waited
+        now = time.monotonic()
+        if now - self.last < self.every_s or step >= self.total_steps:
+            return
+        per_step = (now - self.started) / max(step - self.start_step, 1)
+        log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · "
+                 f"{self.images / max(self.time, 1e-9):,.0f} img/s · data wait {self.wait / max(self.time, 1e-9):.0%} · "
+                 f"ETA {format_seconds(per_step * (self.total_steps - step))}")
+        self.last, self.images, self.time, self.wait = now, 0.0, 0.0, 0.0

@@ -1,0 +1,59 @@
+"""What the user sees: selfsup's lines once each on stderr, progress on long work, stdout = JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+from pipelines.console import Progress, StepProgress, to_stderr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_step_progress_says_where_training_is_and_when_it_ends(capsys):
+    to_stderr()
+    ticker = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=0)
+    ticker.step(images=64, waited=0.25, elapsed=1.0, step=4, epoch=0)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("[selfsup] epoch 1/2 · step 4/10 · 64 img/s · data wait 25% · ETA ")
+    ticker.step(images=64, waited=0.0, elapsed=1.0, step=10, epoch=1)  # the last step: the epoch line says it
+    assert capsys.readouterr().err == ""
+    quiet = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=3600)
+    quiet.step(images=64, waited=0.0, elapsed=1.0, step=1, epoch=0)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_of_one_blocking_call_is_printed_by_a_watcher(capsys):
+    to_stderr()
+    counts = iter(range(100, 10_000, 100))
+    with Progress("embed:", 5000, every_s=0.05).watching(lambda: next(counts)):
+        import time
+
+        time.sleep(0.3)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("[selfsup] embed: ") and "/5,000 images" in line for line in lines)
+
+
+def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_line(digits, tmp_path):
+    """A real `selfsup pretrain` in its own process: Ray's forwarded worker logs used to double
+    each epoch line, bury it in Ray Train/Data INFO lines and land a raylet warning on stdout."""
+    out, _ = digits
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    environ["SELFSUP_PROGRESS_EVERY_S"] = "1"
+    command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", f"{out}/train",
+               "--val", f"{out}/test", "--storage", str(tmp_path), "--name", "console", "--num-cpus", "2",
+               "--set", "optim.epochs=2", "--set", "optim.batch_size=128", "--set", "optim.warmup_epochs=0",
+               "--set", "data.canvas_size=16", "--set", "views.view.size=16",
+               "--set", "backbone.kwargs.channels=[8,16,32,64]", "--set", "backbone.kwargs.stem_width=8"]
+    done = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) == 1, done.stdout
+    result = json.loads(done.stdout)
+    assert result["metrics"]["epoch"] == 2
+    lines = done.stderr.splitlines()
+    for epoch in (1, 2):
+        assert sum(line.startswith(f"[selfsup] epoch {epoch}/2 step ") for line in lines) == 1, lines
+    assert any(" · ETA " in line for line in lines), lines  # progress inside the epochs
+    assert not any("Traceback" in line or "INFO" in line for line in lines), lines
+    ours = [line for line in lines if line.startswith("[selfsup]")]
+    assert len(ours) > len(lines) / 2, lines
