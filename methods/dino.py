@@ -215,9 +215,12 @@ UNIFORM_KL = 0.01  # ... and the student matches it
 # Slow drift, seen before either end state (issue 14: on the MNIST sample the loss climbed from 2.79
 # at epoch 3 back to 5.75 of ln K = 6.93 by epoch 10 while kNN fell): a teacher entropy moving the
 # same way at every one of DRIFT_REPORTS consecutive reports, by DRIFT_FRACTION of ln K in all,
-# while the spread of the embeddings falls.
+# while the spread of the embeddings falls by DRIFT_SPREAD_FALL of itself. (Early in a healthy run
+# the batch entropy falls from its near-uniform start as the teacher learns, with the spread
+# steady: measured on MNIST-M, -0.23 ln K with the spread 0.722 -> 0.719; that is not drift.)
 DRIFT_REPORTS = 4
 DRIFT_FRACTION = 0.05
+DRIFT_SPREAD_FALL = 0.05
 
 
 @register
@@ -380,7 +383,7 @@ class DINO(Method):
             return ""
         ln_k, reports = math.log(self.hparams.out_dim), list(self.recent_reports)
         spread = [r["embedding_std"] for r in reports]
-        if spread[-1] >= spread[0]:
+        if spread[-1] > spread[0] * (1 - DRIFT_SPREAD_FALL):
             return ""
 
         def trend(key: str) -> list[float]:

@@ -218,4 +218,6 @@ def test_no_drift_when_the_trend_breaks_or_the_spread_holds(console, capsys):
     assert drift_reports(make_dino(), [0.50, 0.53, 0.52, 0.58], [0.9] * 4, [0.6, 0.5, 0.4, 0.3])[-1] == 0.0
     assert drift_reports(make_dino(), [0.50, 0.51, 0.52, 0.53], [0.9] * 4, [0.6, 0.5, 0.4, 0.3])[-1] == 0.0
     assert drift_reports(make_dino(), [0.50, 0.53, 0.56, 0.59], [0.9] * 4, [0.5, 0.55, 0.5, 0.5])[-1] == 0.0
+    # A healthy start: batch entropy falling from near uniform as the teacher learns, spread steady.
+    assert drift_reports(make_dino(), [0.5] * 4, [0.70, 0.62, 0.55, 0.47], [0.722, 0.72, 0.718, 0.719])[-1] == 0.0
     assert capsys.readouterr().err == ""
