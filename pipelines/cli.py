@@ -104,7 +104,7 @@ def check_checkpoint(path: str) -> str:
 
 
 def cmd_prepare(args) -> dict:
-    from pipelines.prepare import PrepareConfig, held_out_images, plan_source, prepare
+    from pipelines.prepare import PrepareConfig, held_out_ids, held_out_images, plan_source, prepare
     from pipelines.shards import check_output_folder
 
     config = PrepareConfig(
@@ -122,10 +122,12 @@ def cmd_prepare(args) -> dict:
         raise UsageError(f"--test-fraction {config.test_fraction}: must be in (0, 1)")
     source = plan_source(args.src)  # a missing or unusable source fails here, before Ray starts
     if config.test_fraction:
-        if source.kind != "folder":
-            raise UsageError(f"--test-fraction: splits image folders; {args.src} is a {source.kind} source"
-                             + (" with fixed train/test splits" if source.kind == "sample" else ""))
-        held_out_images(source, config.test_fraction)  # refuses an empty split
+        if source.kind == "sample":
+            raise UsageError(f"--test-fraction: {args.src} is a sample source with fixed train/test splits")
+        if source.kind == "folder":
+            held_out_images(source, config.test_fraction)  # refuses an empty split
+        else:
+            held_out_ids(args.src, config.test_fraction)  # ids to split by, and no empty split
     if not config.overwrite:
         check_output_folder(args.out, overwrite=False)  # an output holding shards, too
     start_ray(args.num_cpus)

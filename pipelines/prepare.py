@@ -19,10 +19,12 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
+from pipelines.console import Progress
 from pipelines.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
 from pipelines.quality import check_bad_fraction, new_quality_log
 from pipelines.samples import CLASS_NAMES, sample_tables
-from pipelines.shards import SHARD_SCHEMA, DataError, check_output_folder, find_shards, resolve_location, write_classes
+from pipelines.shards import (SHARD_SCHEMA, DataError, check_output_folder, find_shards, read_classes, resolve_location,
+                              write_classes)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MB = 1 << 20
@@ -36,8 +38,9 @@ class PrepareConfig:
     max_pixels: images with more pixels are skipped as decompression bombs.
     max_bad_fraction: fail when more than this fraction of the source is bad.
     overwrite: replace shards already in the output folder.
-    test_fraction: for an image folder, hold out this fraction of every class (of the whole
-        folder when it has no class subfolders) as `out/test`, the rest `out/train`; 0 = one split.
+    test_fraction: for an image folder, or shards with an `id` column, hold out this fraction of
+        every class (of the whole set when it has no classes) as `out/test`, the rest `out/train`;
+        0 = one split.
     """
 
     shard_mb: float = 256.0
@@ -155,6 +158,33 @@ def held_out_images(source: Source, test_fraction: float) -> set[str]:
     return {path for path, record in relative.items() if record in held_ids}
 
 
+def held_out_ids(src: str, test_fraction: float) -> set[str]:
+    """The record ids of a Parquet source with an `id` column that `test_fraction` holds out (see
+    `split_by_record_id`; classes from `label` when there is one). Reads only the id and label
+    columns. Raises DataError when there are no ids or a split would be empty."""
+    import pyarrow.parquet as pq
+
+    shards = find_shards(src)
+    if not shards.has_id:
+        raise DataError(f"--test-fraction: {src} has no `id` column to split by; write shards first "
+                        f"(`selfsup prepare {src} --out ALL`), then split them (`selfsup prepare ALL --out SPLIT "
+                        f"--test-fraction {test_fraction}`)")
+    columns = ["id"] + (["label"] if shards.has_label else [])
+    tables = [pq.read_table(f, columns=columns, filesystem=shards.filesystem) for f in shards.files]
+    ids = [str(i) for t in tables for i in t.column("id").to_pylist()]
+    labels = [str(v) for t in tables for v in t.column("label").to_pylist()] if shards.has_label else [""] * len(ids)
+    held = split_by_record_id(ids, labels, test_fraction)
+    if not held or len(held) == len(set(ids)):
+        raise DataError(f"--test-fraction {test_fraction}: would leave the {'test' if not held else 'train'} "
+                        f"split of the {len(ids)} images empty")
+    return held
+
+
+def _in_split(batch: pa.Table, held: pa.Array, test: bool) -> pa.Table:
+    inside = pc.is_in(batch.column("id"), value_set=held)
+    return batch.filter(inside if test else pc.invert(inside))
+
+
 def _write(dataset: ray.data.Dataset, out: str, mean_bytes: float, config: PrepareConfig) -> None:
     dataset.write_parquet(
         out,
@@ -197,6 +227,37 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
     quality_log = new_quality_log()
     validate = dict(fn_kwargs=dict(quality_log=quality_log, max_pixels=config.max_pixels), batch_format="pyarrow")
     summary: dict = {"source": src, "kind": kind, "out": out}
+    seen = lambda: ray.get(quality_log.summary.remote())["seen"]  # noqa: E731
+    with Progress("prepare: checked", _image_count(src, source)).watching(seen):
+        outputs, ignored = _write_splits(src, out, source, config, summary, validate)
+
+    quality = ray.get(quality_log.summary.remote())
+    written = {split: find_shards(path) for split, path in outputs.items()}
+    summary.update(
+        images_written=sum(s.num_rows for s in written.values()),
+        shards=sum(len(s.files) for s in written.values()),
+        splits={split: {"path": outputs[split], "images": s.num_rows, "shards": len(s.files)} for split, s in written.items()},
+        bad_skipped=quality["bad"],
+        bad_by_reason=quality["bad_by_reason"],
+        bad_examples=quality["bad_examples"],
+        ignored_non_image_files=ignored,
+    )
+    check_bad_fraction(quality, config.max_bad_fraction, f"prepare {src}")
+    return summary
+
+
+def _image_count(src: str, source: Source) -> int:
+    if source.kind == "sample":
+        return sum(t.num_rows for t in sample_tables(src.split(":", 1)[1]).values())
+    if source.kind == "folder":
+        return len(source.images)
+    return find_shards(src).num_rows
+
+
+def _write_splits(src: str, out: str, source: Source, config: PrepareConfig, summary: dict,
+                  validate: dict) -> tuple[dict[str, str], int]:
+    """Write the shards of every split: ({split: folder}, non-image files ignored)."""
+    kind = source.kind
     ignored = 0
     if kind == "sample":
         name = src.split(":", 1)[1]
@@ -244,19 +305,17 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
         keep = ["image", "id" if shards.has_id else "path"] + (["label"] if shards.has_label else [])
         dataset = dataset.select_columns(keep).map_batches(_with_hf_columns, batch_format="pyarrow")
         dataset = dataset.map_batches(_to_shard_rows, **validate)
-        _write(dataset, out, mean_bytes, config)
         outputs = {"all": out}
-
-    quality = ray.get(quality_log.summary.remote())
-    written = {split: find_shards(path) for split, path in outputs.items()}
-    summary.update(
-        images_written=sum(s.num_rows for s in written.values()),
-        shards=sum(len(s.files) for s in written.values()),
-        splits={split: {"path": outputs[split], "images": s.num_rows, "shards": len(s.files)} for split, s in written.items()},
-        bad_skipped=quality["bad"],
-        bad_by_reason=quality["bad_by_reason"],
-        bad_examples=quality["bad_examples"],
-        ignored_non_image_files=ignored,
-    )
-    check_bad_fraction(quality, config.max_bad_fraction, f"prepare {src}")
-    return summary
+        if config.test_fraction:  # one pass per split, each keeping its ids
+            held = pa.array(sorted(held_out_ids(src, config.test_fraction)), pa.string())
+            outputs = {"train": f"{out}/train", "test": f"{out}/test"}
+            classes = read_classes(src) if not src.endswith(".parquet") else None
+            for split, folder in outputs.items():
+                part = dataset.map_batches(_in_split, fn_kwargs=dict(held=held, test=split == "test"),
+                                           batch_format="pyarrow")
+                _write(part, folder, mean_bytes, config)
+                if classes:
+                    write_classes(folder, classes)
+        else:
+            _write(dataset, out, mean_bytes, config)
+    return outputs, ignored

@@ -18,6 +18,7 @@ Images are written as PNG bytes, ids are `<name>/<index in the source>`.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -123,6 +124,7 @@ def split_indices(labels: np.ndarray, train_fraction: float) -> dict[str, np.nda
 ROW_ORDER_SEED = 0
 
 
+@functools.lru_cache(maxsize=2)  # built once per process (prepare counts, then writes them)
 def sample_tables(name: str) -> dict[str, pa.Table]:
     """The sample as one shard-schema table per split, rows in a seeded random order: the sources
     are sorted by class, and a stream that reads them through a bounded shuffle buffer would

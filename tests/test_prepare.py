@@ -148,14 +148,39 @@ def test_own_folder_gets_train_and_test_splits(ray_session, tmp_path):
     assert set(read_all(again["splits"]["test"]["path"])[0].column("id").to_pylist()) == test
 
 
+def test_shards_with_ids_get_train_and_test_splits(ray_session, tmp_path):
+    """Shards (here written by prepare) split by record id: exact per label, the same as the
+    rank rule picks, and shards without ids refused with the two-step recipe."""
+    from pipelines.prepare import held_out_ids
+
+    root = tmp_path / "src"
+    for index in range(30):
+        cls = ["cats", "dogs", "owls"][index % 3]
+        os.makedirs(root / cls, exist_ok=True)
+        (root / cls / f"{index}.png").write_bytes(encode(rgb_image(index)))
+    prepare(str(root), str(tmp_path / "all"), PrepareConfig())
+    summary = prepare(str(tmp_path / "all"), str(tmp_path / "split"), PrepareConfig(test_fraction=0.2))
+    assert summary["splits"]["train"]["images"] == 24 and summary["splits"]["test"]["images"] == 6
+    test_table = read_all(str(tmp_path / "split" / "test"))[0]
+    assert sorted(test_table.column("label").to_pylist()) == [0, 0, 1, 1, 2, 2]
+    assert set(test_table.column("id").to_pylist()) == held_out_ids(str(tmp_path / "all"), 0.2)
+    assert read_classes(str(tmp_path / "split" / "train")) == ["cats", "dogs", "owls"]
+    no_ids = tmp_path / "no_ids.parquet"
+    pq.write_table(pa.table({"image": [encode(rgb_image(0))] * 4}), no_ids)
+    with pytest.raises(DataError, match="has no `id` column to split by; write shards first"):
+        held_out_ids(str(no_ids), 0.2)
+
+
 def test_test_fraction_refusals_come_before_ray(tmp_path, capsys, monkeypatch):
     from pipelines import cli
 
     monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
     (tmp_path / "few" / "a").mkdir(parents=True)
     (tmp_path / "few" / "a" / "x.png").write_bytes(encode(rgb_image(0)))
+    pq.write_table(pa.table({"image": [encode(rgb_image(0))] * 4}), tmp_path / "no_ids.parquet")
     for args, message in [
         (["sample:digits", "--test-fraction", "0.2"], "is a sample source with fixed train/test splits"),
+        ([str(tmp_path / "no_ids.parquet"), "--test-fraction", "0.2"], "has no `id` column to split by"),
         ([str(tmp_path / "few"), "--test-fraction", "1.5"], "--test-fraction 1.5: must be in (0, 1)"),
         ([str(tmp_path / "few"), "--test-fraction", "0.2"], "would leave the test split of the 1 images empty"),
     ]:
