@@ -32,13 +32,17 @@ log = logging.getLogger("selfsup")
 
 
 class _Format(logging.Formatter):
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+
     def format(self, record: logging.LogRecord) -> str:
         level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
-        return f"[selfsup] {level}{record.getMessage()}"
+        return f"[selfsup] {self.prefix}{level}{record.getMessage()}"
 
 
-def _use(handler: logging.Handler) -> None:
-    handler.setFormatter(_Format())
+def _use(handler: logging.Handler, prefix: str = "") -> None:
+    handler.setFormatter(_Format(prefix))
     for old in list(log.handlers):
         log.removeHandler(old)
     log.addHandler(handler)
@@ -80,10 +84,11 @@ class _RelayHandler(logging.Handler):
             print(self.format(record), file=sys.stderr, flush=True)
 
 
-def to_relay(queue) -> None:
+def to_relay(queue, prefix: str = "") -> None:
     """In a Ray worker: the `selfsup` logger's lines go to the driver's relay (`queue`), or to the
-    worker's stderr when there is none (a caller that made no relay)."""
-    _use(_RelayHandler(queue) if queue is not None else _Stderr())
+    worker's stderr when there is none (a caller that made no relay); `prefix` names the source
+    (e.g. a search's trial)."""
+    _use(_RelayHandler(queue) if queue is not None else _Stderr(), prefix)
 
 
 class Relay:

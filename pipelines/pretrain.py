@@ -35,11 +35,12 @@ def storage_path(storage: str | None) -> str:
 
 def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int | None = None,
                  gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
-                 callbacks: list | None = None, console=None) -> TorchTrainer:
+                 callbacks: list | None = None, console=None, console_prefix: str = "") -> TorchTrainer:
     """The TorchTrainer for one pretraining run; Ray must be initialised. `workers` (default
     `train.workers`) is a count or an elastic (min, max). Every report goes to the run folder's
     `metrics.jsonl` and TensorBoard (and MLflow when configured). `console`: the queue of a
-    `pipelines.console.Relay` that carries the workers' lines to this process's stderr."""
+    `pipelines.console.Relay` that carries the workers' lines to the driver's stderr, each line
+    after `console_prefix`."""
     schedule = plan(config, find_shards(data).num_rows)
     low, high = parse_workers(config.train.workers if workers is None else workers, "workers")
     batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule["lr_scaling"])  # fits max
@@ -66,7 +67,7 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         train_loop_per_worker,
         torch_config=torch_config(),
         train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
-                           "has_val": bool(val), "console": console,
+                           "has_val": bool(val), "console": console, "console_prefix": console_prefix,
                            "init_weights": ray.put(init[0]) if init else None},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=config.train.placement_strategy,

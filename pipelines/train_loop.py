@@ -145,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     schedule, quality_log, has_val = loop_config["schedule"], loop_config["quality_log"], loop_config["has_val"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    to_relay(loop_config.get("console"))  # selfsup's lines reach the driver's console
+    to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
     device = ray.train.torch.get_device()
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
     # Derived again at every (re)start: an elastic group may come back with another world size.

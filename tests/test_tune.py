@@ -100,7 +100,7 @@ def killed_search(digits, tmp_path_factory):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     last = rerun.stdout.strip().splitlines()[-1]
     assert last.startswith("{"), rerun.stdout[-3000:]  # the JSON line comes last
-    return json.loads(last), storage, runs_at_kill
+    return json.loads(last), storage, runs_at_kill, rerun.stderr
 
 
 def rows(result):
@@ -109,24 +109,26 @@ def rows(result):
 
 
 def test_three_trial_search_writes_table_best_yaml_and_picture(killed_search):
-    result, _, _ = killed_search
+    result, _, _, console = killed_search
     table = rows(result)
     assert len(table) == 3 and result["trials"] == 3
     assert {row["lr"] for row in table} == {"0.6", "0.3", "1e-09"}
     assert all(float(row["peak_lr"]) == pytest.approx(float(row["lr"]) * 8) for row in table)  # sqrt(64)
     assert "sqrt" in open(result["trials.md"]).read()
     assert os.path.getsize(result["search.png"]) > 5000
+    # The trials' own lines reach the search's console, each naming its trial.
+    assert any(line.startswith("[selfsup] trial ") and " epoch " in line for line in console.splitlines()), console[-3000:]
 
 
 def test_asha_stops_the_bad_trial_before_its_last_epoch(killed_search):
-    result, _, _ = killed_search
+    result, _, _, _ = killed_search
     bad = next(row for row in rows(result) if row["lr"] == "1e-09")
     assert bad["status"] == "stopped early" and int(bad["epochs_run"]) < 2
     assert result["best"]["lr"] != 1e-9 and result["best"]["status"] == "finished"
 
 
 def test_best_yaml_reproduces_its_trials_config(killed_search):
-    result, storage, _ = killed_search
+    result, storage, _, _ = killed_search
     from_yaml = build_config("simclr", file=result["best.yaml"]).to_dict()
     snapshots = glob.glob(str(storage / "search" / "train" / result["best"]["trial_id"] / "checkpoint_*" / "config.yaml"))
     assert snapshots, "the best trial's checkpoints hold the config it ran"
@@ -135,7 +137,7 @@ def test_best_yaml_reproduces_its_trials_config(killed_search):
 
 
 def test_killed_search_resumed_where_it_stopped(killed_search):
-    result, storage, runs_at_kill = killed_search
+    result, storage, runs_at_kill, _ = killed_search
     assert result["by_status"]["error"] == 0
     runs = sorted(os.listdir(storage / "search" / "train"))
     assert runs[:2] == runs_at_kill and len(runs) == 3  # no trial started over under a new id

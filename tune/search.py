@@ -88,8 +88,9 @@ def concurrency(settings: SearchSettings, cpus_per_worker: float) -> int:
 
 
 def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, gpus_per_worker: float,
-           train_storage: str) -> None:
-    """One trial: a full pretraining run whose reports reach Tune."""
+           train_storage: str, console=None) -> None:
+    """One trial: a full pretraining run whose reports reach Tune (and whose lines reach the
+    search's console through `console`, a `pipelines.console.Relay` queue)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -99,7 +100,8 @@ def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, g
     config = with_sets(base, values)
     trainer = make_trainer(config, data, val=val, workers=workers, gpus_per_worker=gpus_per_worker,
                            storage=train_storage, name=tune.get_context().get_trial_id(),
-                           callbacks=[TuneReportCallback()])
+                           callbacks=[TuneReportCallback()], console=console,
+                           console_prefix=f"trial {tune.get_context().get_trial_id()}: ")
     result = trainer.fit()
     stopped = result.return_value or {}
     if stopped.get("stopped") == "non_finite_loss":
@@ -126,10 +128,13 @@ def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimensio
     search_dir = os.path.join(storage, name)
     # Reports inside an epoch (train.checkpoint_every_steps) carry no kNN; ASHA skips them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    from pipelines.console import Relay
+
+    relay = Relay()
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, data=data, val=val, workers=settings.workers_per_trial,
                              gpus_per_worker=settings.gpus_per_worker,
-                             train_storage=os.path.join(search_dir, "train")),
+                             train_storage=os.path.join(search_dir, "train"), console=relay.queue),
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs: it must hold none,
         # or on a small machine Ray Data's first task (a whole CPU) never starts. Tune refuses an
         # empty request, so it asks for a little memory instead.
@@ -154,7 +159,8 @@ def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimensio
             run_config=tune.RunConfig(name=name, storage_path=storage, stop=CollapseStopper(),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    grid = tuner.fit()
+    with relay:  # the trials' epoch and progress lines, on this console
+        grid = tuner.fit()
     rows = trial_rows(grid, dimensions, settings, base)
     # Results go beside the search; for a search on s3:// or gs://, into ./tune-results/NAME.
     folder = search_dir if "://" not in storage else os.path.abspath(os.path.join("tune-results", name))
