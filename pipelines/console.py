@@ -50,16 +50,34 @@ def _use(handler: logging.Handler, prefix: str = "") -> None:
     log.propagate = False
 
 
-class _Stderr(logging.StreamHandler):
+# Progress lines are transient. On a terminal each one replaces the last, in place, so the
+# console keeps only the lasting lines (epochs, warnings, results). Elsewhere (a log file, a pipe,
+# CI) a progress line is written only when nothing was for SILENCE_S, so a long step still shows
+# life without burying the lasting lines.
+SILENCE_S = 1.7 * PROGRESS_EVERY_S  # with a line due every 15 s, no silence much over 30 s
+_console = {"last": 0.0, "pending": False}
+
+
+def write(line: str, transient: bool = False) -> None:
+    """One console line on stderr (see SILENCE_S for transient ones)."""
+    stream, now = sys.stderr, time.monotonic()
+    if transient and stream.isatty():
+        stream.write("\r\033[K" + line)
+        _console["pending"] = True
+    elif transient and now - _console["last"] < SILENCE_S:
+        return
+    else:
+        stream.write(("\r\033[K" if _console["pending"] else "") + line + "\n")
+        _console["pending"] = False
+    stream.flush()
+    _console["last"] = now
+
+
+class _Stderr(logging.Handler):
     """Writes to whatever `sys.stderr` is at the time (a test may have swapped it)."""
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        write(self.format(record), getattr(record, "transient", False))
 
 
 def to_stderr() -> None:
@@ -79,7 +97,7 @@ class _RelayHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.queue.put(self.format(record), timeout=10)
+            self.queue.put((self.format(record), getattr(record, "transient", False)), timeout=10)
         except Exception:  # the driver is gone or slow: the line must not stop training
             print(self.format(record), file=sys.stderr, flush=True)
 
@@ -108,12 +126,12 @@ class Relay:
 
         while not self._stop.is_set():
             try:
-                line = self.queue.get(timeout=0.5)
+                line, transient = self.queue.get(timeout=0.5)
             except Empty:
                 continue
             except Exception:  # Ray is shutting down
                 return
-            print(line, file=sys.stderr, flush=True)
+            write(line, transient)
 
     def __enter__(self) -> "Relay":
         self._thread.start()
@@ -123,8 +141,8 @@ class Relay:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            for line in self.queue.get_nowait_batch(self.queue.qsize()):
-                print(line, file=sys.stderr, flush=True)
+            for line, transient in self.queue.get_nowait_batch(self.queue.qsize()):
+                write(line, transient)
             self.queue.shutdown()
         except Exception:
             pass
@@ -170,7 +188,9 @@ class Progress:
         rate = rate if rate is not None else done / max(now - self.started, 1e-9)
         left = (self.total - done) / rate if rate > 0 and self.total else float("nan")
         eta = f" · ETA {format_seconds(left)}" if left == left else ""
-        log.info(f"{self.what} {done:,}/{self.total:,} {self.unit} · {rate:,.0f} {self.unit}/s{extra}{eta}")
+        speed = f"{rate:,.0f} {self.unit}/s" if rate >= 1 else f"{rate * 60:,.1f} {self.unit}/min"
+        log.info(f"{self.what} {done:,}/{self.total:,} {self.unit} · {speed}{extra}{eta}",
+                 extra={"transient": True})
 
 
 def format_seconds(seconds: float) -> str:
@@ -196,5 +216,6 @@ class StepProgress:
         per_step = (now - self.started) / max(step - self.start_step, 1)
         log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · "
                  f"{self.images / max(self.time, 1e-9):,.0f} img/s · data wait {self.wait / max(self.time, 1e-9):.0%} · "
-                 f"ETA {format_seconds(per_step * (self.total_steps - step))}")
+                 f"ETA {format_seconds(per_step * (self.total_steps - step))}",
+                 extra={"transient": True})
         self.last, self.images, self.time, self.wait = now, 0.0, 0.0, 0.0

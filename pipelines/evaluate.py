@@ -166,16 +166,20 @@ def extract(location: str, method_factory, state_dicts: dict, canvas_size: int, 
         compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if use_gpu else 0,
     )
-    progress, parts = Progress(f"features of {location}:", find_shards(location).num_rows), []
-    for part in features.iter_batches(batch_size=None, batch_format="numpy"):
-        parts.append(part)
-        progress.tick(sum(len(p["label"]) for p in parts))
+    parts, rows = [], [0]
+    with Progress(f"features of {location}:", find_shards(location).num_rows).watching(lambda: rows[0]):
+        for part in features.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(part)
+            rows[0] += len(part["label"])
     return {key: torch.from_numpy(np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
 
-def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn", baselines: bool = True) -> dict:
+def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn", baselines: bool = True,
+                        also: tuple[str, ...] = ()) -> dict:
     """kNN or linear top-1 of a checkpoint's encoder; with `baselines`, the same for the
-    random-init encoder of the same architecture (the floor) and for raw pixels."""
+    random-init encoder of the same architecture (the floor) and for raw pixels. Each protocol
+    in `also` is scored on the same features too, under its own key (`{"linear": {...}}`)."""
+    from pipelines.console import Progress
     from pipelines.train_loop import build_method
 
     method, config = load_checkpoint(path)
@@ -187,12 +191,20 @@ def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn",
     if baselines:
         encoders["raw_pixels_top1"] = "pixels"
 
-    def score(name):
-        key = "pixels" if name == "raw_pixels_top1" else name
-        args = (sets[0][key], sets[0]["label"], sets[1][key], sets[1]["label"])
-        if protocol == "knn":
-            return knn_top1(*args, config.train.knn_k, config.train.knn_temperature)
-        return linear_probe_top1(*args)
+    done = [0]
 
-    return {"protocol": protocol, "checkpoint": path, "method": config.method,
-            **{name: score(name) for name in encoders}}
+    def scores(protocol):
+        def score(name):
+            key = "pixels" if name == "raw_pixels_top1" else name
+            args = (sets[0][key], sets[0]["label"], sets[1][key], sets[1]["label"])
+            value = (knn_top1(*args, config.train.knn_k, config.train.knn_temperature) if protocol == "knn"
+                     else linear_probe_top1(*args))
+            done[0] += 1
+            return value
+
+        return {name: score(name) for name in encoders}
+
+    # A linear probe of raw pixels takes tens of seconds on a CPU: say so while it runs.
+    with Progress("eval: scored", len(encoders) * (1 + len(also)), unit="probes").watching(lambda: done[0]):
+        return {"protocol": protocol, "checkpoint": path, "method": config.method, **scores(protocol),
+                **{other: scores(other) for other in also}}

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
-from pipelines.console import Progress, StepProgress, to_stderr
+from pipelines import console
+from pipelines.console import Progress, StepProgress, log, to_stderr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_step_progress_says_where_training_is_and_when_it_ends(capsys):
+def test_step_progress_says_where_training_is_and_when_it_ends(capsys, monkeypatch):
+    monkeypatch.setattr(console, "SILENCE_S", 0)  # not a terminal: progress only after silence
     to_stderr()
     ticker = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=0)
     ticker.step(images=64, waited=0.25, elapsed=1.0, step=4, epoch=0)
@@ -23,7 +25,8 @@ def test_step_progress_says_where_training_is_and_when_it_ends(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_progress_of_one_blocking_call_is_printed_by_a_watcher(capsys):
+def test_progress_of_one_blocking_call_is_printed_by_a_watcher(capsys, monkeypatch):
+    monkeypatch.setattr(console, "SILENCE_S", 0)
     to_stderr()
     counts = iter(range(100, 10_000, 100))
     with Progress("embed:", 5000, every_s=0.05).watching(lambda: next(counts)):
@@ -32,6 +35,38 @@ def test_progress_of_one_blocking_call_is_printed_by_a_watcher(capsys):
         time.sleep(0.3)
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and all(line.startswith("[selfsup] embed: ") and "/5,000 images" in line for line in lines)
+
+
+class Terminal:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_lines_replace_each_other_on_a_terminal_and_are_sparse_elsewhere(monkeypatch, capsys):
+    to_stderr()
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    log.info("epoch 1/2 · step 1/4", extra={"transient": True})
+    log.info("epoch 1/2 · step 2/4", extra={"transient": True})
+    log.info("epoch 1/2 step 4/4 loss 1.0")
+    clear = "\r\033[K"  # back to the line's start, erase it
+    assert terminal.text == (f"{clear}[selfsup] epoch 1/2 · step 1/4{clear}[selfsup] epoch 1/2 · step 2/4"
+                             f"{clear}[selfsup] epoch 1/2 step 4/4 loss 1.0\n")
+    monkeypatch.undo()
+    monkeypatch.setattr(console, "SILENCE_S", 3600)  # a pipe: a progress line only after an hour's silence
+    to_stderr()
+    log.info("lasting")
+    log.info("progress", extra={"transient": True})
+    assert capsys.readouterr().err == "[selfsup] lasting\n"
 
 
 def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_line(digits, tmp_path):

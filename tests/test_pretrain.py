@@ -83,17 +83,19 @@ def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, cap
     import json
 
     from pipelines.cli import main
-    from pipelines.evaluate import load_checkpoint
+    from pipelines.evaluate import evaluate_checkpoint, load_checkpoint
 
     out, _ = digits
     checkpoint = one_epoch_run[1]["checkpoint"]
     method, config = load_checkpoint(checkpoint)  # weights_only load
     assert config.optim.epochs == 1 and config.method == "simclr"
-    for protocol in ("knn", "linear"):
-        assert main(["eval", protocol, "--checkpoint", checkpoint, "--train", f"{out}/train",
-                     "--test", f"{out}/test"]) == 0
-        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert result["protocol"] == protocol
+    assert main(["eval", "knn", "--checkpoint", checkpoint, "--train", f"{out}/train", "--test", f"{out}/test"]) == 0
+    knn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The demo's form: both protocols on one extraction of the features; its kNN is the CLI's.
+    linear = evaluate_checkpoint(checkpoint, f"{out}/train", f"{out}/test", "linear", also=("knn",))
+    assert knn["protocol"] == "knn" and linear["protocol"] == "linear"
+    assert linear.pop("knn") == {key: knn[key] for key in ("top1", "random_init_top1", "raw_pixels_top1")}
+    for result in (knn, linear):
         for key in ("top1", "random_init_top1", "raw_pixels_top1"):
             assert 0.1 < result[key] <= 1.0, (key, result)  # 10 classes: well above chance
     assert main(["eval", "knn", "--checkpoint", str(out), "--train", f"{out}/train", "--test", f"{out}/test"]) == 2
