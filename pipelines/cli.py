@@ -171,9 +171,10 @@ def cmd_pretrain(args) -> dict:
     if args.workers is not None:
         args.set = [*args.set, f"train.workers={args.workers}"]
     config = _config(args)
+    init = None
     if args.init_from:
         config.train.init_from = args.init_from
-        initial_weights(config)  # weights that do not fit the backbone are refused before Ray
+        init = initial_weights(config)  # weights that do not fit the backbone are refused before Ray
     _, most = parse_workers(config.train.workers, "train.workers")
     try:
         batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
@@ -188,7 +189,7 @@ def cmd_pretrain(args) -> dict:
         find_shards(args.val)
     start_ray(args.num_cpus)
     return pretrain(config, args.data, val=args.val, gpus_per_worker=args.gpus_per_worker,
-                    storage=args.storage, name=args.name)
+                    storage=args.storage, name=args.name, init=init)
 
 
 def cmd_tune(args) -> dict:

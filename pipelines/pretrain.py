@@ -35,16 +35,17 @@ def storage_path(storage: str | None) -> str:
 
 def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int | None = None,
                  gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
-                 callbacks: list | None = None, console=None, console_prefix: str = "") -> TorchTrainer:
+                 callbacks: list | None = None, console=None, console_prefix: str = "",
+                 init: tuple | None = None) -> TorchTrainer:
     """The TorchTrainer for one pretraining run; Ray must be initialised. `workers` (default
     `train.workers`) is a count or an elastic (min, max). Every report goes to the run folder's
     `metrics.jsonl` and TensorBoard (and MLflow when configured). `console`: the queue of a
     `pipelines.console.Relay` that carries the workers' lines to the driver's stderr, each line
-    after `console_prefix`."""
+    after `console_prefix`. `init`: `initial_weights(config)` when the caller already checked them."""
     schedule = plan(config, find_shards(data).num_rows)
     low, high = parse_workers(config.train.workers if workers is None else workers, "workers")
     batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule["lr_scaling"])  # fits max
-    init = initial_weights(config)  # before anything starts: weights that do not fit are refused
+    init = init or initial_weights(config)  # before anything starts: weights that do not fit are refused
     if init:
         log.info(f"init: {len(init[0])} tensors from {config.train.init_from}"
                  + (f" (classifier left out: {', '.join(init[1])})" if init[1] else ""))
