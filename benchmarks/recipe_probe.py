@@ -23,6 +23,7 @@ from pipelines.cli import parse_sets
 from pipelines.config import build_config
 from pipelines.decode import decode_canvas
 from pipelines.evaluate import embedding_spread, knn_top1, linear_probe_top1
+from pipelines.label_free import probe_metrics
 from pipelines.samples import sample_tables
 from pipelines.train_loop import build_method, lr_at, plan
 
@@ -58,17 +59,22 @@ def recalibrate_batch_norm(method, canvases: torch.Tensor) -> None:
 
 
 def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int = 0, linear: bool = True,
-          rows_per_epoch: int = 1, on_row: Callable[[dict], None] | None = None, recalibrate_bn: bool = False) -> dict:
+          rows_per_epoch: int = 1, on_row: Callable[[dict], None] | None = None, recalibrate_bn: bool = False,
+          probe_size: int = 2048) -> dict:
     """Train `method_name`'s `tiny` preset with `sets` applied on `sample` in memory.
 
     Returns `{"history": [rows: means over 1/rows_per_epoch of an epoch of the loss, every scalar
     statistic the method reports and embedding_std, with the method's `diagnose` flags; kNN at
-    the end of every `knn_every`-th epoch], "knn", "linear", "train_seconds"}`; `on_row` sees
-    each history row as it is made.
+    the end of every `knn_every`-th epoch], "knn", "linear", "train_seconds", "label_free",
+    "label_free_random_init"}`: the label-free metrics (pipelines/label_free.py) of the trained
+    and the untrained encoder on the first `probe_size` training images (0 = none); `on_row`
+    sees each history row as it is made.
     """
     config = build_config(method_name, "tiny", sets=sets)
     (train, train_labels), (test, test_labels) = (load(sample, config.data.canvas_size)[s] for s in ("train", "test"))
     method = build_method(config)
+    probe_batches = [{"image": train[i:i + 512]} for i in range(0, min(len(train), probe_size), 512)]
+    random_init = probe_metrics(method, probe_batches, "cpu") if probe_size else {}
     schedule = plan(config, len(train))
     optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule["peak_lr"], config.optim)
     batch, step, started, history = config.optim.batch_size, 0, time.perf_counter(), []
@@ -110,6 +116,9 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
     result = {"history": history, "train_seconds": round(seconds),
               "knn": round(knn_top1(bank, train_labels, queries, test_labels), 3),
               "linear": round(linear_probe_top1(bank, train_labels, queries, test_labels), 3) if linear else None}
+    if probe_size:
+        result["label_free"] = {k: round(v, 4) for k, v in probe_metrics(method, probe_batches, "cpu").items()}
+        result["label_free_random_init"] = {k: round(v, 4) for k, v in random_init.items()}
     if recalibrate_bn:
         recalibrate_batch_norm(method, train)
         bank, queries = features(method, train), features(method, test)

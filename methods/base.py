@@ -63,6 +63,15 @@ class Method(nn.Module):
         """`canvases: (N, H, W, 3) uint8` on the device -> the recipe's views, on the device."""
         return self.view_maker(canvases)
 
+    def view_pair(self, canvases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of every image by the method's own recipe, for the alignment metric: the
+        recipe's first two views when they share a shape (SimCLR's pair, DINO's global crops),
+        else its first view drawn twice (MAE's one view). `(N, H, W, 3) uint8 -> 2 x (N, 3, s, s)`."""
+        views = self.views(canvases)
+        if len(views) > 1 and views[1].shape == views[0].shape:
+            return views[0], views[1]
+        return views[0], self.views(canvases)[0]
+
     def eval_images(self, canvases: torch.Tensor) -> torch.Tensor:
         """Deterministic input for evaluation: the whole canvas resized to the training view size
         and normalised like the views. `(N, H, W, 3) uint8 -> (N, 3, s, s) float`."""

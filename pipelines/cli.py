@@ -21,6 +21,8 @@ from pipelines.shards import DataError  # noqa: E402
 
 # Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
 # "execution finished") stay in the session's ray-data.log.
+PROBE_HELP = ("shards to draw the probe set from (the unlabeled images the label-free metrics are measured on; "
+              "default: the training shards; train.probe_size sets its size, 0 turns it off)")
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
@@ -170,6 +172,8 @@ def cmd_pretrain(args) -> dict:
 
     if args.workers is not None:
         args.set = [*args.set, f"train.workers={args.workers}"]
+    if args.probe:
+        args.set = [*args.set, f"train.probe={args.probe}"]
     config = _config(args)
     init = None
     if args.init_from:
@@ -187,6 +191,8 @@ def cmd_pretrain(args) -> dict:
                     f"{config.optim.epochs}: the learning rate never leaves warm-up")
     if args.val:
         find_shards(args.val)
+    if config.train.probe_size and config.train.probe:
+        find_shards(config.train.probe)
     start_ray(args.num_cpus)
     return pretrain(config, args.data, val=args.val, gpus_per_worker=args.gpus_per_worker,
                     storage=args.storage, name=args.name, init=init)
@@ -200,13 +206,15 @@ def cmd_tune(args) -> dict:
     from tune.search import SearchSettings, check_space, run_search
     from tune.space import parse_space
 
+    if args.probe:
+        args.set = [*args.set, f"train.probe={args.probe}"]
     config = _config(args)
     settings = SearchSettings(samples=args.samples, workers_per_trial=args.workers_per_trial,
                               gpus_per_worker=args.gpus_per_worker, scheduler=args.scheduler,
                               max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode,
                               grace_epochs=args.grace_epochs)
     try:
-        settings.validate(has_val=bool(args.val))
+        settings.validate(has_val=bool(args.val), has_probe=config.train.probe_size > 0)
         dimensions = parse_space(args.space, config.method)
         check_space(config.to_dict(), dimensions, settings)
     except ValueError as error:
@@ -214,6 +222,8 @@ def cmd_tune(args) -> dict:
     find_shards(args.data)
     if args.val:
         find_shards(args.val)
+    if config.train.probe_size and config.train.probe:
+        find_shards(config.train.probe)
     start_ray(args.num_cpus)
     name = args.name or f"tune-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return run_search(config.to_dict(), args.data, args.val, dimensions, settings, storage_path(args.storage), name)
@@ -437,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _method_args(pretrain)
     pretrain.add_argument("--data", required=True, help="training shards (folder or URI)")
     pretrain.add_argument("--val", help="labeled shards for online kNN")
+    pretrain.add_argument("--probe", help=PROBE_HELP)
     pretrain.add_argument("--workers", default=None, metavar="N|MIN:MAX",
                           help="training workers; MIN:MAX runs elastically (default: train.workers, 1)")
     pretrain.add_argument("--gpus-per-worker", type=float, default=0)
@@ -452,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _method_args(search)
     search.add_argument("--data", required=True, help="training shards (folder or URI)")
     search.add_argument("--val", help="labeled shards: the objective's online kNN")
+    search.add_argument("--probe", help=PROBE_HELP)
     search.add_argument("--space", action="append", default=[], metavar="NAME=DIST(ARGS)",
                         help="e.g. 'temperature=loguniform(0.05,1)', 'batch_size=choice(128,256,512)' "
                              "(default: the method's space)")
@@ -461,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
     search.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: what the CPUs allow, one CPU per trial left for decoding)")
-    search.add_argument("--metric", default="knn_top1", help="objective: any reported metric")
+    search.add_argument("--metric", default="", help="objective: any reported metric (default: knn_top1 with --val, "
+                                                      "else rankme, the label-free effective rank)")
     search.add_argument("--mode", default="max", choices=["max", "min"])
     search.add_argument("--grace-epochs", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     search.add_argument("--storage", help="folder or URI for the search (default ./runs)")

@@ -70,8 +70,12 @@ class TrainConfig:
     """Args:
     checkpoint_every_steps: also checkpoint every N steps inside an epoch (0 = epoch ends only).
     keep_checkpoints: how many checkpoints storage keeps (the latest ones).
-    knn_every_epochs: online kNN on the validation set every K epochs (and at the end).
+    knn_every_epochs: online evaluation (kNN on the validation set, label-free metrics on the
+        probe set) every K epochs (and at the end).
     knn_k, knn_temperature: weighted kNN settings (DINO's eval_knn: 20, 0.07).
+    probe_size: images in the probe set on which every online evaluation measures the label-free
+        metrics (RankMe, alignment, uniformity; pipelines/label_free.py); 0 = off.
+    probe: shards to draw the probe set from (`--probe`); "" = the training shards.
     precision: `auto` (bf16 autocast on GPU, fp32 on CPU), `bf16`, `fp16` or `fp32`.
     seed: seeds models, views and data order.
     max_failures: worker-group restarts from the last checkpoint before the run fails.
@@ -91,6 +95,8 @@ class TrainConfig:
     knn_every_epochs: int = 1
     knn_k: int = 20
     knn_temperature: float = 0.07
+    probe_size: int = 2048
+    probe: str = ""
     precision: str = "auto"
     seed: int = 0
     max_failures: int = 2
@@ -108,6 +114,7 @@ class TrainConfig:
             "knn_every_epochs": (self.knn_every_epochs >= 0, "an integer >= 0 (0 = only at the end)"),
             "knn_k": (self.knn_k >= 1, "an integer >= 1"),
             "knn_temperature": (self.knn_temperature > 0, "a number > 0"),
+            "probe_size": (isinstance(self.probe_size, int) and self.probe_size >= 0, "an integer >= 0 (0 = off)"),
             "precision": (self.precision in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
             "max_failures": (self.max_failures >= -1, "an integer >= -1 (-1 = unlimited)"),
             "cpus_per_worker": (0 < self.cpus_per_worker <= 256, "a number in (0, 256]"),
@@ -117,7 +124,8 @@ class TrainConfig:
         }
         check_rules("train", self, rules)
         check_rules("train", self, {"resize_interval_s": (self.resize_interval_s >= 0, "a number >= 0"),
-                                    "init_from": (isinstance(self.init_from, str), "a path (a string)")})
+                                    "init_from": (isinstance(self.init_from, str), "a path (a string)"),
+                                    "probe": (isinstance(self.probe, str), "a path (a string)")})
         parse_workers(self.workers, "train.workers")  # N or MIN:MAX
 
 

@@ -68,7 +68,7 @@ class IngestConfig:
         })
 
 
-def _decode(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool,
+def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool,
             with_ids: bool = False) -> dict[str, np.ndarray]:
     """map_batches UDF: encoded bytes -> canvases; bad rows are dropped and reported to the log."""
     images = batch.column("image").to_pylist()
@@ -115,7 +115,7 @@ def image_dataset(
     if with_labels and shards.has_label:
         columns.append("label")
     dataset = dataset.select_columns(columns).map_batches(
-        _decode,
+        decode_records,
         fn_kwargs=dict(
             size=config.canvas_size,
             max_pixels=config.max_pixels,

@@ -16,6 +16,7 @@ from pipelines.console import Relay, log
 from pipelines.elastic import batch_plan, parse_workers
 from pipelines.ingest import image_dataset
 from pipelines.init_from import initial_weights
+from pipelines.probe import probe_dataset, probe_table
 from pipelines.quality import new_quality_log
 from pipelines.shards import find_shards
 from pipelines.torch_loopback import torch_config
@@ -56,6 +57,9 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     if val:
         val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0)
         datasets["val"] = image_dataset(val, val_config, new_quality_log(), with_labels=True)[0]
+    if config.train.probe_size:
+        table = probe_table(config.train.probe or data, config.train.probe_size)
+        datasets["probe"] = probe_dataset(table, config.data.canvas_size, config.data.max_pixels, new_quality_log())
     name = name or default_run_name(config)
     storage = storage_path(storage)
     tracker = RunTracker(f"{storage.rstrip('/')}/{name}", tensorboard=config.tracking.tensorboard,
@@ -68,7 +72,8 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
         train_loop_per_worker,
         torch_config=torch_config(),
         train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
-                           "has_val": bool(val), "console": console, "console_prefix": console_prefix,
+                           "has_val": bool(val), "has_probe": "probe" in datasets,
+                           "console": console, "console_prefix": console_prefix,
                            "init_weights": ray.put(init[0]) if init else None},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=config.train.placement_strategy,
@@ -81,7 +86,7 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
             callbacks=[tracker, *(callbacks or [])],
         ),
         datasets=datasets,
-        # Every worker sees the whole validation set; only the training data is split.
+        # Every worker sees the whole validation and probe sets; only the training data is split.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -47,6 +48,12 @@ class ShardSet:
             return sum(pq.ParquetFile(f, filesystem=self.filesystem).metadata.num_rows for f in self.files)
         except (pa.ArrowInvalid, OSError) as error:
             raise DataError(f"{self.root}: a shard is not a readable Parquet file ({error})") from None
+
+
+def absolute_location(location: str) -> str:
+    """A local path made absolute (processes that Ray starts, such as Tune trials, run in other
+    folders); a URI as it is."""
+    return location if not location or "://" in location else os.path.abspath(location)
 
 
 def resolve_location(location: str) -> tuple[pafs.FileSystem, str]:

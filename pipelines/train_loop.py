@@ -27,6 +27,7 @@ from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
 from pipelines.elastic import batch_plan
 from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
+from pipelines.label_free import check_rank, probe_metrics
 from pipelines.ingest import iter_canvas_batches
 from pipelines.shards import DataError
 
@@ -130,19 +131,27 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype), precision == "fp16"
 
 
-def _online_knn(method, config: RunConfig, device) -> float:
-    val = ray.train.get_dataset_shard("val")
-    batches = val.iter_torch_batches(batch_size=512, device=device)
-    features, labels, keys = collect_features(batches, method, device)
-    bank, query = split_bank_queries(keys)
-    return knn_top1(features[bank], labels[bank], features[query], labels[query],
-                    config.train.knn_k, config.train.knn_temperature)
+def _online_evaluation(method, config: RunConfig, device, has_val: bool, has_probe: bool) -> dict[str, float]:
+    """Rank 0's evaluation at the end of an epoch: the kNN top-1 on the labeled validation set
+    and the label-free metrics on the probe set, whichever the run has."""
+    metrics = {}
+    if has_val:
+        val = ray.train.get_dataset_shard("val")
+        features, labels, keys = collect_features(val.iter_torch_batches(batch_size=512, device=device), method, device)
+        bank, query = split_bank_queries(keys)
+        metrics["knn_top1"] = knn_top1(features[bank], labels[bank], features[query], labels[query],
+                                       config.train.knn_k, config.train.knn_temperature)
+    if has_probe:
+        probe = ray.train.get_dataset_shard("probe")
+        metrics.update(probe_metrics(method, probe.iter_torch_batches(batch_size=256, device=device), device))
+    return metrics
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     """One worker's training; returns `{"stopped": reason, "message": ...}` when it stops early."""
     config = config_from_dict(loop_config["config"])
     schedule, quality_log, has_val = loop_config["schedule"], loop_config["quality_log"], loop_config["has_val"]
+    has_probe = loop_config.get("has_probe", False)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
@@ -187,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     train_shard = ray.train.get_dataset_shard("train")
     total = schedule["total_steps"]
     samples_per_epoch = schedule["steps_per_epoch"] * config.optim.batch_size
-    last_knn = None
+    online, warned = {}, set()  # the last online evaluation; warnings given once per run
     ticker = StepProgress(total, config.optim.epochs, progress["step"]) if rank == 0 else None
     while progress["epoch"] < config.optim.epochs:
         epoch = progress["epoch"]
@@ -246,20 +255,21 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             epoch_done = progress["samples_in_epoch"] + batches.global_batch > samples_per_epoch
             if every and progress["step"] % every == 0 and not epoch_done:
                 _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                        resumed_from, last_knn, batches)
+                        resumed_from, online, batches, warned)
                 window = ReportWindow()
         progress["epoch"] += 1
         progress["step_in_epoch"] = progress["samples_in_epoch"] = 0
         final = progress["epoch"] == config.optim.epochs
-        knn_due = has_val and (final or (config.train.knn_every_epochs and progress["epoch"] % config.train.knn_every_epochs == 0))
-        if knn_due and rank == 0:
-            last_knn = _online_knn(method, config, device)
+        due = final or (config.train.knn_every_epochs and progress["epoch"] % config.train.knn_every_epochs == 0)
+        if due and rank == 0 and (has_val or has_probe):
+            online = _online_evaluation(method, config, device, has_val, has_probe)
         metrics = _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                          resumed_from, last_knn if knn_due else None, batches)
+                          resumed_from, online if due else {}, batches, warned)
         if rank == 0:
             log.info(f"epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
                      f"loss {metrics['loss']:.4f} lr {lr:.4g} · {metrics['images_per_s']:,.0f} img/s"
-                     + (f" · knn_top1 {last_knn:.4f}" if knn_due else ""))
+                     + (f" · knn_top1 {online['knn_top1']:.4f}" if due and "knn_top1" in online else "")
+                     + (f" · rankme {online['rankme']:.1f}" if due and "rankme" in online else ""))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return None
@@ -308,7 +318,7 @@ class ReportWindow:
 
 
 def _report(window: ReportWindow, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-            resumed_from, knn, batches) -> dict:
+            resumed_from, online, batches, warned) -> dict:
     """Metrics for this window and a checkpoint (rank 0 writes it; every rank reaches report)."""
     statistics = window.means()
     metrics = {
@@ -327,8 +337,9 @@ def _report(window: ReportWindow, lr, hook_metrics, progress, config, method, op
     }
     if statistics:
         metrics.update(method.diagnose(metrics) if rank == 0 else {})
-    if knn is not None:
-        metrics["knn_top1"] = knn
+    metrics.update(online)
+    if rank == 0:  # dimensional collapse, for every method (DINO's diagnose also flags its own)
+        metrics.update(check_rank(metrics, warned))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:

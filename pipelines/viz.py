@@ -155,7 +155,7 @@ COLLAPSE_METRICS = ("embedding_std", "teacher_entropy", "teacher_batch_entropy",
 
 def curves_picture(history: list[dict], out: str, title: str = "") -> list[str]:
     """Training curves of a run's reports (`metrics.jsonl` rows) over steps: loss, learning rate,
-    online kNN and the collapse indicators, with a red mark where a report flagged collapse and a
+    online kNN, the label-free metrics on the probe set and the collapse indicators, with a red mark where a report flagged collapse and a
     dotted line where the run resumed. Writes a PNG to `out`; returns the panels drawn."""
     import matplotlib
 
@@ -167,6 +167,7 @@ def curves_picture(history: list[dict], out: str, title: str = "") -> list[str]:
         return [p[0] for p in points], [p[1] for p in points]
 
     panels = [("loss", ["loss"]), ("learning rate", ["lr"]), ("online kNN top-1", ["knn_top1"]),
+              ("label-free (probe set)", ["rankme_fraction", "alignment", "uniformity"]),
               ("collapse indicators", [k for k in COLLAPSE_METRICS if any(k in row for row in history)])]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
     resumes = sorted({row["resumed_from_step"] for row in history if row.get("resumed_from_step")})

@@ -5,7 +5,8 @@ import os
 
 from pipelines.config import build_config
 
-COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_size": 64, "train.knn_every_epochs": 1}
+COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_size": 64, "train.knn_every_epochs": 1,
+          "train.probe_size": 256}
 VIT = {"backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,
        "backbone.kwargs.num_heads": 2}
 TINY = {

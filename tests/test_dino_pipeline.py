@@ -29,6 +29,7 @@ def test_default_run_reports_collapse_metrics_and_does_not_collapse(default_run)
     assert metrics["collapsed"] == 0.0
     assert metrics["step"] == metrics["total_steps"] == 2 * (1438 // 64)
     assert 0 < metrics["knn_top1"] <= 1
+    assert 1 < metrics["rankme"] <= 32 and "alignment" in metrics and "uniformity" in metrics
 
 
 def test_centering_off_ablation_trips_the_collapse_flag(digits, tmp_path):

@@ -45,6 +45,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     schedule = plan(config, 1438)  # what an uninterrupted run plans
     assert metrics["lr"] == pytest.approx(lr_at(total - 1, schedule))  # same schedule position
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["embedding_std"] > 0 and 0 <= metrics["data_wait_frac"] <= 1
+    assert metrics["probe_images"] == 256 and 1 < metrics["rankme"] <= 64 and metrics["collapsed"] == 0
     # The restart repeated steps after the checkpoint; the run's history holds each step once.
     steps = [row["step"] for row in read_history(str(run))]
     assert steps == sorted(set(steps)) and steps[-1] == total
@@ -124,6 +125,13 @@ def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override,
     lines = captured.err.strip().splitlines()
     assert lines == [f"selfsup pretrain: error: {message}"] or (len(lines) == 1 and message in lines[0])
     assert captured.out == ""
+
+
+def test_mae_reports_carry_the_label_free_metrics(mae_run):
+    metrics = mae_run["metrics"]
+    assert metrics["probe_images"] == 256 and 1 < metrics["rankme"] <= 32  # the tiny ViT is 32 wide
+    assert metrics["rankme_fraction"] == pytest.approx(metrics["rankme"] / 32)
+    assert 0 <= metrics["alignment"] <= 4 and metrics["uniformity"] <= 0
 
 
 def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):

@@ -184,7 +184,9 @@ def test_curves_picture_from_a_finished_run(one_epoch_run, tmp_path, capsys):
     result = last_json(capsys)
     history = read_history(f"{storage}/again")
     assert result["reports"] == len(history) >= 1
-    assert result["panels"] == ["loss", "learning rate", "online kNN top-1", "collapse indicators"]
+    assert all(0 < row["rankme_fraction"] <= 1 for row in history)  # the label-free panel has its data
+    assert result["panels"] == ["loss", "learning rate", "online kNN top-1", "label-free (probe set)",
+                                "collapse indicators"]
     width, height = Image.open(picture).size
     assert width > 4 * height / 2 and height > 200
     assert main(["viz", "curves", "--run", str(tmp_path), "--out", str(picture)]) == 2

@@ -2,9 +2,10 @@
 
 Each trial builds a `TorchTrainer` (the same one `selfsup pretrain` runs) whose
 `TuneReportCallback` forwards every epoch's report to Tune, so ASHA can stop a trial after any
-epoch. Trials are ranked by a downstream metric (the online kNN top-1 on the labeled validation
-set by default): SSL losses are not comparable across temperatures or mask ratios. A trial that
-trips the collapse flag is stopped. Each trial's Train run lives at `<search>/train/<trial_id>`,
+epoch. Trials are ranked by a downstream metric: the online kNN top-1 when a labeled validation
+set is given, else RankMe, the label-free effective rank of the features on the probe set (SSL
+losses are not comparable across temperatures or mask ratios). A trial that trips the collapse
+flag (a method's own, or dimensional collapse) is stopped. Each trial's Train run lives at `<search>/train/<trial_id>`,
 so a search resumed after its driver died restarts an interrupted trial from its last checkpoint.
 """
 
@@ -18,9 +19,13 @@ import yaml
 from ray.tune.stopper import Stopper
 
 from pipelines.config import RunConfig, with_sets
+from pipelines.shards import absolute_location
 from tune.space import Dimension
 
 STATUSES = ("finished", "stopped early", "collapsed", "error")
+LABEL_FREE = ("rankme", "rankme_fraction", "alignment", "uniformity")
+# Shown beside the objective when the trials report them: label-free and labeled side by side.
+ONLINE_METRICS = ("knn_top1", "rankme", "uniformity", "alignment")
 
 
 @dataclass
@@ -31,7 +36,8 @@ class SearchSettings:
     scheduler: `asha` (stop weak trials after any epoch) or `fifo` (run every trial to the end).
     max_concurrent: trials at once; default: as many as fit while leaving each trial
         `data_cpus_per_trial` CPUs for Ray Data decoding.
-    metric, mode: the objective (`knn_top1`, max: needs `--val`; or any reported metric).
+    metric, mode: the objective: any reported metric; "" = `knn_top1` (max) when the search has
+        a labeled `--val`, else `rankme` (max), the label-free effective rank of the features.
     grace_epochs, reduction_factor: ASHA's first rung and halving rate.
     """
 
@@ -40,13 +46,16 @@ class SearchSettings:
     gpus_per_worker: float = 0
     scheduler: str = "asha"
     max_concurrent: int | None = None
-    metric: str = "knn_top1"
+    metric: str = ""
     mode: str = "max"
     grace_epochs: int = 1
     reduction_factor: float = 2
     data_cpus_per_trial: float = 1.0
 
-    def validate(self, has_val: bool) -> None:
+    def validate(self, has_val: bool, has_probe: bool = True) -> None:
+        """Checks the settings and resolves the default objective."""
+        if not self.metric:
+            self.metric = "knn_top1" if has_val else "rankme"
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise ValueError(f"--samples {self.samples}: must be an integer >= 1")
         if self.workers_per_trial < 1:
@@ -59,6 +68,8 @@ class SearchSettings:
             raise ValueError(f"--mode {self.mode}: must be max or min")
         if self.metric == "knn_top1" and not has_val:
             raise ValueError("--metric knn_top1 needs --val (a labeled validation set)")
+        if self.metric in LABEL_FREE and not has_probe:
+            raise ValueError(f"--metric {self.metric} needs the probe set: train.probe_size must be > 0")
         if self.grace_epochs < 1 or self.reduction_factor <= 1:
             raise ValueError("ASHA needs grace_epochs >= 1 and reduction_factor > 1")
 
@@ -109,7 +120,8 @@ def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, g
 
 
 class CollapseStopper(Stopper):
-    """Stops a trial whose report carries `collapsed: 1` (DINO's collapse flag)."""
+    """Stops a trial whose report carries `collapsed: 1` (DINO's collapse flag, or dimensional
+    collapse of any method's features: pipelines/label_free.py)."""
 
     def __call__(self, trial_id, result) -> bool:
         return bool(result.get("collapsed", 0))
@@ -124,7 +136,12 @@ def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimensio
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    # Trials run in their own folders: relative paths are resolved here, where the user gave them.
+    data, val = absolute_location(data), val and absolute_location(val)
+    base = {**base, "train": {**base.get("train", {}), **{key: absolute_location(base["train"][key])
+                                                        for key in ("probe", "init_from") if base.get("train", {}).get(key)}}}
     config = with_sets(base, {})
+    settings.validate(has_val=bool(val), has_probe=config.train.probe_size > 0)  # resolves the default objective
     search_dir = os.path.join(storage, name)
     # Reports inside an epoch (train.checkpoint_every_steps) carry no kNN; ASHA skips them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -198,7 +215,7 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
             "trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
             **{d.name: values[d.key] for d in dimensions},
             "peak_lr": scaled_lr(config.optim.base_lr, config.optim.batch_size, rule),
-            settings.metric: _last(frame, settings.metric),
+            **{m: _last(frame, m) for m in (settings.metric, *ONLINE_METRICS)},
             "epochs_run": epochs_run,
             "status": status,
             "error": str(result.error).strip().splitlines()[-1] if result.error else "",
@@ -224,7 +241,9 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
                   folder: str, config: RunConfig) -> dict:
     """trials.csv, trials.md, best.yaml and search.png in `folder`; returns their paths and the best trial."""
     os.makedirs(folder, exist_ok=True)
-    columns = ["trial_id", *[d.name for d in dimensions], "peak_lr", settings.metric, "epochs_run", "status", "error"]
+    others = [m for m in ONLINE_METRICS if m != settings.metric and any(r.get(m) is not None for r in rows)]
+    columns = ["trial_id", *[d.name for d in dimensions], "peak_lr", settings.metric, *others, "epochs_run", "status",
+               "error"]
     paths = {name: os.path.join(folder, name) for name in ("trials.csv", "trials.md", "best.yaml", "search.png")}
     sign = -1 if settings.mode == "max" else 1
     rows = sorted(rows, key=lambda r: (r[settings.metric] is None, sign * (r[settings.metric] or 0)))
@@ -236,6 +255,8 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
     with open(paths["trials.md"], "w") as stream:
         stream.write(f"# {config.method} search: {settings.metric} ({settings.mode}), {len(rows)} trials, "
                      f"{config.optim.epochs} epochs each at most\n\n")
+        stream.write(f"Trials are ranked by `{settings.metric}` ({_OBJECTIVES.get(settings.metric, 'a reported metric')}; "
+                     f"{'highest' if settings.mode == 'max' else 'lowest'} first).\n\n")
         stream.write("| " + " | ".join(columns[:-1]) + " |\n|" + "---|" * (len(columns) - 1) + "\n")
         for row in rows:
             stream.write("| " + " | ".join(_cell(row[c]) for c in columns[:-1]) + " |\n")
@@ -254,6 +275,15 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
     draw_search(rows, dimensions, settings, paths["search.png"])
     return {"search": folder, "trials": len(rows), "best": best,
             "by_status": {s: sum(r["status"] == s for r in rows) for s in STATUSES}, **paths}
+
+
+_OBJECTIVES = {
+    "knn_top1": "online kNN top-1 on the labeled validation set",
+    "rankme": "RankMe, the effective rank of the features on the unlabeled probe set: no labels used",
+    "rankme_fraction": "RankMe as a fraction of the feature width: no labels used",
+    "uniformity": "uniformity of the features on the unlabeled probe set: no labels used",
+    "alignment": "alignment of two views on the unlabeled probe set: no labels used",
+}
 
 
 def _cell(value) -> str:

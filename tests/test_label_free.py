@@ -1,0 +1,107 @@
+"""Label-free metrics (RankMe, alignment, uniformity), the probe set, and the rank-collapse flag."""
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines.label_free import alignment, check_rank, probe_metrics, rankme, uniformity
+from pipelines.probe import probe_table
+from runs import tiny_config
+
+
+def test_rankme_of_known_spectra():
+    assert rankme(torch.eye(64)) == pytest.approx(64, rel=1e-4)  # a flat spectrum: full rank
+    rank_one = torch.randn(500, 1) @ torch.randn(1, 32)
+    assert rankme(rank_one) == pytest.approx(1, abs=1e-3)
+    # Two equal singular values and nothing else: exp(ln 2) = 2, whatever the rotation.
+    two = torch.zeros(100, 16)
+    two[:50, 3], two[50:, 7] = 1.0, 1.0
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16))
+    assert rankme(two @ rotation) == pytest.approx(2, rel=1e-4)
+    # A known non-flat spectrum: singular values 3, 1 -> p = (0.75, 0.25).
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert rankme(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        rankme(torch.zeros(0, 3))
+
+
+def test_alignment_and_uniformity_match_their_formulas():
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 8), torch.randn(40, 8)
+    na, nb = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    looped = sum(float((na[i] - nb[i]).norm() ** 2) for i in range(40)) / 40
+    assert alignment(a, b) == pytest.approx(looped, rel=1e-6)
+    pairs = [float(torch.exp(-2 * (na[i] - na[j]).norm() ** 2)) for i in range(40) for j in range(i + 1, 40)]
+    assert uniformity(a) == pytest.approx(math.log(sum(pairs) / len(pairs)), rel=1e-6)
+    assert alignment(a, a) == pytest.approx(0, abs=1e-12)
+    assert uniformity(torch.ones(10, 4)) == pytest.approx(0, abs=1e-6)  # every image on one point
+    with pytest.raises(ValueError, match="differ in shape"):
+        alignment(a, b[:5])
+
+
+def _shard(path, rows, with_id=True, start=0):
+    from PIL import Image
+    import io
+
+    images = []
+    for i in range(rows):
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), ((start + i) % 256, 40, 90)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    columns = {"image": pa.array(images, pa.binary())}
+    if with_id:
+        columns["id"] = pa.array([f"r{start + i}" for i in range(rows)])
+    pq.write_table(pa.table(columns), path)
+
+
+def test_probe_set_is_the_same_records_every_time_spread_over_the_files(tmp_path):
+    for index in range(4):
+        _shard(tmp_path / f"part-{index}.parquet", 30, start=index * 100)
+    first, again = probe_table(str(tmp_path), 20), probe_table(str(tmp_path), 20)
+    assert first.column("id").to_pylist() == again.column("id").to_pylist()
+    ids = first.column("id").to_pylist()
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert {int(i[1:]) // 100 for i in ids} == {0, 1, 2, 3}  # every file contributes
+    assert probe_table(str(tmp_path), 1000).num_rows == 120  # at most the whole set
+
+
+def test_probe_set_names_records_of_shards_without_ids(tmp_path):
+    _shard(tmp_path / "only.parquet", 5, with_id=False)
+    ids = probe_table(str(tmp_path), 3).column("id").to_pylist()
+    assert ids == [f"{tmp_path}/only.parquet#{row}" for row in range(3)]
+
+
+@pytest.mark.parametrize("method_name", ["simclr", "mae", "dino"])
+def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(method_name):
+    from pipelines.train_loop import build_method
+
+    config = tiny_config(method_name)
+    method = build_method(config)
+    torch.manual_seed(0)
+    canvases = torch.randint(0, 256, (24, 16, 16, 3), dtype=torch.uint8)
+    batches = [{"image": canvases[:12]}, {"image": canvases[12:]}]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    metrics = probe_metrics(method, batches, "cpu")
+    assert torch.equal(torch.rand(3), expected_next)  # the training RNG continues as if untouched
+    assert metrics == probe_metrics(method, batches, "cpu")  # the same views every report
+    width = method.features(method.eval_images(canvases[:2])).shape[1]
+    assert 1 <= metrics["rankme"] <= min(24, width) and metrics["rankme_fraction"] == metrics["rankme"] / min(24, width)
+    assert 0 < metrics["alignment"] < 4 and metrics["uniformity"] < 0 and metrics["probe_images"] == 24
+    assert method.training  # put back in training mode
+
+
+def test_rank_collapse_flag_and_one_warning(caplog):
+    warned = set()
+    assert check_rank({"rankme": 30.0, "rankme_fraction": 0.2}, warned) == {}
+    assert check_rank({"loss": 1.0}, warned) == {}  # a report without the probe
+    with caplog.at_level("WARNING", logger="selfsup"):
+        assert check_rank({"rankme": 1.1, "rankme_fraction": 0.001}, warned) == {"collapsed": 1.0}
+        assert check_rank({"rankme": 1.1, "rankme_fraction": 0.001}, warned) == {"collapsed": 1.0}
+    warnings = [r.getMessage() for r in caplog.records if "dimensional collapse" in r.getMessage()]
+    assert len(warnings) == 1 and "RankMe" in warnings[0]
