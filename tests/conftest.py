@@ -13,6 +13,15 @@ keep_local_ray_on_loopback()
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+def pytest_collection_modifyitems(items):
+    """Two tiers: a test that needs the session's Ray (directly or through a fixture that trains
+    or prepares on it) is `slow`, as is one marked so by hand (its own Ray, or a subprocess that
+    starts one). `pytest -m "not slow"` runs the rest in under two minutes."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session, sized for a 2-core machine."""

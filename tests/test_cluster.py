@@ -71,6 +71,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, monkeypatch, caps
     assert not marker.exists()  # nothing ran
 
 
+@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_losing_a_node_mid_run_resumes_from_the_checkpoint_and_completes(tmp_path):
     # Its own Ray temp folder, short: Ray's socket paths must stay under 108 bytes.
     from runs import simulated_cluster_environment

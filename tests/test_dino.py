@@ -45,6 +45,7 @@ def dino_loss_and_center(rank, world):
     return loss, method
 
 
+@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_center_is_the_all_reduced_mean_and_two_workers_equal_one(tmp_path):
     two = run_two_workers(dino_loss_and_center, tmp_path, "dino")  # asserts the center in each worker
     one = single_worker(dino_loss_and_center)

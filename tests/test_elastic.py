@@ -39,6 +39,7 @@ def test_bad_worker_counts_are_refused(value):
         parse_workers(value)
 
 
+@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(tmp_path):
     """`train.workers=1:3` on a simulated 3-node spot cluster (tests/elastic_run.py): a worker's
     node is preempted, the group goes on from the checkpoint with 1 worker, a node comes back,

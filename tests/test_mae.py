@@ -62,6 +62,7 @@ def mae_loss(rank, world):
     return loss, method
 
 
+@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_two_workers_equal_one_worker(tmp_path):
     assert same(run_two_workers(mae_loss, tmp_path, "mae"), single_worker(mae_loss)) == []
 

@@ -46,10 +46,12 @@ def one_worker():
     return single_worker(simclr_loss)
 
 
+@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_two_workers_equal_one_worker_on_the_same_views(tmp_path, one_worker):
     assert same(run_two_workers(simclr_loss, tmp_path, "simclr"), one_worker) == []
 
 
+@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_a_forward_only_gather_would_be_caught(tmp_path, one_worker):
     broken = run_two_workers(simclr_loss, tmp_path, "broken", True)
     assert same(broken, one_worker)  # same loss value, but some gradients differ
