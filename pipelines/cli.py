@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from pipelines.local_ray import keep_local_ray_on_loopback
@@ -164,7 +165,7 @@ def check_batch_fits(batch_size: int, rows: int, workers: int, data: str) -> Non
 
 def cmd_pretrain(args) -> dict:
     from pipelines.pretrain import pretrain
-    from pipelines.shards import find_shards
+    from pipelines.shards import checked_shards
 
     from pipelines.elastic import batch_plan, parse_workers
 
@@ -184,15 +185,15 @@ def cmd_pretrain(args) -> dict:
         batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    shards = find_shards(args.data)  # a wrong path or schema fails here, before Ray starts
+    shards = checked_shards(args.data)  # a wrong path, schema or shard fails here, before Ray starts
     check_batch_fits(config.optim.batch_size, shards.num_rows, most, args.data)
     if config.optim.warmup_epochs >= config.optim.epochs:
         log.warning(f"optim.warmup_epochs={config.optim.warmup_epochs:g} >= optim.epochs="
                     f"{config.optim.epochs}: the learning rate never leaves warm-up")
     if args.val:
-        find_shards(args.val)
+        checked_shards(args.val)
     if config.train.probe_size and config.train.probe:
-        find_shards(config.train.probe)
+        checked_shards(config.train.probe)
     start_ray(args.num_cpus)
     return pretrain(config, args.data, val=args.val, gpus_per_worker=args.gpus_per_worker,
                     storage=args.storage, name=args.name, init=init)
@@ -202,7 +203,7 @@ def cmd_tune(args) -> dict:
     import time
 
     from pipelines.pretrain import storage_path
-    from pipelines.shards import find_shards
+    from pipelines.shards import checked_shards
     from tune.search import SearchSettings, check_space, run_search
     from tune.space import parse_space
 
@@ -219,11 +220,11 @@ def cmd_tune(args) -> dict:
         check_space(config.to_dict(), dimensions, settings)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    find_shards(args.data)
+    checked_shards(args.data)  # every footer, before Ray starts
     if args.val:
-        find_shards(args.val)
+        checked_shards(args.val)
     if config.train.probe_size and config.train.probe:
-        find_shards(config.train.probe)
+        checked_shards(config.train.probe)
     start_ray(args.num_cpus)
     name = args.name or f"tune-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return run_search(config.to_dict(), args.data, args.val, dimensions, settings, storage_path(args.storage), name)
@@ -231,11 +232,11 @@ def cmd_tune(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.shards import find_shards
+    from pipelines.shards import checked_shards
 
     args.checkpoint = check_checkpoint(args.checkpoint)
     for location in (args.train, args.test):
-        find_shards(location)
+        checked_shards(location)
     start_ray(args.num_cpus)
     return evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
 
@@ -545,6 +546,10 @@ def _run(args) -> int:
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
+        if type(error).__name__ == "RunInterrupted":  # one line; a second Ctrl-C now exits at once
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+            print(f"selfsup {args.command}: {error}", file=sys.stderr)
+            return 130
         if type(error).__name__ == "NonFiniteLossError":  # a clean stop, not a crash: no traceback
             print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
             return 1

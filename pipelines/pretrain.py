@@ -17,7 +17,7 @@ from pipelines.elastic import batch_plan, parse_workers
 from pipelines.ingest import image_dataset
 from pipelines.init_from import initial_weights
 from pipelines.probe import probe_dataset, probe_table
-from pipelines.quality import new_quality_log
+from pipelines.quality import BadDataError, new_quality_log
 from pipelines.shards import find_shards
 from pipelines.torch_loopback import torch_config
 from pipelines.tracking import RunTracker, flat_params
@@ -91,13 +91,35 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     )
 
 
-def pretrain(config: RunConfig, data: str, **kwargs) -> dict:
-    """Run (or resume, when `name` already exists in `storage`) a pretraining run."""
-    with Relay() as relay:
-        result = make_trainer(config, data, console=relay.queue, **kwargs).fit()
+def raise_if_stopped(result) -> None:
+    """The error of a run that stopped itself (the worker loop returns a reason instead of raising,
+    so that Ray Train does not retry what would fail again): NonFiniteLossError or BadDataError."""
     stopped = result.return_value or {}
     if stopped.get("stopped") == "non_finite_loss":
         raise NonFiniteLossError(f"{stopped['message']} ({result.checkpoint.path if result.checkpoint else 'no checkpoint yet'})")
+    if stopped.get("stopped") == "bad_data":
+        raise BadDataError(stopped["message"])
+
+
+class RunInterrupted(RuntimeError):
+    """The run was stopped from outside (Ctrl-C, or its Ray going away); the message says what
+    was kept and how to resume."""
+
+
+def pretrain(config: RunConfig, data: str, **kwargs) -> dict:
+    """Run (or resume, when `name` already exists in `storage`) a pretraining run."""
+    kwargs["name"] = kwargs.get("name") or default_run_name(config)
+    with Relay() as relay:
+        trainer = make_trainer(config, data, console=relay.queue, **kwargs)
+        try:
+            result = trainer.fit()
+        except SystemExit:
+            # Ray Train answers Ctrl-C by aborting the run gracefully, and its driver then leaves
+            # ray.get with SystemExit (as it does when the cluster goes away): not our exit code.
+            folder = f"{storage_path(kwargs.get('storage')).rstrip('/')}/{kwargs['name']}"
+            raise RunInterrupted(f"interrupted: the checkpoints written so far are kept in {folder}; run the same "
+                                 f"command with --name {kwargs['name']} to resume") from None
+    raise_if_stopped(result)
     return {
         "method": config.method,
         "run": result.path,

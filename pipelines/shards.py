@@ -42,12 +42,49 @@ class ShardSet:
 
     @functools.cached_property
     def num_rows(self) -> int:
-        """Rows over all shards, from the footers; read only when asked (thousands of remote
-        footers are slow)."""
+        """Rows over all shards, from every file's footer, each checked on the way (see
+        `check_footers`); read only when asked, in parallel (remote footers cost a round trip each)."""
+        return check_footers(self)
+
+
+# Footers read at once: a cloud folder of thousands of shards is bound by round trips, not bytes.
+FOOTER_THREADS = 32
+_SCHEMA_COLUMNS = ("image", "label", "id")
+
+
+def check_footers(shards: ShardSet) -> int:
+    """Reads every shard's footer and returns the total rows. Refuses, naming the file, a file
+    that is not readable Parquet (truncated, or another format under a .parquet name) and a file
+    whose `image`/`label`/`id` columns differ from the first file's; refuses a set with no rows.
+
+    Raises:
+        DataError: one line naming the first bad file (in sorted order) and what is wrong.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def footer(path: str) -> tuple[int, pa.Schema | None, str]:
         try:
-            return sum(pq.ParquetFile(f, filesystem=self.filesystem).metadata.num_rows for f in self.files)
+            metadata = pq.ParquetFile(path, filesystem=shards.filesystem).metadata
+            return metadata.num_rows, metadata.schema.to_arrow_schema(), ""
         except (pa.ArrowInvalid, OSError) as error:
-            raise DataError(f"{self.root}: a shard is not a readable Parquet file ({error})") from None
+            return 0, None, f"not a readable Parquet file ({str(error).splitlines()[0]})"
+
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(shards.files))) as pool:
+        footers = list(pool.map(footer, shards.files))
+    reference = next((schema for _, schema, _ in footers if schema is not None), None)
+    for path, (_, schema, problem) in zip(shards.files, footers):
+        if problem:
+            raise DataError(f"{path}: {problem}")
+        for column in _SCHEMA_COLUMNS:
+            ours = schema.field(column).type if column in schema.names else None
+            theirs = reference.field(column).type if column in reference.names else None
+            if ours != theirs:
+                raise DataError(f"{path}: column '{column}' is {ours or 'missing'} but {shards.files[0]} has "
+                                f"{theirs or 'none'} (every shard of a set must have the same schema)")
+    total = sum(rows for rows, _, _ in footers)
+    if total == 0:
+        raise DataError(f"{shards.root}: the shards hold no rows")
+    return total
 
 
 def absolute_location(location: str) -> str:
@@ -115,6 +152,14 @@ def find_shards(location: str) -> ShardSet:
         has_label="label" in schema.names,
         has_id="id" in schema.names,
     )
+
+
+def checked_shards(location: str) -> ShardSet:
+    """`find_shards` with every file's footer checked (`check_footers`): for the checks before Ray
+    starts, so a bad shard among thousands is named in one line instead of failing a worker."""
+    shards = find_shards(location)
+    shards.__dict__["num_rows"] = check_footers(shards)  # the cached property's value, read once
+    return shards
 
 
 def write_classes(folder: str, names: list[str]) -> None:

@@ -29,6 +29,7 @@ from pipelines.elastic import batch_plan
 from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
 from pipelines.label_free import check_rank, probe_metrics
 from pipelines.ingest import iter_canvas_batches
+from pipelines.quality import BadDataError
 from pipelines.shards import DataError
 
 STATE_FILE = "state.pt"
@@ -216,22 +217,34 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             started, waited = time.perf_counter(), 0.0
             for micro in range(batches.accumulation):
                 fetch = time.perf_counter()
-                batch = next(stream, None)
+                try:
+                    batch, bad_data = next(stream, None), ""
+                except BadDataError as error:  # over the bad-record cap: retrying would meet it again
+                    batch, bad_data = None, str(error)
                 waited += time.perf_counter() - fetch
-                if batch is None:  # fewer rows than planned (bad images skipped): the epoch ends here
+                if batch is None and not bad_data:  # fewer rows than planned (bad images skipped): the epoch ends here
                     break
-                views = method.views(batch["image"])
-                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-                last = micro == batches.accumulation - 1
-                with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
-                    loss, stats = model(views)
-                global_loss = all_reduce_mean(loss.detach())
+                if bad_data:  # joins the step's all-reduce with a NaN, so every rank stops at this step
+                    loss_and_flag = all_reduce_mean(torch.tensor([float("nan"), 1.0], device=device))
+                else:
+                    views = method.views(batch["image"])
+                    # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+                    last = micro == batches.accumulation - 1
+                    with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
+                        loss, stats = model(views)
+                    loss_and_flag = all_reduce_mean(torch.stack([loss.detach().float(), loss.new_zeros((), dtype=torch.float32)]))
+                global_loss = loss_and_flag[0]
                 if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
+                    # Returned, not raised: Ray Train would retry a worker error from the last
+                    # checkpoint and meet the same NaN (or the same bad data) again. The driver
+                    # raises NonFiniteLossError or BadDataError.
+                    if loss_and_flag[1] > 0:
+                        message = bad_data or "another worker stopped on bad data (its line says which)"
+                        log.warning(f"stopping: {message}")
+                        return {"stopped": "bad_data", "message": message}
                     message = (f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); the last good "
                                "checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data")
                     log.warning(f"stopping: {message}")
-                    # Returned, not raised: Ray Train would retry a worker error from the last
-                    # checkpoint and meet the same NaN again. The driver raises NonFiniteLossError.
                     return {"stopped": "non_finite_loss", "message": message}
                 scaler.scale(loss / batches.accumulation).backward()
                 window.add(global_loss, stats)

@@ -186,3 +186,52 @@ def test_a_warmup_as_long_as_the_run_is_said_before_ray_starts(digits, capsys, m
         cli.main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--set", "optim.epochs=2",
                   "--set", "optim.warmup_epochs=2"])
     assert "optim.warmup_epochs=2 >= optim.epochs=2: the learning rate never leaves warm-up" in capsys.readouterr().err
+
+
+def test_all_bad_data_fails_once_with_one_attempts_count(ray_session, tmp_path):
+    """Every image undecodable: the run stops on its first pass (not retried as a lost worker
+    would be, so the count is one attempt's) and says so in one error."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from corpus import write_shards
+    from pipelines.quality import BadDataError
+
+    write_shards(tmp_path / "bad", [b"not an image"] * 200, rows_per_shard=50)
+    config = tiny_config(**{"optim.epochs": 2, "optim.batch_size": 16, "train.max_failures": 2,
+                            "train.probe_size": 0})
+    started = time.perf_counter()
+    with pytest.raises(BadDataError, match=r"train: 200 of 200 images could not be decoded"):
+        pretrain(config, str(tmp_path / "bad"), storage=str(tmp_path / "runs"), name="bad")
+    assert time.perf_counter() - started < 60
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(digits, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import ray
+
+    from runs import COMMON, TINY
+
+    out, _ = digits
+    sets = {**COMMON, **TINY["simclr"], "optim.epochs": 3}
+    command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", f"{out}/train",
+               "--storage", str(tmp_path), "--name", "interrupted",
+               *[arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "interrupted").exists():  # Ray Train has started the run
+        assert time.time() < deadline and driver.poll() is None, driver.communicate()[1][-2000:]
+        time.sleep(0.2)
+    time.sleep(2)
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last == (f"selfsup pretrain: interrupted: the checkpoints written so far are kept in "
+                    f"{tmp_path}/interrupted; run the same command with --name interrupted to resume")
+    assert stdout == ""  # no JSON line: the run did not finish

@@ -105,18 +105,14 @@ def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, g
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.pretrain import make_trainer
-    from pipelines.train_loop import NonFiniteLossError
+    from pipelines.pretrain import make_trainer, raise_if_stopped
 
     config = with_sets(base, values)
     trainer = make_trainer(config, data, val=val, workers=workers, gpus_per_worker=gpus_per_worker,
                            storage=train_storage, name=tune.get_context().get_trial_id(),
                            callbacks=[TuneReportCallback()], console=console,
                            console_prefix=f"trial {tune.get_context().get_trial_id()}: ")
-    result = trainer.fit()
-    stopped = result.return_value or {}
-    if stopped.get("stopped") == "non_finite_loss":
-        raise NonFiniteLossError(stopped["message"])
+    raise_if_stopped(trainer.fit())
 
 
 class CollapseStopper(Stopper):

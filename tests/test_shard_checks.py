@@ -1,0 +1,59 @@
+"""Every shard is checked before Ray starts: a bad file among good ones is named in one line."""
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from corpus import encode, rgb_image, write_shards
+from pipelines.cli import main
+from pipelines.shards import SHARD_SCHEMA, DataError, checked_shards
+
+
+@pytest.fixture
+def good(tmp_path):
+    folder = tmp_path / "shards"
+    write_shards(folder, [encode(rgb_image(i)) for i in range(12)])  # three files of four rows
+    return folder
+
+
+def refused(capsys, folder) -> str:
+    """The one line `selfsup pretrain` ends with on `folder` (exit 2, before Ray starts)."""
+    started = time.perf_counter()
+    assert main(["pretrain", "--method", "simclr", "--data", str(folder), "--preset", "tiny",
+                 "--set", "optim.batch_size=4"]) == 2
+    assert time.perf_counter() - started < 30  # refused by the checks, not by a worker
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_truncated_shard_among_good_ones_is_named(good, capsys):
+    path = good / "part-0004.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    assert "part-0004.parquet: not a readable Parquet file" in refused(capsys, good)
+
+
+def test_a_jpeg_named_parquet_is_named(good, capsys):
+    (good / "x.parquet").write_bytes(encode(rgb_image(0), "JPEG"))
+    assert "x.parquet: not a readable Parquet file" in refused(capsys, good)
+
+
+def test_shards_whose_schemas_disagree_are_named(good, capsys):
+    pq.write_table(pa.table({"image": [1, 2], "label": [0, 1], "id": ["a", "b"]}), good / "part-9999.parquet")
+    line = refused(capsys, good)
+    assert "part-9999.parquet: column 'image' is int64 but" in line and "part-0000.parquet has binary" in line
+
+
+def test_a_set_without_rows_is_refused(tmp_path, capsys):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([], schema=SHARD_SCHEMA), folder / "part-0000.parquet")
+    assert "the shards hold no rows" in refused(capsys, folder)
+
+
+def test_checked_shards_counts_every_row(good):
+    assert checked_shards(str(good)).num_rows == 12
+    with pytest.raises(DataError, match="no such file"):
+        checked_shards(str(good / "missing"))
