@@ -4,11 +4,14 @@ logs and progress go to stderr. Bad arguments and bad data end with one line on 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 
 from pipelines.local_ray import keep_local_ray_on_loopback
 
@@ -163,6 +166,46 @@ def check_batch_fits(batch_size: int, rows: int, workers: int, data: str) -> Non
         raise UsageError(f"optim.batch_size={batch_size}: larger than the {rows} training images in {data}; {fix}")
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_run_place(config, storage: str | None, name: str | None, workers_least: int, num_cpus: int | None) -> None:
+    """What a run needs from this machine, checked before Ray starts (each a one-line refusal):
+    a usable run name, writable local storage, a run of the same method under that name, and
+    (for a local Ray) the CPUs its smallest worker group reserves, which Ray Train would
+    otherwise wait for forever."""
+    import yaml
+
+    from pipelines.pretrain import storage_path
+    from pipelines.train_loop import CONFIG_FILE
+
+    if name is not None and not RUN_NAME.match(name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names folders and Ray's records)")
+    folder = storage_path(storage)
+    if "://" not in folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise UsageError(f"--storage {folder}: not writable ({error.strerror})") from None
+        run = os.path.join(folder, name) if name else None
+        snapshots = sorted(glob.glob(os.path.join(run, "checkpoint_*", CONFIG_FILE))) if run else []
+        if snapshots:
+            with open(snapshots[-1]) as stream:
+                method = (yaml.safe_load(stream) or {}).get("method")
+            if method != config.method:
+                raise UsageError(f"--name {name}: {run} is a {method} run and this is {config.method}; "
+                                 "resuming it would load the wrong model (choose another --name)")
+    if not os.environ.get("RAY_ADDRESS"):
+        cpus = num_cpus or os.cpu_count() or 1
+        needed = workers_least * config.train.cpus_per_worker
+        if needed > cpus:
+            raise UsageError(f"{workers_least} workers x train.cpus_per_worker {config.train.cpus_per_worker:g} = "
+                             f"{needed:g} CPUs, but this machine's Ray has {cpus}: use fewer --workers (or join a "
+                             "cluster with RAY_ADDRESS)")
+
+
 def cmd_pretrain(args) -> dict:
     from pipelines.pretrain import pretrain
     from pipelines.shards import checked_shards
@@ -180,11 +223,12 @@ def cmd_pretrain(args) -> dict:
     if args.init_from:
         config.train.init_from = args.init_from
         init = initial_weights(config)  # weights that do not fit the backbone are refused before Ray
-    _, most = parse_workers(config.train.workers, "train.workers")
+    least, most = parse_workers(config.train.workers, "train.workers")
     try:
         batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    check_run_place(config, args.storage, args.name, least, args.num_cpus)
     shards = checked_shards(args.data)  # a wrong path, schema or shard fails here, before Ray starts
     check_batch_fits(config.optim.batch_size, shards.num_rows, most, args.data)
     if config.optim.warmup_epochs >= config.optim.epochs:
@@ -220,6 +264,7 @@ def cmd_tune(args) -> dict:
         check_space(config.to_dict(), dimensions, settings)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    check_run_place(config, args.storage, args.name, args.workers_per_trial, args.num_cpus)
     checked_shards(args.data)  # every footer, before Ray starts
     if args.val:
         checked_shards(args.val)

@@ -57,3 +57,28 @@ def test_checked_shards_counts_every_row(good):
     assert checked_shards(str(good)).num_rows == 12
     with pytest.raises(DataError, match="no such file"):
         checked_shards(str(good / "missing"))
+
+
+def run_line(capsys, *extra, data) -> str:
+    assert main(["pretrain", "--method", "simclr", "--data", str(data), "--set", "optim.batch_size=4", *extra]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_what_a_run_needs_from_the_machine_is_refused_before_ray(good, tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    line = run_line(capsys, "--workers", str((os.cpu_count() or 1) + 2), data=good)
+    assert "CPUs, but this machine's Ray has" in line  # Ray Train would wait for them forever
+    assert "--name 'ré-run': use letters" in run_line(capsys, "--name", "ré-run", data=good)
+    blocked = tmp_path / "a-file"  # a folder under a file cannot be made, even by root
+    blocked.write_text("")
+    line = run_line(capsys, "--storage", str(blocked / "runs"), data=good)
+    assert f"--storage {blocked}/runs: not writable (Not a directory)" in line
+    other = tmp_path / "runs" / "mine" / "checkpoint_2026-01-01_00-00-00.000000"
+    other.mkdir(parents=True)
+    (other / "config.yaml").write_text("method: mae\n")
+    line = run_line(capsys, "--storage", str(tmp_path / "runs"), "--name", "mine", data=good)
+    assert "is a mae run and this is simclr" in line
