@@ -96,13 +96,16 @@ def check_checkpoint(path: str) -> str:
     """The checkpoint folder at `path`, or the latest one in the run folder `path`, after checking
     that its state loads as plain weights (a file that would run code when unpickled is refused);
     before Ray starts."""
-    from pipelines.train_loop import STATE_FILE, load_state
+    from pipelines.train_loop import STATE_FILE, load_state, newest_loadable
 
     if not os.path.exists(os.path.join(path, STATE_FILE)) and os.path.isdir(path):
-        checkpoints = sorted(e for e in os.listdir(path) if e.startswith("checkpoint_")
-                             and os.path.exists(os.path.join(path, e, STATE_FILE)))
-        if checkpoints:  # Ray names them by time: the last sorts last
-            path = os.path.join(path, checkpoints[-1])
+        found = newest_loadable(path)  # a run folder: its newest checkpoint that loads
+        if found is None and any(e.startswith("checkpoint_") for e in os.listdir(path)):
+            raise UsageError(f"--checkpoint {path}: none of its checkpoints can be read")
+        if found is not None:
+            for damaged in found[2]:
+                log.warning(f"checkpoint {damaged} is damaged; using the previous one, {found[0]}")
+            return os.path.abspath(found[0])
     if not os.path.exists(os.path.join(path, STATE_FILE)):
         raise UsageError(f"--checkpoint {path}: no {STATE_FILE} (expected a selfsup checkpoint or run folder)")
     load_state(path)

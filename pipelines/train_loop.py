@@ -12,6 +12,7 @@ import pickle
 import random
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import ray.train
@@ -92,7 +93,10 @@ def _set_rng_state(state: dict, rank: int = 0) -> None:
 
 
 def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, config: RunConfig) -> None:
-    """Everything an exact resume needs, loadable with `torch.load(weights_only=True)`."""
+    """Everything an exact resume needs, loadable with `torch.load(weights_only=True)`. The state
+    is written under another name and renamed when complete, so a crash mid-write never leaves a
+    partial file under the name a loader looks for."""
+    partial = os.path.join(folder, STATE_FILE + ".partial")
     torch.save(
         {
             "method": method.state_dict(),
@@ -101,26 +105,57 @@ def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, conf
             "progress": progress,
             "rng": _rng_state(),
         },
-        os.path.join(folder, STATE_FILE),
+        partial,
     )
     with open(os.path.join(folder, CONFIG_FILE), "w") as stream:
         yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
+    os.replace(partial, os.path.join(folder, STATE_FILE))
 
 
 class CheckpointRefused(DataError):
     """A checkpoint file that holds more than tensors and plain values (pickled code)."""
 
 
+class CheckpointDamaged(DataError):
+    """A checkpoint file that cannot be read (truncated, or not a torch file)."""
+
+
 def load_state(folder: str) -> dict:
     """A checkpoint's state, unpickling tensors and plain containers only: a file crafted to run
     code when loaded is refused, not executed."""
     path = os.path.join(folder, STATE_FILE)
+    # torch.save writes a zip whose directory is at its end: a truncated or foreign file has none,
+    # and is damaged, not refused (the unpickler would report it as a refusal).
+    if os.path.exists(path) and not zipfile.is_zipfile(path):
+        raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read (truncated or not a torch file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0][:200]
         raise CheckpointRefused(f"checkpoint {path}: refused: it holds pickled objects, not only weights "
                                 f"({reason})") from None
+    except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader reports truncation as RuntimeError
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read ({reason})") from None
+
+
+def newest_loadable(run_folder: str, below: str | None = None) -> tuple[str, dict, list[str]] | None:
+    """(folder, state, damaged folders skipped) of the newest checkpoint in `run_folder` whose state
+    loads, considering only those older than `below` when given; None when none loads. Ray names
+    checkpoint folders by time, so the newest sorts last."""
+    names = sorted((e for e in os.listdir(run_folder) if e.startswith("checkpoint_")), reverse=True)
+    skipped = []
+    for name in names:
+        folder = os.path.join(run_folder, name)
+        if below is not None and name >= os.path.basename(below.rstrip("/")):
+            continue
+        if not os.path.exists(os.path.join(folder, STATE_FILE)):
+            continue
+        try:
+            return folder, load_state(folder), skipped
+        except CheckpointDamaged:
+            skipped.append(folder)
+    return None
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -146,6 +181,22 @@ def _online_evaluation(method, config: RunConfig, device, has_val: bool, has_pro
         probe = ray.train.get_dataset_shard("probe")
         metrics.update(probe_metrics(method, probe.iter_torch_batches(batch_size=256, device=device), device))
     return metrics
+
+
+def _resume_state(checkpoint, rank: int) -> dict:
+    """The state of Ray's latest checkpoint or, when that one is damaged (a crash while it was
+    copied, a full disk), of the newest older one in the run folder that loads: retrying the
+    damaged file would fail the same way every time."""
+    with checkpoint.as_directory() as folder:
+        try:
+            return load_state(folder)
+        except CheckpointDamaged as damaged:
+            fallback = newest_loadable(os.path.dirname(checkpoint.path.rstrip("/")), below=checkpoint.path)
+            if fallback is None:
+                raise
+            if rank == 0:
+                log.warning(f"{damaged}; resuming from the previous checkpoint {fallback[0]}")
+            return fallback[1]
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -175,8 +226,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = load_state(folder)
+        state = _resume_state(checkpoint, rank)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

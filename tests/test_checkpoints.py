@@ -1,0 +1,92 @@
+"""Checkpoints that can be trusted: written whole or not at all, a damaged one named in one line,
+and a run folder falling back to its newest checkpoint that loads."""
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from pipelines.cli import UsageError, check_checkpoint
+from pipelines.train_loop import STATE_FILE, CheckpointDamaged, _resume_state, load_state, save_checkpoint
+
+
+def write(folder, step):
+    folder.mkdir(parents=True)
+    torch.save({"progress": {"step": step}, "method": {"w": torch.ones(3) * step}}, folder / STATE_FILE)
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run folder whose newest checkpoint is truncated (a crash while it was copied)."""
+    folder = tmp_path / "run"
+    write(folder / "checkpoint_2026-01-01_00-00-01.000000", 10)
+    write(folder / "checkpoint_2026-01-01_00-00-02.000000", 20)
+    newest = write(folder / "checkpoint_2026-01-01_00-00-03.000000", 30) / STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:200])
+    return folder
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(run):
+    damaged = run / "checkpoint_2026-01-01_00-00-03.000000"
+    with pytest.raises(CheckpointDamaged, match=rf"checkpoint {damaged}/{STATE_FILE}: damaged, cannot be read \("):
+        load_state(str(damaged))
+    with pytest.raises(CheckpointDamaged) as error:
+        check_checkpoint(str(damaged))
+    assert "\n" not in str(error.value)
+
+
+def test_a_run_folder_falls_back_to_its_newest_checkpoint_that_loads(run, caplog):
+    with caplog.at_level("WARNING", logger="selfsup"):
+        chosen = check_checkpoint(str(run))
+    assert chosen == str(run / "checkpoint_2026-01-01_00-00-02.000000")
+    assert any("checkpoint_2026-01-01_00-00-03.000000 is damaged; using the previous one" in r.getMessage()
+               for r in caplog.records)
+    for name in os.listdir(run):  # nothing loads: one line, not a traceback
+        (run / name / STATE_FILE).write_bytes(b"nope")
+    with pytest.raises(UsageError, match="none of its checkpoints can be read"):
+        check_checkpoint(str(run))
+
+
+class FakeCheckpoint:
+    """What Ray Train hands a worker: a path and a local directory view of it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+def test_resuming_from_a_damaged_checkpoint_uses_the_previous_one(run, caplog):
+    with caplog.at_level("WARNING", logger="selfsup"):
+        state = _resume_state(FakeCheckpoint(run / "checkpoint_2026-01-01_00-00-03.000000"), rank=0)
+    assert state["progress"]["step"] == 20
+    assert any("resuming from the previous checkpoint" in r.getMessage() for r in caplog.records)
+    # Never a newer one than Ray's: from the middle checkpoint, damaged, only the oldest is eligible.
+    middle = run / "checkpoint_2026-01-01_00-00-02.000000" / STATE_FILE
+    middle.write_bytes(b"nope")
+    assert _resume_state(FakeCheckpoint(middle.parent), rank=1)["progress"]["step"] == 10
+
+
+def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pipelines.train_loop import build_method
+    from runs import tiny_config
+
+    config = tiny_config()
+    method = build_method(config)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    save_checkpoint(str(tmp_path), method, optimizer, scaler, {"step": 1}, config)
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", STATE_FILE]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(OSError):
+        save_checkpoint(str(tmp_path / "b"), method, optimizer, scaler, {"step": 2}, config)
+    assert not os.path.exists(tmp_path / "b" / STATE_FILE)  # no file under the name loaders read
