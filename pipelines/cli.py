@@ -180,7 +180,7 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
     import yaml
 
     from pipelines.pretrain import storage_path
-    from pipelines.train_loop import CONFIG_FILE
+    from pipelines.train_loop import CONFIG_FILE, move_orphans
 
     if name is not None and not RUN_NAME.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names folders and Ray's records)")
@@ -193,6 +193,9 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
         except OSError as error:
             raise UsageError(f"--storage {folder}: not writable ({error.strerror})") from None
         run = os.path.join(folder, name) if name else None
+        for moved in move_orphans(run) if run else []:
+            log.warning(f"{moved}: moved aside, a checkpoint the run never registered (written as it was "
+                        "interrupted); the run resumes from its last registered one")
         snapshots = sorted(glob.glob(os.path.join(run, "checkpoint_*", CONFIG_FILE))) if run else []
         if snapshots:
             with open(snapshots[-1]) as stream:

@@ -7,6 +7,7 @@ loss -> backward -> clip -> step -> method hooks; report metrics and checkpoints
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -137,6 +138,34 @@ def load_state(folder: str) -> dict:
     except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader reports truncation as RuntimeError
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read ({reason})") from None
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+ORPHANS = "orphaned"
+
+
+def move_orphans(run_folder: str) -> list[str]:
+    """Moves the checkpoint folders of `run_folder` that Ray's snapshot does not list (written by a
+    worker just before the driver died or was interrupted: Ray never deletes or resumes from them)
+    into `run_folder/orphaned/`, so the run folder holds exactly the checkpoints its policy keeps
+    and a `checkpoint_*` glob cannot pick a stray one. Moved, not deleted: nothing is lost.
+    Returns the folders moved."""
+    if not os.path.isdir(run_folder):
+        return []
+    known = set()
+    snapshot = os.path.join(run_folder, RAY_SNAPSHOT)
+    if os.path.exists(snapshot):
+        with open(snapshot) as stream:
+            record = json.load(stream)
+        results = [*record.get("checkpoint_results", []), record.get("latest_checkpoint_result") or {}]
+        known = {r.get("checkpoint_dir_name") for r in results}
+    moved = []
+    for name in sorted(os.listdir(run_folder)):
+        if name.startswith("checkpoint_") and name not in known and os.path.isdir(os.path.join(run_folder, name)):
+            os.makedirs(os.path.join(run_folder, ORPHANS), exist_ok=True)
+            os.replace(os.path.join(run_folder, name), os.path.join(run_folder, ORPHANS, name))
+            moved.append(os.path.join(run_folder, ORPHANS, name))
+    return moved
 
 
 def newest_loadable(run_folder: str, below: str | None = None) -> tuple[str, dict, list[str]] | None:

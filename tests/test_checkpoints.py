@@ -90,3 +90,25 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(str(tmp_path / "b"), method, optimizer, scaler, {"step": 2}, config)
     assert not os.path.exists(tmp_path / "b" / STATE_FILE)  # no file under the name loaders read
+
+
+def test_checkpoints_the_run_never_registered_are_moved_aside(run, capsys):
+    import json
+
+    from pipelines.cli import main
+    from pipelines.train_loop import ORPHANS, RAY_SNAPSHOT, move_orphans
+
+    registered = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000"]
+    (run / RAY_SNAPSHOT).write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": name} for name in registered],
+        "latest_checkpoint_result": {"checkpoint_dir_name": registered[-1]}}))
+    stray = "checkpoint_2026-01-01_00-00-03.000000"
+    # Checked before Ray starts (refused afterwards here: the data does not exist).
+    assert main(["pretrain", "--method", "simclr", "--data", str(run / "no-data"), "--storage", str(run.parent),
+                 "--name", run.name]) == 2
+    assert sorted(p for p in os.listdir(run) if p.startswith("checkpoint_2")) == registered
+    assert os.listdir(run / ORPHANS) == [stray]
+    assert f"{run / ORPHANS / stray}: moved aside" in capsys.readouterr().err
+    assert move_orphans(str(run)) == []  # a run folder in order stays as it is
+    (run / RAY_SNAPSHOT).unlink()  # interrupted before Ray registered any: none is the run's
+    assert len(move_orphans(str(run))) == 2 and not any(p.startswith("checkpoint_2") for p in os.listdir(run))
