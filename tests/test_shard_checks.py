@@ -80,5 +80,7 @@ def test_what_a_run_needs_from_the_machine_is_refused_before_ray(good, tmp_path,
     other = tmp_path / "runs" / "mine" / "checkpoint_2026-01-01_00-00-00.000000"
     other.mkdir(parents=True)
     (other / "config.yaml").write_text("method: mae\n")
+    (other.parent / "checkpoint_manager_snapshot.json").write_text(
+        '{"checkpoint_results": [{"checkpoint_dir_name": "%s"}]}' % other.name)  # registered by Ray
     line = run_line(capsys, "--storage", str(tmp_path / "runs"), "--name", "mine", data=good)
     assert "is a mae run and this is simclr" in line
