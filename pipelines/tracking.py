@@ -123,8 +123,12 @@ class RunTracker(UserCallback):
         self._purge_from = step
 
     def _write(self, report: dict, step: int) -> None:
-        with open(os.path.join(self._folder, METRICS_FILE), "w") as stream:
+        # Rewritten whole at every report (a resume rewinds it) and renamed into place, so a reader
+        # (viz curves, a test following the run) never sees it empty or half written.
+        partial = os.path.join(self._folder, METRICS_FILE + ".partial")
+        with open(partial, "w") as stream:
             stream.writelines(json.dumps(row) + "\n" for row in self._history)
+        os.replace(partial, os.path.join(self._folder, METRICS_FILE))
         if self.tensorboard:
             if self._writer is None:
                 self._writer = EventFile(os.path.join(self._folder, TENSORBOARD_DIR), purge_step=self._purge_from)

@@ -46,8 +46,11 @@ def main(out: str) -> None:
         lost = cluster.preempt_a_worker_node()
         cluster.wait_for(lambda: 1 in world_sizes(), "a report of the 1-worker group")
         cluster.add_node()
-        cluster.wait_for(lambda: 2 in world_sizes()[world_sizes().index(1):], "a report of the regrown group",
-                         timeout=400)
+        def regrown():  # read once: the history file may be rewritten between two reads
+            sizes = world_sizes()
+            return 1 in sizes and 2 in sizes[sizes.index(1):]
+
+        cluster.wait_for(regrown, "a report of the regrown group", timeout=400)
         result = training.join(timeout=600)
         print(json.dumps({"metrics": result["metrics"], "history": read_history(os.path.join(storage, name)),
                           "lost_node": lost}), flush=True)
