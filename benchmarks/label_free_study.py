@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -61,10 +62,22 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def trials(work: str, method: str) -> list[dict]:
+    """The search's finished trials with their last kNN and label-free metrics: from its
+    trials.csv, or, for a search stopped before it wrote one, from each trial's run history
+    (the trials that reached their last epoch)."""
     path = os.path.join(work, method, "trials.csv")
-    with open(path) as stream:
-        rows = [r for r in csv.DictReader(stream) if r["status"] == "finished" and r.get("rankme")]
-    return [{**r, **{k: float(r[k]) for k in ("knn_top1", *LABEL_FREE)}} for r in rows]
+    if os.path.exists(path):
+        with open(path) as stream:
+            rows = [r for r in csv.DictReader(stream) if r["status"] == "finished" and r.get("rankme")]
+        return [{**r, **{k: float(r[k]) for k in ("knn_top1", *LABEL_FREE)}} for r in rows]
+    from pipelines.tracking import read_history
+
+    rows = []
+    for trial in sorted(glob.glob(os.path.join(work, method, "train", "*"))):
+        history = read_history(trial)
+        if history and history[-1].get("step") == history[-1].get("total_steps") and "rankme" in history[-1]:
+            rows.append({"trial_id": os.path.basename(trial), **{k: history[-1][k] for k in ("knn_top1", *LABEL_FREE)}})
+    return rows
 
 
 def study(rows: list[dict]) -> dict:
