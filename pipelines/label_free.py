@@ -107,10 +107,13 @@ def probe_metrics(method, batches, device) -> dict[str, float]:
 
 def check_rank(metrics: dict, warned: set, fraction: float = RANK_COLLAPSE_FRACTION) -> dict[str, float]:
     """The dimensional-collapse flag from a report carrying `rankme_fraction`: `{"collapsed": 1}`
-    (which stops Tune trials) and a warning, once per run, when the rank is below `fraction`."""
+    (which stops Tune trials) and a warning, once per run, when the rank is below `fraction`;
+    `{"collapsed": 0}` above it unless the method already flagged the report."""
     value = metrics.get("rankme_fraction")
-    if value is None or value >= fraction:
+    if value is None:
         return {}
+    if value >= fraction:  # a method's own flag (DINO's) stands; otherwise the report says 0
+        return {} if "collapsed" in metrics else {"collapsed": 0.0}
     if "rank" not in warned:
         warned.add("rank")
         log.warning(f"dimensional collapse: the features' effective rank (RankMe) is {metrics['rankme']:.1f}, "

@@ -98,7 +98,8 @@ def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(me
 
 def test_rank_collapse_flag_and_one_warning(caplog):
     warned = set()
-    assert check_rank({"rankme": 30.0, "rankme_fraction": 0.2}, warned) == {}
+    assert check_rank({"rankme": 30.0, "rankme_fraction": 0.2}, warned) == {"collapsed": 0.0}
+    assert check_rank({"rankme": 30.0, "rankme_fraction": 0.2, "collapsed": 1.0}, warned) == {}  # DINO's flag stands
     assert check_rank({"loss": 1.0}, warned) == {}  # a report without the probe
     with caplog.at_level("WARNING", logger="selfsup"):
         assert check_rank({"rankme": 1.1, "rankme_fraction": 0.001}, warned) == {"collapsed": 1.0}

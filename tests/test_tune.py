@@ -90,10 +90,13 @@ def killed_search(digits, tmp_path_factory):
         return len(runs) == 2 and all(p.exists() and "checkpoint_" in p.read_text() for p in snapshots)
 
     deadline = time.time() + 400
-    while not second_trial_checkpointed():
-        assert time.time() < deadline and driver.poll() is None, "the search did not reach its second trial"
-        time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies; its trials (actors it owns) die with it
+    try:
+        while not second_trial_checkpointed():
+            assert time.time() < deadline and driver.poll() is None, "the search did not reach its second trial"
+            time.sleep(0.5)
+    finally:  # also when the wait fails: a driver left running would hold the session's CPUs
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver dies; its trials (actors it owns) die with it
     driver.wait()
     from ray.util.state import list_actors
 
