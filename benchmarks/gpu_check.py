@@ -21,13 +21,12 @@ import torch
 from methods import get_method
 from methods.backbone import BackboneConfig
 from methods.base import hparams_from_dict
-from pipelines.views import RECIPES
 
 
 def build(name: str, device: torch.device):
     cls = get_method(name)
     preset = cls.presets["imagenet"]
-    recipe = RECIPES[name]().with_overrides(preset.get("views", {}))
+    recipe = cls.default_recipe().with_overrides(preset.get("views", {}))
     hparams = hparams_from_dict(cls.Hyperparameters, preset.get("hparams", {}))
     torch.manual_seed(0)
     method = cls(BackboneConfig(**preset["backbone"]), hparams, recipe).to(device)

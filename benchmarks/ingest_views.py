@@ -25,7 +25,7 @@ from pipelines.decode import decode_canvas
 from pipelines.ingest import IngestConfig, image_dataset, iter_canvas_batches
 from pipelines.samples import sample_tables
 from pipelines.viz import default_recipe
-from pipelines.views import ViewMaker
+from methods.views import ViewMaker
 
 
 def _decode_chunk(args) -> int:

@@ -1,9 +1,12 @@
 """The Method interface: everything the method-agnostic pipeline needs from a method.
 
-A method is one file that subclasses `Method`. It owns its modules (a timm backbone and heads),
-its view recipe, its loss (computed in `forward` so DistributedDataParallel sees the call), its
-per-step hooks, its optimizer and weight-decay groups, its LR-scaling rule, its hyperparameters
-with validation, and `features()` for evaluation. `register` adds it to the registry.
+A method is one file in `methods/` that subclasses `Method`. It owns its modules (a timm backbone
+and heads), its view recipe, its loss (computed in `forward` so DistributedDataParallel sees the
+call), its per-step hooks, its optimizer and weight-decay groups, its LR-scaling rule, its
+hyperparameters with validation, its presets and default search space, `features()` for
+evaluation, and the optional capabilities it declares. `register` adds it to the registry, which
+importing the `methods` package fills by importing every module in it: the CLI's choices, Tune's
+default spaces and the tests' fixtures all come from the registry.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.backbone import BackboneConfig, create_backbone
-from pipelines.views import ViewMaker, ViewRecipe
+from methods.views import ViewMaker, ViewRecipe
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -24,14 +27,6 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
-
-
-def get_method(name: str) -> type[Method]:
-    import methods  # noqa: F401  (imports every method module, filling the registry)
-
-    if name not in METHODS:
-        raise ValueError(f"method={name!r}: unknown (available: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
 
 
 class Method(nn.Module):
@@ -42,12 +37,22 @@ class Method(nn.Module):
         Hyperparameters: a dataclass of the method's hyperparameters with `validate()`.
         lr_scaling: `linear` (base x B/256) or `sqrt` (base x sqrt(B)), in the global batch.
         presets: partial run configs by preset name (`tiny` for the CPU sample, `imagenet`).
+        search_space: the `selfsup tune --space` dimensions searched when the user names none.
+        smoke_sets: `--set` overrides on the `tiny` preset for the smallest run that goes through
+            the whole pipeline (16 px views, a network of a few thousand weights): what the test
+            suite trains every registered method with.
+        capabilities: optional abilities the CLI may use: "reconstruct" (`viz mae`: the method
+            implements `reconstruct` and `masking`), "attention" (`viz attention`: it implements
+            `last_attention`).
     """
 
     name: ClassVar[str]
     Hyperparameters: ClassVar[type]
     lr_scaling: ClassVar[str] = "linear"
     presets: ClassVar[dict[str, dict]] = {}
+    search_space: ClassVar[list[str]] = []
+    smoke_sets: ClassVar[dict[str, Any]] = {}
+    capabilities: ClassVar[frozenset[str]] = frozenset()
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when training on several workers
 
     def __init__(self, backbone: BackboneConfig, hparams: Any, recipe: ViewRecipe):
@@ -59,6 +64,17 @@ class Method(nn.Module):
         self.eval_size = recipe.views[next(iter(recipe.views))].size
 
     # --- views -------------------------------------------------------------------------
+    @classmethod
+    def default_recipe(cls, size: int = 224) -> ViewRecipe:
+        """The paper's views with the main view `size` px square (other views scale with it); a
+        config's `views` overrides are applied on top of this."""
+        raise NotImplementedError
+
+    @classmethod
+    def display_recipe(cls, size: int) -> ViewRecipe:
+        """The recipe `viz augment` draws for a `size` px canvas: by default the training one."""
+        return cls.default_recipe(size)
+
     def views(self, canvases: torch.Tensor) -> list[torch.Tensor]:
         """`canvases: (N, H, W, 3) uint8` on the device -> the recipe's views, on the device."""
         return self.view_maker(canvases)
@@ -130,6 +146,27 @@ class Method(nn.Module):
         """Start from existing encoder weights (`--init-from`): `weights` is a state dict of
         exactly the backbone's keys and shapes (checked by the caller)."""
         self.backbone.load_state_dict(weights)
+
+    # --- optional capabilities (declared in `capabilities`) ----------------------------------
+    @classmethod
+    def masking(cls, hparams: Any, patch_size: int | None) -> tuple[float, int] | None:
+        """(mask ratio, patch size) of a method that hides patches of its input, else None."""
+        return None
+
+    @classmethod
+    def patch_mask(cls, n: int, patches: int, ratio: float) -> torch.Tensor:
+        """"reconstruct": which of `patches` patches the encoder does not see, drawn as in
+        training -> `(n, patches)`, 1 = hidden."""
+        raise NotImplementedError(f"{cls.name} does not mask its input")
+
+    def reconstruct(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """"reconstruct": `imgs: (N, 3, H, W)` -> (reconstruction, mask) for `viz mae`."""
+        raise NotImplementedError(f"{self.name} does not reconstruct its input")
+
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """"attention": `images: (N, 3, H, W)` -> the class token's last-block attention
+        `(N, heads, H / p, W / p)` for `viz attention`."""
+        raise NotImplementedError(f"{self.name} has no attention maps")
 
     def encoder_model_args(self) -> dict:
         """`timm.create_model` arguments that make the exported encoder's `forward` equal

@@ -25,6 +25,22 @@ from torch.nn.utils.parametrizations import weight_norm
 from methods.base import Method, register
 from methods.distributed import all_reduce_mean
 from methods.schedules import warmup_cosine
+from methods.views import ViewRecipe, ViewSpec
+
+
+def dino_recipe(global_size: int = 224, local_size: int = 96, local_copies: int = 8) -> ViewRecipe:
+    """Multi-crop (Caron et al., 2021, `DataAugmentationDINO` of the reference code): two global
+    crops (0.4-1; blur 1.0 / 0.1, solarize on the second) and N local crops (0.05-0.4)."""
+    jitter = (0.4, 0.4, 0.2, 0.1)
+    return ViewRecipe(
+        {
+            "global1": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=1.0),
+            "global2": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=0.1, solarize=0.2),
+            "local": ViewSpec(
+                size=local_size, scale=(0.05, 0.4), jitter=jitter, blur=0.5, copies=local_copies
+            ),
+        }
+    )
 
 log = logging.getLogger("selfsup")  # the pipeline decides where its lines go (pipelines/console.py)
 
@@ -234,6 +250,13 @@ class DINO(Method):
     name = "dino"
     Hyperparameters = DINOHyperparameters
     lr_scaling = "linear"
+    capabilities = frozenset({"attention"})
+    search_space = ["teacher_temp=loguniform(0.01, 0.07)", "batch_size=choice(64, 128, 256)"]
+    # The tiny preset at 16 px: 2 global + 2 local crops, a 2-block ViT of width 32.
+    smoke_sets = {"views.global1.size": 16, "views.global2.size": 16, "views.local.size": 8, "views.local.copies": 2,
+                  "backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,
+                  "backbone.kwargs.num_heads": 2, "hparams.out_dim": 256, "hparams.hidden_dim": 64,
+                  "hparams.bottleneck_dim": 32, "optim.base_lr": 2e-3}
     presets = {
         # A ViT of width 96, depth 4, patch 4: 32 px global crops (64 tokens), 16 px locals. At this
         # scale the paper's head collapsed to a uniform output within ~100 steps on the sample (the
@@ -260,6 +283,15 @@ class DINO(Method):
                       "weight_decay": 0.04, "clip_grad": 3.0, "min_lr": 1e-6},
         },
     }
+
+    @classmethod
+    def default_recipe(cls, size: int = 224) -> ViewRecipe:
+        """Global crops of `size`, eight local crops of 96/224 of it (the paper's ratio)."""
+        return dino_recipe(size, max(4, round(size * 96 / 224)), 8)
+
+    @classmethod
+    def display_recipe(cls, size: int) -> ViewRecipe:
+        return cls.default_recipe(size).with_overrides({"local.copies": 4})  # a picture of 6 views
 
     def __init__(self, backbone, hparams: DINOHyperparameters, recipe):
         super().__init__(backbone, hparams, recipe)

@@ -18,6 +18,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from methods.base import Method, register
+from methods.views import ViewRecipe, ViewSpec
+
+
+def mae_recipe(size: int = 224) -> ViewRecipe:
+    """One view (He et al., 2022): random resized crop 0.2-1 and flip only."""
+    return ViewRecipe({"view": ViewSpec(size=size, scale=(0.2, 1.0), jitter_p=0.0, grayscale=0.0)})
 
 
 def sincos_with_cls(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -59,6 +65,10 @@ class MAE(Method):
     name = "mae"
     Hyperparameters = MAEHyperparameters
     lr_scaling = "linear"
+    capabilities = frozenset({"reconstruct"})
+    search_space = ["mask_ratio=uniform(0.5, 0.9)", "batch_size=choice(64, 128, 256)"]
+    smoke_sets = {"views.view.size": 16, "backbone.img_size": 16, "backbone.kwargs.embed_dim": 32,
+                  "backbone.kwargs.depth": 2, "backbone.kwargs.num_heads": 2}
     presets = {
         # ViT of width 96, depth 4, patch 4 on 32 px; decoder 64 x 2.
         "tiny": {
@@ -80,6 +90,18 @@ class MAE(Method):
                       "weight_decay": 0.05, "betas": [0.9, 0.95]},
         },
     }
+
+    @classmethod
+    def default_recipe(cls, size: int = 224) -> ViewRecipe:
+        return mae_recipe(size)
+
+    @classmethod
+    def masking(cls, hparams: MAEHyperparameters, patch_size: int | None) -> tuple[float, int] | None:
+        return (hparams.mask_ratio, patch_size) if patch_size else None
+
+    @classmethod
+    def patch_mask(cls, n: int, patches: int, ratio: float) -> torch.Tensor:
+        return cls.random_masking(torch.zeros(n, patches, 1), ratio)[1]
 
     def __init__(self, backbone, hparams: MAEHyperparameters, recipe):
         super().__init__(backbone, hparams, recipe)

@@ -17,6 +17,13 @@ from torch import nn
 
 from methods.base import Method, register
 from methods.distributed import gather_with_grad, rank
+from methods.views import ViewRecipe, ViewSpec
+
+
+def simclr_recipe(size: int = 224, blur: float = 0.5) -> ViewRecipe:
+    """Two views (Chen et al., 2020, appendix A): crop 0.08-1, flip, colour jitter
+    0.8 * (0.4, 0.4, 0.4, 0.1), grayscale 0.2, Gaussian blur."""
+    return ViewRecipe({"view": ViewSpec(size=size, blur=blur, copies=2)})
 
 
 class NTXentLoss(nn.Module):
@@ -109,6 +116,8 @@ class SimCLR(Method):
     name = "simclr"
     Hyperparameters = SimCLRHyperparameters
     lr_scaling = "sqrt"
+    search_space = ["temperature=loguniform(0.05, 1.0)", "batch_size=choice(64, 128, 256)"]
+    smoke_sets = {"views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8}
     presets = {
         # A CIFAR-style ResNet of width 16 at 32 px: learns visibly in a few CPU minutes.
         "tiny": {
@@ -130,6 +139,10 @@ class SimCLR(Method):
                       "warmup_epochs": 10, "weight_decay": 1e-6, "momentum": 0.9},
         },
     }
+
+    @classmethod
+    def default_recipe(cls, size: int = 224) -> ViewRecipe:
+        return simclr_recipe(size)
 
     def __init__(self, backbone, hparams: SimCLRHyperparameters, recipe):
         super().__init__(backbone, hparams, recipe)

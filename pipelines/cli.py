@@ -41,6 +41,11 @@ def quiet_console() -> None:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
 
 
+# Method names are not listed here: the registry (methods/) knows them, and importing it (torch,
+# timm, Kornia) would slow every `selfsup --help`; an unknown name is refused with the list.
+METHOD_HELP = "a method of methods/ (simclr, mae, dino, ...; an unknown name lists them)"
+
+
 class UsageError(ValueError):
     """A bad argument or config value, found before Ray starts."""
 
@@ -325,6 +330,7 @@ def cmd_demo(args) -> dict:
     from pipelines.prepare import PrepareConfig, prepare
     from pipelines.pretrain import pretrain
     from pipelines.viz import augment_picture, default_recipe, first_canvases, masking_of
+    from methods import METHODS
 
     config = build_config("simclr", "tiny", sets={**DEMO_SIMCLR, "optim.epochs": args.epochs, "train.knn_every_epochs": 0})
     data = os.path.join(args.workdir, "data", args.sample)
@@ -335,9 +341,9 @@ def cmd_demo(args) -> dict:
     prepared = prepare(f"sample:{args.sample}", data, PrepareConfig(overwrite=True))
     canvases = first_canvases(f"{data}/train", 6, 32)
     drawn = {}
-    for method in ("simclr", "dino", "mae"):
+    for method in sorted(METHODS):
         drawn[method] = os.path.join(pictures, f"augment_{method}.png")
-        recipe = config.recipe() if method == "simclr" else default_recipe(method, 32)  # what the demo trains
+        recipe = config.recipe() if method == config.method else default_recipe(method, 32)  # what the demo trains
         augment_picture(canvases, recipe, masking=masking_of(method)).save(drawn[method])
     log.info(f"demo: views drawn in {pictures}; pretraining SimCLR ({args.epochs} epochs)")
     run = pretrain(config, f"{data}/train", val=f"{data}/test", storage=os.path.join(args.workdir, "runs"),
@@ -352,7 +358,7 @@ def cmd_demo(args) -> dict:
 
 
 def _method_args(parser) -> None:
-    parser.add_argument("--method", required=True, help="simclr, mae or dino")
+    parser.add_argument("--method", required=True, help=METHOD_HELP)
     parser.add_argument("--preset", default="tiny", help="tiny (CPU sample; the default) or imagenet")
     parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
@@ -370,7 +376,7 @@ def cmd_viz_mae(args) -> dict:
         raise UsageError(f"--mask-ratios {args.mask_ratios}: each must be in (0, 1)")
     args.checkpoint = check_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
-    if not hasattr(method, "reconstruct"):
+    if "reconstruct" not in method.capabilities:
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint; viz mae needs an MAE one")
     canvases = first_canvases(args.data, args.images, config.data.canvas_size)
     picture = mae_picture(method, canvases, ratios, seed=args.seed)
@@ -386,7 +392,7 @@ def cmd_viz_attention(args) -> dict:
 
     args.checkpoint = check_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
-    if not hasattr(method, "last_attention") or not hasattr(method.encoder(), "blocks"):
+    if "attention" not in method.capabilities or not hasattr(method.encoder(), "blocks"):
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint with backbone "
                          f"{config.backbone.name}; viz attention needs a DINO checkpoint with a ViT backbone")
     patch = method.encoder().patch_embed.patch_size[0]
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz = commands.add_parser("viz", help="draw pictures").add_subparsers(dest="picture", required=True)
     augment = viz.add_parser("augment", help="originals beside their augmented views")
     augment.add_argument("--data", required=True, help="shard folder or URI")
-    augment.add_argument("--method", required=True, choices=["simclr", "dino", "mae"])
+    augment.add_argument("--method", required=True, help=METHOD_HELP)
     augment.add_argument("--out", required=True, help="PNG file to write")
     augment.add_argument("--images", type=int, default=6)
     augment.add_argument("--canvas-size", type=int, default=64)

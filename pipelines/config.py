@@ -11,10 +11,12 @@ from typing import Any
 import yaml
 
 from methods.backbone import BackboneConfig
+from methods import get_method
+from methods.base import hparams_from_dict
+from methods.views import ViewRecipe
 from pipelines.ingest import IngestConfig
 from pipelines.elastic import parse_workers
 from pipelines.validation import check_rules, load_yaml
-from pipelines.views import RECIPES, ViewRecipe
 
 SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train", "tracking")
 
@@ -174,7 +176,7 @@ class RunConfig:
     raw: dict = field(default_factory=dict, repr=False)
 
     def recipe(self) -> ViewRecipe:
-        return RECIPES[self.method]().with_overrides(self.views)
+        return get_method(self.method).default_recipe().with_overrides(self.views)
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
@@ -237,8 +239,6 @@ def _build(cls, values: dict, section: str):
 
 def build_config(method: str, preset: str = "tiny", file: str | None = None, sets: dict | None = None) -> RunConfig:
     """The validated run config. Raises ValueError with a one-line message on any bad input."""
-    from methods.base import get_method
-
     file_values: dict = {}
     if file:
         try:
@@ -284,8 +284,6 @@ def with_sets(raw: dict, sets: dict) -> RunConfig:
 
 def config_from_dict(raw: dict) -> RunConfig:
     """A validated RunConfig from a complete config dict (as built above, or stored in a checkpoint)."""
-    from methods.base import get_method, hparams_from_dict
-
     method_cls = get_method(raw["method"])
     config = RunConfig(
         method=raw["method"],

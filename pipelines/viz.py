@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
+from methods import Method, get_method
+from methods.views import ViewMaker, ViewRecipe
 from pipelines.decode import BadImage, decode_canvas, image_bytes
 from pipelines.shards import find_shards
-from pipelines.views import RECIPES, ViewMaker, ViewRecipe
 
 CELL = 96
 HEADER = 14
@@ -34,48 +37,55 @@ def first_canvases(location: str, count: int, canvas_size: int) -> np.ndarray:
 
 
 def default_recipe(method: str, canvas_size: int) -> ViewRecipe:
-    """The method's recipe sized for a canvas: full-size views, DINO locals at 96/224 of it."""
-    if method == "dino":
-        return RECIPES["dino"](canvas_size, max(4, round(canvas_size * 96 / 224)), 4)
-    return RECIPES[method](canvas_size)
+    """The method's recipe for pictures of a `canvas_size` canvas (`Method.display_recipe`)."""
+    return get_method(method).display_recipe(canvas_size)
 
 
 def _cell(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image).resize((CELL, CELL), Image.Resampling.NEAREST)
 
 
-def masking_of(method: str, preset: str = "tiny") -> tuple[float, int] | None:
-    """(mask ratio, patch size) of a method that masks its input (MAE), from its preset."""
+@dataclass(frozen=True)
+class Masking:
+    """How a method that hides patches of its input (capability "reconstruct") masks a view."""
+
+    method: type[Method]
+    ratio: float
+    patch: int
+
+    def hide(self, views: torch.Tensor) -> torch.Tensor:
+        """`views: (N, 3, H, W)` with the patches the method hides greyed out, drawn by the
+        method's own `patch_mask` (what the encoder is left to see)."""
+        n, _, height, width = views.shape
+        grid = (max(1, height // self.patch), max(1, width // self.patch))
+        mask = self.method.patch_mask(n, grid[0] * grid[1], self.ratio)
+        pixels = torch.nn.functional.interpolate(mask.reshape(n, 1, *grid), size=(height, width), mode="nearest")
+        return views * (1 - pixels) + pixels * _grey(views)
+
+
+def masking_of(method: str, preset: str = "tiny") -> Masking | None:
+    """The masking of a method that masks its input (MAE), from its preset; None for the others."""
     from pipelines.config import build_config
 
+    cls = get_method(method)
+    if "reconstruct" not in cls.capabilities:
+        return None
     config = build_config(method, preset)
-    ratio = getattr(config.hparams, "mask_ratio", None)
-    return (ratio, config.backbone.patch_size) if ratio and config.backbone.patch_size else None
-
-
-def mask_patches(views: torch.Tensor, mask_ratio: float, patch: int) -> torch.Tensor:
-    """`views: (N, 3, H, W)` with the patches MAE hides greyed out, drawn by MAE's own
-    `random_masking` (what the encoder is left to see)."""
-    from methods.mae import MAE
-
-    n, _, height, width = views.shape
-    grid = (max(1, height // patch), max(1, width // patch))
-    _, mask, _ = MAE.random_masking(torch.zeros(n, grid[0] * grid[1], 1), mask_ratio)
-    pixels = torch.nn.functional.interpolate(mask.reshape(n, 1, *grid), size=(height, width), mode="nearest")
-    return views * (1 - pixels) + pixels * _grey(views)
+    masking = cls.masking(config.hparams, config.backbone.patch_size)
+    return Masking(cls, *masking) if masking else None
 
 
 def augment_picture(canvases: np.ndarray, recipe: ViewRecipe, seed: int = 0,
-                    masking: tuple[float, int] | None = None) -> Image.Image:
+                    masking: Masking | None = None) -> Image.Image:
     """A grid: one row per image, the original canvas then each of the recipe's views; with
-    `masking` (mask ratio, patch size), then the first view as the encoder sees it."""
+    `masking`, then the first view as the encoder sees it."""
     torch.manual_seed(seed)
     maker = ViewMaker(recipe)
     views = maker(torch.from_numpy(canvases))
     columns = ["original"] + recipe.names
     if masking:
-        views = [*views, mask_patches(views[0], *masking)]
-        columns.append(f"masked {masking[0]:.0%}")
+        views = [*views, masking.hide(views[0])]
+        columns.append(f"masked {masking.ratio:.0%}")
     grid = Image.new("RGB", (CELL * len(columns), HEADER + CELL * len(canvases)), "white")
     draw = ImageDraw.Draw(grid)
     for col, name in enumerate(columns):

@@ -3,20 +3,12 @@ and a reader of the TensorBoard files runs write."""
 
 import os
 
+from methods import METHODS
 from pipelines.config import build_config
 
 COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_size": 64, "train.knn_every_epochs": 1,
           "train.probe_size": 256}
-VIT = {"backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,
-       "backbone.kwargs.num_heads": 2}
-TINY = {
-    "simclr": {"views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8},
-    "mae": {"views.view.size": 16, **VIT},
-    # The DINO tiny preset at 16 px; 2 global + 2 local crops.
-    "dino": {"views.global1.size": 16, "views.global2.size": 16, "views.local.size": 8, "views.local.copies": 2,
-             **VIT, "hparams.out_dim": 256, "hparams.hidden_dim": 64, "hparams.bottleneck_dim": 32,
-             "optim.base_lr": 2e-3},
-}
+TINY = {name: cls.smoke_sets for name, cls in METHODS.items()}  # every registered method, at 16 px
 STEPS_PER_EPOCH = 1438 // 64  # sample:digits train split, global batch 64
 
 

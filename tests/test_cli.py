@@ -32,7 +32,8 @@ def test_viz_augment_draws_originals_beside_views(digits, tmp_path, capsys):
 def test_mae_picture_shows_the_patches_the_encoder_does_not_see(digits, tmp_path, capsys):
     import torch
 
-    from pipelines.viz import mask_patches
+    from methods.mae import MAE
+    from pipelines.viz import Masking
 
     out, _ = digits
     picture = tmp_path / "mae.png"
@@ -40,7 +41,7 @@ def test_mae_picture_shows_the_patches_the_encoder_does_not_see(digits, tmp_path
                  "--images", "2", "--canvas-size", "32"]) == 0
     assert Image.open(picture).size[0] == 96 * 3  # original, the view, the view masked
     views = torch.full((2, 3, 32, 32), 5.0)  # a value no grey patch has
-    masked = mask_patches(views, 0.75, 4)
+    masked = Masking(MAE, 0.75, 4).hide(views)
     hidden = (masked != 5.0).all(dim=1).float().mean(dim=(1, 2))
     assert torch.allclose(hidden, torch.tensor([0.75, 0.75]))  # 48 of the 64 patches, each image
 

@@ -11,7 +11,7 @@ from methods.backbone import BackboneConfig
 from methods.dino import DINO, DINOHyperparameters, DINOLoss
 from pipelines.config import OptimConfig
 from pipelines.console import to_stderr
-from pipelines.views import dino_recipe
+from methods.dino import dino_recipe
 from twoworkers import run_two_workers, same, single_worker
 
 IMAGES = 8  # global batch

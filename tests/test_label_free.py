@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from methods import METHODS
 from pipelines.label_free import alignment, check_rank, probe_metrics, rankme, uniformity
 from pipelines.probe import probe_table
 from runs import tiny_config
@@ -75,7 +76,7 @@ def test_probe_set_names_records_of_shards_without_ids(tmp_path):
     assert ids == [f"{tmp_path}/only.parquet#{row}" for row in range(3)]
 
 
-@pytest.mark.parametrize("method_name", ["simclr", "mae", "dino"])
+@pytest.mark.parametrize("method_name", sorted(METHODS))
 def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(method_name):
     from pipelines.train_loop import build_method
 

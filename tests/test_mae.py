@@ -4,7 +4,7 @@ import torch
 from methods.backbone import BackboneConfig
 from methods.mae import MAE, MAEHyperparameters
 from pipelines.config import build_config
-from pipelines.views import mae_recipe
+from methods.mae import mae_recipe
 from twoworkers import run_two_workers, same, single_worker
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from methods.backbone import BackboneConfig
 from methods.simclr import NTXentLoss, SimCLR, SimCLRHyperparameters
-from pipelines.views import simclr_recipe
+from methods.simclr import simclr_recipe
 from twoworkers import run_two_workers, same, single_worker
 
 IMAGES = 12  # global batch

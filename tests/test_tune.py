@@ -15,7 +15,8 @@ import yaml
 from pipelines.config import build_config
 from runs import COMMON, TINY
 from tune.search import SearchSettings, check_space
-from tune.space import DEFAULT_SPACES, parse_dimension, parse_space
+from methods import METHODS
+from tune.space import parse_dimension, parse_space
 
 SIMCLR_DIGITS = {**COMMON, **TINY["simclr"]}
 
@@ -30,8 +31,8 @@ def test_space_strings_become_config_keys_and_bad_ones_say_why():
     assert parse_dimension("hparams.proj_out=grid(32, 64)").dist == "grid"
     assert parse_dimension("lr=grid(1e-9, 0.3)").args == (1e-9, 0.3)  # a number, though YAML 1.1 says string
     assert parse_dimension("views.view.scale=choice([0.2, 1.0], [0.5, 1])").args == ([0.2, 1.0], [0.5, 1])
-    for method in ("simclr", "mae", "dino"):
-        assert [d.name for d in parse_space([], method)] == [s.split("=")[0] for s in DEFAULT_SPACES[method]]
+    for method, cls in METHODS.items():
+        assert [d.name for d in parse_space([], method)] == [s.split("=")[0] for s in cls.search_space]
     for bad, message in [("temperature=normal(0, 1)", "expected name=dist"),
                          ("temperature=loguniform(0, 1)", "low end > 0"),
                          ("temperature=uniform(1, 0.5)", "below the high end"),

@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from pipelines.views import RECIPES, ViewMaker, dino_recipe, mae_recipe, simclr_recipe
+from methods import METHODS
+from methods.dino import dino_recipe
+from methods.mae import mae_recipe
+from methods.simclr import simclr_recipe
+from methods.views import ViewMaker
 
 RECIPE_CASES = {
     "simclr": (simclr_recipe(24), [(24, 24)] * 2),
@@ -30,9 +34,9 @@ def test_recipe_shapes_dtypes_ranges(method):
         assert view.min() >= -2.2 and view.max() <= 2.7
 
 
-@pytest.mark.parametrize("method", sorted(RECIPES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_random_parameters_differ_per_sample(method):
-    recipe, _ = RECIPE_CASES[method]
+    recipe = METHODS[method].default_recipe(24)
     same = canvases(1).repeat(8, 1, 1, 1)
     torch.manual_seed(0)
     view = ViewMaker(recipe)(same)[0]
@@ -40,9 +44,9 @@ def test_random_parameters_differ_per_sample(method):
     assert len(distinct) > 1
 
 
-@pytest.mark.parametrize("method", sorted(RECIPES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_seeded_views_are_reproducible(method):
-    recipe, _ = RECIPE_CASES[method]
+    recipe = METHODS[method].default_recipe(24)
     maker, batch = ViewMaker(recipe), canvases()
     torch.manual_seed(7)
     first = maker(batch)

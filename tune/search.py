@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import yaml
 from ray.tune.stopper import Stopper
 
+from methods import get_method
 from pipelines.config import RunConfig, with_sets
 from pipelines.shards import absolute_location
 from tune.space import Dimension
@@ -220,8 +221,6 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
 
 
 def _method_rule(config: RunConfig) -> str:
-    from methods import get_method
-
     return get_method(config.method).lr_scaling
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from methods import get_method
 from pipelines.validation import parse_value
 
 ALIASES = {
@@ -24,13 +25,6 @@ ALIASES = {
     "base_lr": "optim.base_lr",
     "weight_decay": "optim.weight_decay",
     "epochs": "optim.epochs",
-}
-
-# What the mission asks each method's search to cover first (CPU-sample batch sizes).
-DEFAULT_SPACES = {
-    "simclr": ["temperature=loguniform(0.05, 1.0)", "batch_size=choice(64, 128, 256)"],
-    "mae": ["mask_ratio=uniform(0.5, 0.9)", "batch_size=choice(64, 128, 256)"],
-    "dino": ["teacher_temp=loguniform(0.01, 0.07)", "batch_size=choice(64, 128, 256)"],
 }
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(loguniform|uniform|quniform|randint|choice|grid)\s*\((.*)\)\s*$")
@@ -115,8 +109,8 @@ def parse_dimension(spec: str) -> Dimension:
 
 
 def parse_space(specs: list[str], method: str) -> list[Dimension]:
-    """The user's dimensions, or the method's default space when there are none."""
-    dimensions = [parse_dimension(spec) for spec in (specs or DEFAULT_SPACES.get(method, []))]
+    """The user's dimensions, or the method's default space (`Method.search_space`) when there are none."""
+    dimensions = [parse_dimension(spec) for spec in (specs or get_method(method).search_space)]
     keys = [d.key for d in dimensions]
     duplicated = sorted({k for k in keys if keys.count(k) > 1})
     if duplicated:

@@ -5,8 +5,8 @@ field can be overridden with `"<view>.<field>": value` (e.g. `"local.copies": 6`
 `--set` reach every parameter. Kornia draws random parameters per sample; seeding the torch RNG
 (`torch.manual_seed`) makes a sequence of calls reproducible.
 
-Recipes follow the papers: SimCLR (Chen et al., 2020, appendix A), DINO multi-crop (Caron et al.,
-2021, `DataAugmentationDINO` of the reference code) and MAE (He et al., 2022: crop + flip only).
+Each method's recipe lives in its own file (`Method.default_recipe`); this module is the machinery
+they share, and the pipeline imports it from here (methods never import the pipeline).
 """
 
 from __future__ import annotations
@@ -111,33 +111,6 @@ class ViewRecipe:
             spec.validate(name)
         if not self.names:
             raise ValueError("views: the recipe makes no view (every copies is 0)")
-
-
-def simclr_recipe(size: int = 224, blur: float = 0.5) -> ViewRecipe:
-    """Two views: crop 0.08-1, flip, colour jitter 0.8*(0.4,0.4,0.4,0.1), grayscale 0.2, blur."""
-    return ViewRecipe({"view": ViewSpec(size=size, blur=blur, copies=2)})
-
-
-def dino_recipe(global_size: int = 224, local_size: int = 96, local_copies: int = 8) -> ViewRecipe:
-    """Two global crops (0.4-1; blur 1.0 / 0.1, solarize on the second) and N local crops (0.05-0.4)."""
-    jitter = (0.4, 0.4, 0.2, 0.1)
-    return ViewRecipe(
-        {
-            "global1": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=1.0),
-            "global2": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=0.1, solarize=0.2),
-            "local": ViewSpec(
-                size=local_size, scale=(0.05, 0.4), jitter=jitter, blur=0.5, copies=local_copies
-            ),
-        }
-    )
-
-
-def mae_recipe(size: int = 224) -> ViewRecipe:
-    """One view: random resized crop 0.2-1 and flip only."""
-    return ViewRecipe({"view": ViewSpec(size=size, scale=(0.2, 1.0), jitter_p=0.0, grayscale=0.0)})
-
-
-RECIPES = {"simclr": simclr_recipe, "dino": dino_recipe, "mae": mae_recipe}
 
 
 def _blur_kernel(size: int) -> int:
