@@ -26,7 +26,8 @@ from pipelines.config import build_config
 from pipelines.evaluate import evaluate_checkpoint
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.pretrain import pretrain
-from pipelines.train_loop import build_method, plan
+from pipelines.train_loop import plan
+from pipelines.checkpoint import build_method
 
 
 def model_only_rate(config, steps: int = 5) -> float:
@@ -91,7 +92,7 @@ def main() -> None:
         linear = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "linear")
         result.update({f"linear_{k}": round(v, 4) for k, v in linear.items() if k.endswith("top1")})
     if args.picture:
-        from pipelines.evaluate import load_checkpoint
+        from pipelines.checkpoint import load_checkpoint
         from pipelines.viz import attention_picture, first_canvases, mae_picture
 
         method, _ = load_checkpoint(run["checkpoint"])

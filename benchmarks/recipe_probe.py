@@ -25,7 +25,8 @@ from pipelines.decode import decode_canvas
 from pipelines.evaluate import embedding_spread, knn_top1, linear_probe_top1
 from pipelines.label_free import probe_metrics
 from pipelines.samples import sample_tables
-from pipelines.train_loop import build_method, lr_at, plan
+from pipelines.train_loop import lr_at, plan
+from pipelines.checkpoint import build_method
 
 
 @functools.lru_cache(maxsize=2)

@@ -21,7 +21,7 @@ from pipelines.config import build_config
 from pipelines.decode import decode_canvas
 from pipelines.evaluate import knn_top1, linear_probe_top1
 from pipelines.samples import sample_tables
-from pipelines.train_loop import build_method
+from pipelines.checkpoint import build_method
 
 
 def canvases(table, size: int) -> torch.Tensor:

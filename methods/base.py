@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbone import BackboneConfig, create_backbone
+from methods.backbone import BackboneConfig, create_backbone, decay_groups
 from methods.views import ViewMaker, ViewRecipe
 
 METHODS: dict[str, type[Method]] = {}
@@ -106,8 +106,6 @@ class Method(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups; by default weight decay on all but biases and norms."""
-        from methods.backbone import decay_groups
-
         return decay_groups(self, weight_decay)
 
     def make_optimizer(self, groups: list[dict], lr: float, optim: Any) -> torch.optim.Optimizer:

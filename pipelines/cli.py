@@ -97,26 +97,6 @@ def emit(result: dict) -> None:
     print(json.dumps(result, default=str), file=_stdout, flush=True)
 
 
-def check_checkpoint(path: str) -> str:
-    """The checkpoint folder at `path`, or the latest one in the run folder `path`, after checking
-    that its state loads as plain weights (a file that would run code when unpickled is refused);
-    before Ray starts."""
-    from pipelines.train_loop import STATE_FILE, load_state, newest_loadable
-
-    if not os.path.exists(os.path.join(path, STATE_FILE)) and os.path.isdir(path):
-        found = newest_loadable(path)  # a run folder: its newest checkpoint that loads
-        if found is None and any(e.startswith("checkpoint_") for e in os.listdir(path)):
-            raise UsageError(f"--checkpoint {path}: none of its checkpoints can be read")
-        if found is not None:
-            for damaged in found[2]:
-                log.warning(f"checkpoint {damaged} is damaged; using the previous one, {found[0]}")
-            return os.path.abspath(found[0])
-    if not os.path.exists(os.path.join(path, STATE_FILE)):
-        raise UsageError(f"--checkpoint {path}: no {STATE_FILE} (expected a selfsup checkpoint or run folder)")
-    load_state(path)
-    return os.path.abspath(path)  # every JSON line names checkpoints the same way
-
-
 def cmd_prepare(args) -> dict:
     from pipelines.prepare import PrepareConfig, held_out_ids, held_out_images, plan_source, prepare
     from pipelines.shards import check_output_folder
@@ -150,7 +130,7 @@ def cmd_prepare(args) -> dict:
 
 def _config(args):
     from pipelines.config import build_config
-    from pipelines.train_loop import build_method
+    from pipelines.checkpoint import build_method
 
     try:
         config = build_config(args.method, args.preset, args.config, parse_sets(args.set))
@@ -185,7 +165,7 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
     import yaml
 
     from pipelines.pretrain import storage_path
-    from pipelines.train_loop import CONFIG_FILE, move_orphans
+    from pipelines.checkpoint import CONFIG_FILE, move_orphans
 
     if name is not None and not RUN_NAME.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names folders and Ray's records)")
@@ -287,10 +267,11 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
+    from pipelines.checkpoint import find_checkpoint
     from pipelines.evaluate import evaluate_checkpoint
     from pipelines.shards import checked_shards
 
-    args.checkpoint = check_checkpoint(args.checkpoint)
+    args.checkpoint = find_checkpoint(args.checkpoint)
     for location in (args.train, args.test):
         checked_shards(location)
     start_ray(args.num_cpus)
@@ -365,7 +346,7 @@ def _method_args(parser) -> None:
 
 
 def cmd_viz_mae(args) -> dict:
-    from pipelines.evaluate import load_checkpoint
+    from pipelines.checkpoint import find_checkpoint, load_checkpoint
     from pipelines.viz import first_canvases, mae_picture
 
     try:
@@ -374,7 +355,7 @@ def cmd_viz_mae(args) -> dict:
         raise UsageError(f"--mask-ratios {args.mask_ratios!r}: expected numbers like 0.5,0.75,0.9") from None
     if not all(0 < r < 1 for r in ratios):
         raise UsageError(f"--mask-ratios {args.mask_ratios}: each must be in (0, 1)")
-    args.checkpoint = check_checkpoint(args.checkpoint)
+    args.checkpoint = find_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
     if "reconstruct" not in method.capabilities:
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint; viz mae needs an MAE one")
@@ -386,11 +367,11 @@ def cmd_viz_mae(args) -> dict:
 
 
 def cmd_viz_attention(args) -> dict:
+    from pipelines.checkpoint import find_checkpoint, load_checkpoint
     from pipelines.decode import BadImage, decode_canvas
-    from pipelines.evaluate import load_checkpoint
     from pipelines.viz import attention_picture
 
-    args.checkpoint = check_checkpoint(args.checkpoint)
+    args.checkpoint = find_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
     if "attention" not in method.capabilities or not hasattr(method.encoder(), "blocks"):
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint with backbone "
@@ -428,19 +409,21 @@ def cmd_viz_curves(args) -> dict:
 
 
 def cmd_export(args) -> dict:
+    from pipelines.checkpoint import find_checkpoint
     from pipelines.export import export_encoder
 
-    args.checkpoint = check_checkpoint(args.checkpoint)
+    args.checkpoint = find_checkpoint(args.checkpoint)
     result = export_encoder(args.checkpoint, args.out, overwrite=args.overwrite, onnx=args.format == "onnx")
     log.info(f"export: load it with: {result['load']}")
     return result
 
 
 def cmd_embed(args) -> dict:
+    from pipelines.checkpoint import find_checkpoint
     from pipelines.embed import embed, embeddable_shards
     from pipelines.shards import check_output_folder
 
-    args.checkpoint = check_checkpoint(args.checkpoint)
+    args.checkpoint = find_checkpoint(args.checkpoint)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.actors is not None and args.actors < 1:

@@ -22,8 +22,11 @@ import ray.data
 import torch
 
 from pipelines.console import Progress
+from pipelines.checkpoint import build_method, load_checkpoint, load_state
+from pipelines.config import config_from_dict
 from pipelines.ingest import IngestConfig, image_dataset
 from pipelines.shards import DataError, check_output_folder, find_shards, resolve_location
+from pipelines.train_loop import autocast_for
 
 SUMMARY_FILE = "_embeddings.json"
 
@@ -32,9 +35,6 @@ class Embedder:
     """Ray Data actor: builds the method once, then `features(eval_images(canvases))` per batch."""
 
     def __init__(self, config: dict, method_state: dict, precision: str):
-        from pipelines.config import config_from_dict
-        from pipelines.train_loop import autocast_for, build_method
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         method = build_method(config_from_dict(config))
         method.load_state_dict(method_state)
@@ -78,9 +78,6 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
         shards: `embeddable_shards(data)`, when the caller has it.
     Returns the summary printed as the command's JSON line (rows, dimension, skipped records).
     """
-    from pipelines.evaluate import load_checkpoint
-    from pipelines.train_loop import load_state
-
     state = load_state(checkpoint)
     method, config = load_checkpoint(checkpoint, state)
     shards = shards or embeddable_shards(data)

@@ -6,9 +6,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.checkpoint import build_method, load_checkpoint
+from pipelines.console import Progress
+from pipelines.ingest import IngestConfig, image_dataset
+from pipelines.shards import find_shards
 
 
 @torch.no_grad()
@@ -128,33 +134,10 @@ class FeatureExtractor:
         return out
 
 
-def load_checkpoint(path: str, state: dict | None = None):
-    """(method with the checkpoint's weights, its RunConfig). Weights load without unpickling code;
-    `state` is the checkpoint's already loaded `load_state(path)`, if the caller has it."""
-    import os
-
-    import yaml
-
-    from pipelines.config import config_from_dict
-    from pipelines.train_loop import CONFIG_FILE, build_method, load_state
-
-    with open(os.path.join(path, CONFIG_FILE)) as stream:
-        config = config_from_dict(yaml.safe_load(stream))
-    method = build_method(config)
-    method.load_state_dict((state or load_state(path))["method"])
-    return method, config
-
-
 def extract(location: str, method_factory, state_dicts: dict, canvas_size: int, with_pixels: bool = False,
             batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Every encoder's features (and raw pixels), labels and keys of a labeled shard set, in one
     Ray Data batch-inference pass (an actor holding the encoders; a GPU when the cluster has one)."""
-    import ray
-
-    from pipelines.console import Progress
-    from pipelines.ingest import IngestConfig, image_dataset
-    from pipelines.shards import find_shards
-
     config = IngestConfig(canvas_size=canvas_size, shuffle_files=False, shuffle_buffer=0)
     dataset, _ = image_dataset(location, config, with_labels=True)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -179,9 +162,6 @@ def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn",
     """kNN or linear top-1 of a checkpoint's encoder; with `baselines`, the same for the
     random-init encoder of the same architecture (the floor) and for raw pixels. Each protocol
     in `also` is scored on the same features too, under its own key (`{"linear": {...}}`)."""
-    from pipelines.console import Progress
-    from pipelines.train_loop import build_method
-
     method, config = load_checkpoint(path)
     encoders = {"top1": {k: v.cpu() for k, v in method.state_dict().items()}}
     if baselines:

@@ -24,6 +24,7 @@ import os
 import torch
 from torch import nn
 
+from pipelines.checkpoint import load_checkpoint, load_state
 from pipelines.shards import DataError
 
 EXPORT_INFO = "selfsup"  # the config.json key where the export records where it came from
@@ -107,9 +108,6 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     if onnx:
         _require_onnx()
     from timm.models import save_for_hf
-
-    from pipelines.evaluate import load_checkpoint
-    from pipelines.train_loop import load_state
 
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise ExportError(f"--out {out}: not empty (pass --overwrite to replace its files)")

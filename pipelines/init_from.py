@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from pipelines.checkpoint import build_method
 from pipelines.shards import DataError
 
 CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
@@ -63,8 +64,6 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 def initial_weights(config) -> tuple[dict[str, torch.Tensor], list[str]] | None:
     """`config.train.init_from`'s weights fitted to the run's backbone (see `fit_to_backbone`), or
     None when the run starts from random init."""
-    from pipelines.train_loop import build_method
-
     if not config.train.init_from:
         return None
     backbone = build_method(config).backbone

@@ -17,6 +17,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.ingest import decode_records
 from pipelines.shards import DataError, find_shards
 
 
@@ -53,8 +54,6 @@ def probe_dataset(table: pa.Table, canvas_size: int, max_pixels: int, quality_lo
     """The probe records as a Ray dataset of decoded `{"image": (S, S, 3) uint8}` rows (bad
     images are skipped and counted in `quality_log`, as in training)."""
     import ray.data
-
-    from pipelines.ingest import decode_records
 
     return ray.data.from_arrow(table).map_batches(
         decode_records,

@@ -7,24 +7,20 @@ loss -> backward -> clip -> step -> method hooks; report metrics and checkpoints
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pickle
-import random
 import tempfile
 import time
-import zipfile
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import yaml
 
 from methods import get_method
 from methods.distributed import all_reduce_mean
 from methods.schedules import scaled_lr, warmup_cosine
+from pipelines.checkpoint import (CheckpointDamaged, build_method, load_state, newest_loadable, save_checkpoint,
+                                  set_rng_state)
 from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
 from pipelines.elastic import batch_plan
@@ -32,20 +28,9 @@ from pipelines.evaluate import collect_features, embedding_spread, knn_top1, spl
 from pipelines.label_free import check_rank, probe_metrics
 from pipelines.ingest import iter_canvas_batches
 from pipelines.quality import BadDataError
-from pipelines.shards import DataError
-
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
-
-
-def build_method(config: RunConfig):
-    """The configured method with freshly initialised weights (seeded)."""
-    torch.manual_seed(config.train.seed)
-    return get_method(config.method)(config.backbone, config.hparams, config.recipe())
 
 
 def plan(config: RunConfig, train_rows: int) -> dict:
@@ -69,122 +54,6 @@ def plan(config: RunConfig, train_rows: int) -> dict:
 def lr_at(step: float, schedule: dict) -> float:
     return warmup_cosine(step, schedule["total_steps"], schedule["peak_lr"], schedule["min_lr"],
                          schedule["warmup_steps"])
-
-
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state[1].tolist(), "numpy_pos": int(numpy_state[2]),
-             "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, rank: int = 0) -> None:
-    """Restores the checkpoint's generators (rank 0's). Rank 0 continues exactly; every other
-    rank branches off to a stream of its own, or all workers would draw the same view parameters
-    after a resume."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if rank > 0:
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + rank)
-
-
-def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, config: RunConfig) -> None:
-    """Everything an exact resume needs, loadable with `torch.load(weights_only=True)`. The state
-    is written under another name and renamed when complete, so a crash mid-write never leaves a
-    partial file under the name a loader looks for."""
-    partial = os.path.join(folder, STATE_FILE + ".partial")
-    torch.save(
-        {
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "progress": progress,
-            "rng": _rng_state(),
-        },
-        partial,
-    )
-    with open(os.path.join(folder, CONFIG_FILE), "w") as stream:
-        yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
-    os.replace(partial, os.path.join(folder, STATE_FILE))
-
-
-class CheckpointRefused(DataError):
-    """A checkpoint file that holds more than tensors and plain values (pickled code)."""
-
-
-class CheckpointDamaged(DataError):
-    """A checkpoint file that cannot be read (truncated, or not a torch file)."""
-
-
-def load_state(folder: str) -> dict:
-    """A checkpoint's state, unpickling tensors and plain containers only: a file crafted to run
-    code when loaded is refused, not executed."""
-    path = os.path.join(folder, STATE_FILE)
-    # torch.save writes a zip whose directory is at its end: a truncated or foreign file has none,
-    # and is damaged, not refused (the unpickler would report it as a refusal).
-    if os.path.exists(path) and not zipfile.is_zipfile(path):
-        raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read (truncated or not a torch file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:200]
-        raise CheckpointRefused(f"checkpoint {path}: refused: it holds pickled objects, not only weights "
-                                f"({reason})") from None
-    except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader reports truncation as RuntimeError
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read ({reason})") from None
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
-ORPHANS = "orphaned"
-
-
-def move_orphans(run_folder: str) -> list[str]:
-    """Moves the checkpoint folders of `run_folder` that Ray's snapshot does not list (written by a
-    worker just before the driver died or was interrupted: Ray never deletes or resumes from them)
-    into `run_folder/orphaned/`, so the run folder holds exactly the checkpoints its policy keeps
-    and a `checkpoint_*` glob cannot pick a stray one. Moved, not deleted: nothing is lost.
-    Returns the folders moved."""
-    if not os.path.isdir(run_folder):
-        return []
-    known = set()
-    snapshot = os.path.join(run_folder, RAY_SNAPSHOT)
-    if os.path.exists(snapshot):
-        with open(snapshot) as stream:
-            record = json.load(stream)
-        results = [*record.get("checkpoint_results", []), record.get("latest_checkpoint_result") or {}]
-        known = {r.get("checkpoint_dir_name") for r in results}
-    moved = []
-    for name in sorted(os.listdir(run_folder)):
-        if name.startswith("checkpoint_") and name not in known and os.path.isdir(os.path.join(run_folder, name)):
-            os.makedirs(os.path.join(run_folder, ORPHANS), exist_ok=True)
-            os.replace(os.path.join(run_folder, name), os.path.join(run_folder, ORPHANS, name))
-            moved.append(os.path.join(run_folder, ORPHANS, name))
-    return moved
-
-
-def newest_loadable(run_folder: str, below: str | None = None) -> tuple[str, dict, list[str]] | None:
-    """(folder, state, damaged folders skipped) of the newest checkpoint in `run_folder` whose state
-    loads, considering only those older than `below` when given; None when none loads. Ray names
-    checkpoint folders by time, so the newest sorts last."""
-    names = sorted((e for e in os.listdir(run_folder) if e.startswith("checkpoint_")), reverse=True)
-    skipped = []
-    for name in names:
-        folder = os.path.join(run_folder, name)
-        if below is not None and name >= os.path.basename(below.rstrip("/")):
-            continue
-        if not os.path.exists(os.path.join(folder, STATE_FILE)):
-            continue
-        try:
-            return folder, load_state(folder), skipped
-        except CheckpointDamaged:
-            skipped.append(folder)
-    return None
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -260,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         progress = {**_samples_of(state["progress"], config.optim.batch_size), **state["progress"]}
-        _set_rng_state(state["rng"], rank)
+        set_rng_state(state["rng"], rank)
         resumed_from = progress["step"]
         if rank == 0:
             log.info(f"resumed from step {resumed_from} (epoch {progress['epoch']})")

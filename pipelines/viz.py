@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from methods import Method, get_method
 from methods.views import ViewMaker, ViewRecipe
+from pipelines.config import build_config
 from pipelines.decode import BadImage, decode_canvas, image_bytes
 from pipelines.shards import find_shards
 
@@ -65,8 +66,6 @@ class Masking:
 
 def masking_of(method: str, preset: str = "tiny") -> Masking | None:
     """The masking of a method that masks its input (MAE), from its preset; None for the others."""
-    from pipelines.config import build_config
-
     cls = get_method(method)
     if "reconstruct" not in cls.capabilities:
         return None

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from pipelines.cli import UsageError, check_checkpoint
-from pipelines.train_loop import STATE_FILE, CheckpointDamaged, _resume_state, load_state, save_checkpoint
+from pipelines.checkpoint import (STATE_FILE, CheckpointDamaged, CheckpointNotFound, find_checkpoint, load_state,
+                                  save_checkpoint)
+from pipelines.train_loop import _resume_state
 
 
 def write(folder, step):
@@ -33,20 +34,20 @@ def test_a_damaged_checkpoint_is_named_in_one_line(run):
     with pytest.raises(CheckpointDamaged, match=rf"checkpoint {damaged}/{STATE_FILE}: damaged, cannot be read \("):
         load_state(str(damaged))
     with pytest.raises(CheckpointDamaged) as error:
-        check_checkpoint(str(damaged))
+        find_checkpoint(str(damaged))
     assert "\n" not in str(error.value)
 
 
 def test_a_run_folder_falls_back_to_its_newest_checkpoint_that_loads(run, caplog):
     with caplog.at_level("WARNING", logger="selfsup"):
-        chosen = check_checkpoint(str(run))
+        chosen = find_checkpoint(str(run))
     assert chosen == str(run / "checkpoint_2026-01-01_00-00-02.000000")
     assert any("checkpoint_2026-01-01_00-00-03.000000 is damaged; using the previous one" in r.getMessage()
                for r in caplog.records)
     for name in os.listdir(run):  # nothing loads: one line, not a traceback
         (run / name / STATE_FILE).write_bytes(b"nope")
-    with pytest.raises(UsageError, match="none of its checkpoints can be read"):
-        check_checkpoint(str(run))
+    with pytest.raises(CheckpointNotFound, match="none of its checkpoints can be read"):
+        find_checkpoint(str(run))
 
 
 class FakeCheckpoint:
@@ -72,7 +73,7 @@ def test_resuming_from_a_damaged_checkpoint_uses_the_previous_one(run, caplog):
 
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from pipelines.train_loop import build_method
+    from pipelines.checkpoint import build_method
     from runs import tiny_config
 
     config = tiny_config()
@@ -96,7 +97,7 @@ def test_checkpoints_the_run_never_registered_are_moved_aside(run, capsys):
     import json
 
     from pipelines.cli import main
-    from pipelines.train_loop import ORPHANS, RAY_SNAPSHOT, move_orphans
+    from pipelines.checkpoint import ORPHANS, RAY_SNAPSHOT, move_orphans
 
     registered = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000"]
     (run / RAY_SNAPSHOT).write_text(json.dumps({

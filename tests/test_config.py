@@ -31,7 +31,7 @@ def test_imagenet_preset_is_the_papers():
         ({"backbone.name": "resnet_nope"}, "backbone.name='resnet_nope': not a timm model"),
         ({"hparams.proj_layers": 9}, "hparams.proj_layers=9: must be an integer in [1, 4]"),
         ({"preset": "huge"}, "preset='huge': unknown for simclr"),
-        ({"method": "byol"}, "method='byol': unknown"),
+        ({"method": "swav"}, "method='swav': unknown"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_range(sets, message):

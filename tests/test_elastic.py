@@ -51,7 +51,8 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     import tempfile
 
     from elastic_run import ELASTIC
-    from pipelines.train_loop import build_method, lr_at, plan
+    from pipelines.train_loop import lr_at, plan
+    from pipelines.checkpoint import build_method
     from runs import simulated_cluster_environment, tiny_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,14 +93,14 @@ def test_resumed_workers_draw_views_of_their_own():
     deterministically (a resumed or resized group must not draw the same views on every worker)."""
     import torch
 
-    from pipelines.train_loop import _rng_state, _set_rng_state
+    from pipelines.checkpoint import rng_state, set_rng_state
 
     torch.manual_seed(5)
-    state = _rng_state()
+    state = rng_state()
     expected = torch.rand(4)
     draws = {}
     for rank in (0, 1, 2, 1):
-        _set_rng_state(state, rank)
+        set_rng_state(state, rank)
         draws.setdefault(rank, []).append(torch.rand(4))
     assert torch.equal(draws[0][0], expected)
     assert torch.equal(draws[1][0], draws[1][1])

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.cli import main
 from pipelines.init_from import InitFromError, initial_weights
-from pipelines.train_loop import build_method, load_state
+from pipelines.checkpoint import build_method, load_state
 from runs import tiny_config
 
 IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -84,7 +84,8 @@ def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, cap
     import json
 
     from pipelines.cli import main
-    from pipelines.evaluate import evaluate_checkpoint, load_checkpoint
+    from pipelines.evaluate import evaluate_checkpoint
+    from pipelines.checkpoint import load_checkpoint
 
     out, _ = digits
     checkpoint = one_epoch_run[1]["checkpoint"]
@@ -153,7 +154,8 @@ def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_without_retrying_and_keeps_the_last_good_checkpoint(digits, tmp_path):
-    from pipelines.train_loop import NonFiniteLossError, load_state
+    from pipelines.train_loop import NonFiniteLossError
+    from pipelines.checkpoint import load_state
 
     out, _ = digits
     # Warmup makes step 0's LR 0 (a finite checkpoint after step 1), then the LR explodes the weights.

@@ -12,7 +12,7 @@ import torch
 
 from corpus import bad_images, good_images, write_shards
 from pipelines.cli import main
-from pipelines.evaluate import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.shards import find_shards
 from pipelines.viz import first_canvases
 from runs import tiny_config
@@ -86,7 +86,7 @@ def test_export_round_trip_without_training(tmp_path, method_name, sets):
     """Checkpoints written directly: a standard-stem ResNet loads with timm's own call, and DINO
     exports its teacher (made to differ from the student here), not the student."""
     from pipelines.export import export_encoder
-    from pipelines.train_loop import build_method, save_checkpoint
+    from pipelines.checkpoint import build_method, save_checkpoint
 
     config = tiny_config(method_name, **sets)
     method = build_method(config)

@@ -19,7 +19,10 @@ import yaml
 from ray.tune.stopper import Stopper
 
 from methods import get_method
+from methods.schedules import scaled_lr
 from pipelines.config import RunConfig, with_sets
+from pipelines.console import Relay
+from pipelines.pretrain import make_trainer, raise_if_stopped
 from pipelines.shards import absolute_location
 from tune.space import Dimension
 
@@ -106,8 +109,6 @@ def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, g
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.pretrain import make_trainer, raise_if_stopped
-
     config = with_sets(base, values)
     trainer = make_trainer(config, data, val=val, workers=workers, gpus_per_worker=gpus_per_worker,
                            storage=train_storage, name=tune.get_context().get_trial_id(),
@@ -142,8 +143,6 @@ def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimensio
     search_dir = os.path.join(storage, name)
     # Reports inside an epoch (train.checkpoint_every_steps) carry no kNN; ASHA skips them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    from pipelines.console import Relay
-
     relay = Relay()
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, data=data, val=val, workers=settings.workers_per_trial,
@@ -191,8 +190,6 @@ def _last(frame, column):
 def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base: dict) -> list[dict]:
     """One row per trial: its searched values, the LR its batch implies, the objective at its last
     report, epochs run and how it ended."""
-    from methods.schedules import scaled_lr
-
     rows = []
     for result in grid:
         values = {d.key: result.config.get(d.key) for d in dimensions}
