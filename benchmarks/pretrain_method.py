@@ -34,7 +34,7 @@ def model_only_rate(config, steps: int = 5) -> float:
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
     method = build_method(config)
     schedule = plan(config, 4000)
-    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule["peak_lr"], config.optim)
+    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
     canvases = torch.randint(0, 256, (config.optim.batch_size, config.data.canvas_size, config.data.canvas_size, 3),
                              dtype=torch.uint8)
     views = method.views(canvases)

@@ -25,7 +25,7 @@ from pipelines.decode import decode_canvas
 from pipelines.evaluate import embedding_spread, knn_top1, linear_probe_top1
 from pipelines.label_free import probe_metrics
 from pipelines.samples import sample_tables
-from pipelines.train_loop import lr_at, plan
+from pipelines.train_loop import plan
 from pipelines.checkpoint import build_method
 
 
@@ -77,17 +77,17 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
     probe_batches = [{"image": train[i:i + 512]} for i in range(0, min(len(train), probe_size), 512)]
     random_init = probe_metrics(method, probe_batches, "cpu") if probe_size else {}
     schedule = plan(config, len(train))
-    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule["peak_lr"], config.optim)
+    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
     batch, step, started, history = config.optim.batch_size, 0, time.perf_counter(), []
     order_generator = torch.Generator().manual_seed(config.train.seed)
     torch.manual_seed(config.train.seed)
     for epoch in range(config.optim.epochs):
         order, sums, steps = torch.randperm(len(train), generator=order_generator), {}, 0
-        row_ends = {round(schedule["steps_per_epoch"] * (r + 1) / rows_per_epoch) for r in range(rows_per_epoch)}
-        for index in range(schedule["steps_per_epoch"]):
+        row_ends = {round(schedule.steps_per_epoch * (r + 1) / rows_per_epoch) for r in range(rows_per_epoch)}
+        for index in range(schedule.steps_per_epoch):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, schedule)
-            method.before_step(step, schedule["total_steps"], epoch, optimizer)
+                group["lr"] = schedule.lr_at(step)
+            method.before_step(step, schedule.total_steps, epoch, optimizer)
             loss, stats = method(method.views(train[order[index * batch:(index + 1) * batch]]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -95,7 +95,7 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
                 torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.clip_grad)
             method.on_gradients(step, epoch)
             optimizer.step()
-            method.after_step(step, schedule["total_steps"])
+            method.after_step(step, schedule.total_steps)
             values = {"loss": loss.detach(), "embedding_std": embedding_spread(stats["embeddings"])}
             values.update({k: v for k, v in stats.items() if k != "embeddings" and torch.is_tensor(v) and v.numel() == 1})
             for key, value in values.items():
@@ -103,10 +103,10 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
             step, steps = step + 1, steps + 1
             if index + 1 not in row_ends:
                 continue
-            row = {"epoch": round(epoch + (index + 1) / schedule["steps_per_epoch"], 3), "step": step,
+            row = {"epoch": round(epoch + (index + 1) / schedule.steps_per_epoch, 3), "step": step,
                    **{k: round(v / steps, 4) for k, v in sums.items()}, "seconds": round(time.perf_counter() - started)}
             row.update(method.diagnose(row))
-            if knn_every and index + 1 == schedule["steps_per_epoch"] and (epoch + 1) % knn_every == 0:
+            if knn_every and index + 1 == schedule.steps_per_epoch and (epoch + 1) % knn_every == 0:
                 row["knn"] = round(knn_top1(features(method, train), train_labels, features(method, test), test_labels), 4)
             history.append(row)
             sums, steps = {}, 0

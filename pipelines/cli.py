@@ -21,6 +21,7 @@ from pipelines.console import log, to_stderr  # noqa: E402
 from pipelines.validation import parse_value  # noqa: E402
 from pipelines.samples import SAMPLES  # noqa: E402
 from pipelines.shards import DataError  # noqa: E402
+from pipelines.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
 
 
 # Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
@@ -586,11 +587,11 @@ def _run(args) -> int:
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
-        if type(error).__name__ == "RunInterrupted":  # one line; a second Ctrl-C now exits at once
+        if isinstance(error, RunInterrupted):  # one line; a second Ctrl-C now exits at once
             signal.signal(signal.SIGINT, lambda *_: os._exit(130))
             print(f"selfsup {args.command}: {error}", file=sys.stderr)
             return 130
-        if type(error).__name__ == "NonFiniteLossError":  # a clean stop, not a crash: no traceback
+        if isinstance(error, NonFiniteLossError):  # a clean stop, not a crash: no traceback
             print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
             return 1
         if type(error).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):

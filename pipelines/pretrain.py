@@ -21,7 +21,8 @@ from pipelines.quality import BadDataError, new_quality_log
 from pipelines.shards import find_shards
 from pipelines.torch_loopback import torch_config
 from pipelines.tracking import RunTracker, flat_params
-from pipelines.train_loop import NonFiniteLossError, plan, train_loop_per_worker
+from pipelines.stops import NonFiniteLossError, RunInterrupted, Stop
+from pipelines.train_loop import plan, train_loop_per_worker
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -45,7 +46,7 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     after `console_prefix`. `init`: `initial_weights(config)` when the caller already checked them."""
     schedule = plan(config, find_shards(data).num_rows)
     low, high = parse_workers(config.train.workers if workers is None else workers, "workers")
-    batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule["lr_scaling"])  # fits max
+    batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule.lr_scaling)  # fits max
     init = init or initial_weights(config)  # before anything starts: weights that do not fit are refused
     if init:
         log.info(f"init: {len(init[0])} tensors from {config.train.init_from}"
@@ -94,16 +95,12 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
 def raise_if_stopped(result) -> None:
     """The error of a run that stopped itself (the worker loop returns a reason instead of raising,
     so that Ray Train does not retry what would fail again): NonFiniteLossError or BadDataError."""
-    stopped = result.return_value or {}
-    if stopped.get("stopped") == "non_finite_loss":
-        raise NonFiniteLossError(f"{stopped['message']} ({result.checkpoint.path if result.checkpoint else 'no checkpoint yet'})")
-    if stopped.get("stopped") == "bad_data":
-        raise BadDataError(stopped["message"])
-
-
-class RunInterrupted(RuntimeError):
-    """The run was stopped from outside (Ctrl-C, or its Ray going away); the message says what
-    was kept and how to resume."""
+    stop = result.return_value
+    if not isinstance(stop, Stop):
+        return
+    if stop.reason == "bad_data":
+        raise BadDataError(stop.message)
+    raise NonFiniteLossError(f"{stop.message} ({result.checkpoint.path if result.checkpoint else 'no checkpoint yet'})")
 
 
 def pretrain(config: RunConfig, data: str, **kwargs) -> dict:

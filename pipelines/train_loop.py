@@ -1,39 +1,59 @@
 """The method-agnostic training loop that runs on every Ray Train worker.
 
-Read top to bottom: set up -> restore -> for each epoch: stream batches, make views on the device,
-loss -> backward -> clip -> step -> method hooks; report metrics and checkpoints.
+Read top to bottom: `train_loop_per_worker` sets up (`_start`: build, wrap, restore), then for each
+epoch streams batches and takes optimizer steps (`_step`: views on the device, loss, backward,
+clip, step, the method's hooks), and reports metrics with a checkpoint (`_report`). A run that must
+stop (a NaN loss, too much bad data) returns a `Stop` instead of raising.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from methods import get_method
+from methods import Method, get_method
 from methods.distributed import all_reduce_mean
 from methods.schedules import scaled_lr, warmup_cosine
 from pipelines.checkpoint import (CheckpointDamaged, build_method, load_state, newest_loadable, save_checkpoint,
                                   set_rng_state)
 from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
-from pipelines.elastic import batch_plan
+from pipelines.elastic import BatchPlan, batch_plan
 from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
-from pipelines.label_free import check_rank, probe_metrics
 from pipelines.ingest import iter_canvas_batches
+from pipelines.label_free import check_rank, probe_metrics
 from pipelines.quality import BadDataError
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+from pipelines.stops import Stop
 
 
-def plan(config: RunConfig, train_rows: int) -> dict:
+@dataclass(frozen=True)
+class Schedule:
+    """A run's plan for the recipe's global batch (`plan`): its steps and its LR schedule, linear
+    warmup from 0 to `peak_lr` (the base LR scaled by `lr_scaling`), then cosine to `min_lr`."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    lr_scaling: str
+    min_lr: float
+
+    def lr_at(self, position: float) -> float:
+        """The LR at `position` (images seen, in steps of the recipe's global batch)."""
+        return warmup_cosine(position, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)
+
+
+def plan(config: RunConfig, train_rows: int) -> Schedule:
     """Steps per epoch, total steps, warmup steps and the scaled peak LR for the global batch."""
     steps_per_epoch = train_rows // config.optim.batch_size
     if steps_per_epoch < 1:
@@ -41,19 +61,45 @@ def plan(config: RunConfig, train_rows: int) -> dict:
             f"optim.batch_size={config.optim.batch_size}: larger than the {train_rows} training images"
         )
     rule = config.optim.lr_scaling or get_method(config.method).lr_scaling
-    return {
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": steps_per_epoch * config.optim.epochs,
-        "warmup_steps": int(round(config.optim.warmup_epochs * steps_per_epoch)),
-        "peak_lr": scaled_lr(config.optim.base_lr, config.optim.batch_size, rule),
-        "lr_scaling": rule,
-        "min_lr": config.optim.min_lr,
-    }
+    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.optim.epochs,
+                    warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
+                    peak_lr=scaled_lr(config.optim.base_lr, config.optim.batch_size, rule), lr_scaling=rule,
+                    min_lr=config.optim.min_lr)
 
 
-def lr_at(step: float, schedule: dict) -> float:
-    return warmup_cosine(step, schedule["total_steps"], schedule["peak_lr"], schedule["min_lr"],
-                         schedule["warmup_steps"])
+@dataclass
+class Progress:
+    """Where a run is, saved in every checkpoint (as a plain dict) and restored on resume. Images
+    are counted besides steps because an elastic group may step with another global batch."""
+
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    samples: int = 0
+    samples_in_epoch: int = 0
+    world_size: int = 0
+
+    def position(self, recipe_batch: int) -> float:
+        """Where the schedules are: images seen, in steps of the recipe's global batch (fractional
+        only when an elastic group cannot keep that batch)."""
+        return self.samples / recipe_batch
+
+    def stepped(self, images: int) -> None:
+        self.step += 1
+        self.step_in_epoch += 1
+        self.samples += images
+        self.samples_in_epoch += images
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = self.samples_in_epoch = 0
+
+    def to_state(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -97,137 +143,77 @@ def _resume_state(checkpoint, rank: int) -> dict:
             return fallback[1]
 
 
-def train_loop_per_worker(loop_config: dict) -> dict | None:
-    """One worker's training; returns `{"stopped": reason, "message": ...}` when it stops early."""
+@dataclass
+class Worker:
+    """One worker's training objects, built at every (re)start of the group."""
+
+    config: RunConfig
+    schedule: Schedule
+    batches: BatchPlan  # derived again at every start: an elastic group may come back resized
+    rank: int
+    world: int
+    device: torch.device
+    method: Method
+    model: torch.nn.Module  # the method, wrapped in DistributedDataParallel on several workers
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    resumed_from: int = 0
+    warned: set = dataclasses.field(default_factory=set)  # warnings given once per run
+
+
+def train_loop_per_worker(loop_config: dict) -> Stop | None:
+    """One worker's training. `loop_config`: the run config as a dict, its `Schedule`, the
+    quality log, whether the run has `val` / `probe` sets, the console relay and initial weights."""
     config = config_from_dict(loop_config["config"])
-    schedule, quality_log, has_val = loop_config["schedule"], loop_config["quality_log"], loop_config["has_val"]
-    has_probe = loop_config.get("has_probe", False)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
-    # Derived again at every (re)start: an elastic group may come back with another world size.
-    batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule["lr_scaling"])
-
-    method = build_method(config)
-    if loop_config.get("init_weights") is not None:  # a checkpoint, when resuming, overrides it below
-        method.init_encoder(ray.get(loop_config["init_weights"]))
-    if method.sync_bn and world > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
-    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule["peak_lr"], config.optim)
-    autocast, use_scaler = autocast_for(config.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "samples": 0, "samples_in_epoch": 0}
-    resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = _resume_state(checkpoint, rank)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        progress = {**_samples_of(state["progress"], config.optim.batch_size), **state["progress"]}
-        set_rng_state(state["rng"], rank)
-        resumed_from = progress["step"]
-        if rank == 0:
-            log.info(f"resumed from step {resumed_from} (epoch {progress['epoch']})")
-    else:
-        torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
-    previous_world = progress.get("world_size", world)
-    if rank == 0 and previous_world != world:
-        log.info(f"resized {previous_world} -> {world} workers at step {resumed_from}: {batches.describe()}")
-    elif rank == 0 and (not batches.exact or batches.accumulation > 1):
-        log.info(f"batch: {batches.describe()}")
-    progress["world_size"] = world
-
+    worker, progress = _start(config, loop_config)
+    has_val, has_probe = loop_config["has_val"], loop_config.get("has_probe", False)
+    total, recipe_batch = worker.schedule.total_steps, config.optim.batch_size
+    samples_per_epoch = worker.schedule.steps_per_epoch * recipe_batch
     train_shard = ray.train.get_dataset_shard("train")
-    total = schedule["total_steps"]
-    samples_per_epoch = schedule["steps_per_epoch"] * config.optim.batch_size
-    online, warned = {}, set()  # the last online evaluation; warnings given once per run
-    ticker = StepProgress(total, config.optim.epochs, progress["step"]) if rank == 0 else None
-    while progress["epoch"] < config.optim.epochs:
-        epoch = progress["epoch"]
-        window = ReportWindow()
-        lr, hook_metrics = lr_at(position(progress, config), schedule) * batches.lr_factor, {}
-        stream = iter(iter_canvas_batches(train_shard, batches.worker_batch, quality_log, config.data, device,
-                                          drop_last=True, where="train", epoch=epoch))
-        while progress["samples_in_epoch"] + batches.global_batch <= samples_per_epoch:
+    online = {}  # the last online evaluation
+    ticker = StepProgress(total, config.optim.epochs, progress.step) if worker.rank == 0 else None
+    while progress.epoch < config.optim.epochs:
+        window, hook_metrics = ReportWindow(), {}
+        lr = worker.schedule.lr_at(progress.position(recipe_batch)) * worker.batches.lr_factor
+        stream = iter(iter_canvas_batches(train_shard, worker.batches.worker_batch, loop_config["quality_log"],
+                                          config.data, worker.device, drop_last=True, where="train",
+                                          epoch=progress.epoch))
+        while progress.samples_in_epoch + worker.batches.global_batch <= samples_per_epoch:
             # The schedules run on images seen, in units of the recipe's steps: a step of another
             # global batch moves them by global / recipe batch.
-            at = position(progress, config)
-            lr = lr_at(at, schedule) * batches.lr_factor
-            for group in optimizer.param_groups:
+            at = progress.position(recipe_batch)
+            lr = worker.schedule.lr_at(at) * worker.batches.lr_factor
+            for group in worker.optimizer.param_groups:
                 group["lr"] = lr
-            hook_metrics = method.before_step(at, total, epoch, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            started, waited = time.perf_counter(), 0.0
-            for micro in range(batches.accumulation):
-                fetch = time.perf_counter()
-                try:
-                    batch, bad_data = next(stream, None), ""
-                except BadDataError as error:  # over the bad-record cap: retrying would meet it again
-                    batch, bad_data = None, str(error)
-                waited += time.perf_counter() - fetch
-                if batch is None and not bad_data:  # fewer rows than planned (bad images skipped): the epoch ends here
-                    break
-                if bad_data:  # joins the step's all-reduce with a NaN, so every rank stops at this step
-                    loss_and_flag = all_reduce_mean(torch.tensor([float("nan"), 1.0], device=device))
-                else:
-                    views = method.views(batch["image"])
-                    # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-                    last = micro == batches.accumulation - 1
-                    with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
-                        loss, stats = model(views)
-                    loss_and_flag = all_reduce_mean(torch.stack([loss.detach().float(), loss.new_zeros((), dtype=torch.float32)]))
-                global_loss = loss_and_flag[0]
-                if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
-                    # Returned, not raised: Ray Train would retry a worker error from the last
-                    # checkpoint and meet the same NaN (or the same bad data) again. The driver
-                    # raises NonFiniteLossError or BadDataError.
-                    if loss_and_flag[1] > 0:
-                        message = bad_data or "another worker stopped on bad data (its line says which)"
-                        log.warning(f"stopping: {message}")
-                        return {"stopped": "bad_data", "message": message}
-                    message = (f"loss is {global_loss.item()} at step {progress['step']} (epoch {epoch}); the last good "
-                               "checkpoint is kept: lower optim.base_lr, enable optim.clip_grad, or check the data")
-                    log.warning(f"stopping: {message}")
-                    return {"stopped": "non_finite_loss", "message": message}
-                scaler.scale(loss / batches.accumulation).backward()
-                window.add(global_loss, stats)
-            if batch is None:
+            hook_metrics = worker.method.before_step(at, total, progress.epoch, worker.optimizer)
+            started = time.perf_counter()
+            outcome, waited = _step(worker, stream, progress, window)
+            if isinstance(outcome, Stop):
+                log.warning(f"stopping: {outcome.message}")
+                return outcome
+            if not outcome:  # fewer rows than planned (bad images skipped): the epoch ends here
                 break
-            if config.optim.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.clip_grad)
-            method.on_gradients(progress["step"], epoch)
-            scaler.step(optimizer)
-            scaler.update()
-            method.after_step(at, total)
-            progress["step"] += 1
-            progress["step_in_epoch"] += 1
-            progress["samples"] += batches.global_batch
-            progress["samples_in_epoch"] += batches.global_batch
-            window.timed(batches.global_batch, waited, time.perf_counter() - started)
+            worker.method.after_step(at, total)
+            progress.stepped(worker.batches.global_batch)
+            elapsed = time.perf_counter() - started
+            window.timed(worker.batches.global_batch, waited, elapsed)
             if ticker:
-                ticker.step(batches.global_batch, waited, time.perf_counter() - started, progress["step"], epoch)
+                ticker.step(worker.batches.global_batch, waited, elapsed, progress.step, progress.epoch)
             every = config.train.checkpoint_every_steps
-            epoch_done = progress["samples_in_epoch"] + batches.global_batch > samples_per_epoch
-            if every and progress["step"] % every == 0 and not epoch_done:
-                _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                        resumed_from, online, batches, warned)
+            epoch_done = progress.samples_in_epoch + worker.batches.global_batch > samples_per_epoch
+            if every and progress.step % every == 0 and not epoch_done:
+                _report(worker, window, progress, lr, hook_metrics, online={})
                 window = ReportWindow()
-        progress["epoch"] += 1
-        progress["step_in_epoch"] = progress["samples_in_epoch"] = 0
-        final = progress["epoch"] == config.optim.epochs
-        due = final or (config.train.knn_every_epochs and progress["epoch"] % config.train.knn_every_epochs == 0)
-        if due and rank == 0 and (has_val or has_probe):
-            online = _online_evaluation(method, config, device, has_val, has_probe)
-        metrics = _report(window, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-                          resumed_from, online if due else {}, batches, warned)
-        if rank == 0:
-            log.info(f"epoch {progress['epoch']}/{config.optim.epochs} step {progress['step']}/{total} "
+        progress.next_epoch()
+        final = progress.epoch == config.optim.epochs
+        due = final or (config.train.knn_every_epochs and progress.epoch % config.train.knn_every_epochs == 0)
+        if due and worker.rank == 0 and (has_val or has_probe):
+            online = _online_evaluation(worker.method, config, worker.device, has_val, has_probe)
+        metrics = _report(worker, window, progress, lr, hook_metrics, online if due else {})
+        if worker.rank == 0:
+            log.info(f"epoch {progress.epoch}/{config.optim.epochs} step {progress.step}/{total} "
                      f"loss {metrics['loss']:.4f} lr {lr:.4g} · {metrics['images_per_s']:,.0f} img/s"
                      + (f" · knn_top1 {online['knn_top1']:.4f}" if due and "knn_top1" in online else "")
                      + (f" · rankme {online['rankme']:.1f}" if due and "rankme" in online else ""))
@@ -236,14 +222,88 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     return None
 
 
-def position(progress: dict, config: RunConfig) -> float:
-    """Where the schedules are: images seen, in steps of the recipe's global batch."""
-    return progress["samples"] / config.optim.batch_size
+def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
+    """Build the method, wrap it for this group, and restore the latest checkpoint if there is one."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
+    schedule: Schedule = loop_config["schedule"]
+    batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule.lr_scaling)
+    method = build_method(config)
+    if loop_config.get("init_weights") is not None:  # a checkpoint, when resuming, overrides it below
+        method.init_encoder(ray.get(loop_config["init_weights"]))
+    if method.sync_bn and world > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
+    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
+    autocast, use_scaler = autocast_for(config.train.precision, device)
+    worker = Worker(config, schedule, batches, rank, world, device, method, model, optimizer,
+                    torch.amp.GradScaler(device.type, enabled=use_scaler), autocast)
+    progress = Progress(world_size=world)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        state = _resume_state(checkpoint, rank)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        worker.scaler.load_state_dict(state["scaler"])
+        progress = Progress.from_state(state["progress"])
+        set_rng_state(state["rng"], rank)
+        worker.resumed_from = progress.step
+        if rank == 0:
+            log.info(f"resumed from step {progress.step} (epoch {progress.epoch})")
+    else:
+        torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
+    if rank == 0 and progress.world_size not in (0, world):
+        log.info(f"resized {progress.world_size} -> {world} workers at step {progress.step}: {batches.describe()}")
+    elif rank == 0 and (not batches.exact or batches.accumulation > 1):
+        log.info(f"batch: {batches.describe()}")
+    progress.world_size = world
+    return worker, progress
 
 
-def _samples_of(progress: dict, recipe_batch: int) -> dict:
-    """Image counts of a checkpoint written before they were recorded (every step a recipe batch)."""
-    return {"samples": progress["step"] * recipe_batch, "samples_in_epoch": progress["step_in_epoch"] * recipe_batch}
+def _step(worker: Worker, stream: Iterator[dict], progress: Progress, window: ReportWindow) -> tuple[Stop | bool, float]:
+    """One optimizer step over `batches.accumulation` micro-batches: views, loss, backward, clip,
+    the method's gradient hook, the optimizer. Returns (True, or False when the stream ran out
+    before the step was complete, or the `Stop` every rank agreed on; seconds spent waiting for
+    data)."""
+    method, batches = worker.method, worker.batches
+    worker.optimizer.zero_grad(set_to_none=True)
+    waited = 0.0
+    for micro in range(batches.accumulation):
+        fetch = time.perf_counter()
+        try:
+            batch, bad_data = next(stream, None), ""
+        except BadDataError as error:  # over the bad-record cap: retrying would meet it again
+            batch, bad_data = None, str(error)
+        waited += time.perf_counter() - fetch
+        if batch is None and not bad_data:
+            return False, waited
+        if bad_data:  # joins the step's all-reduce with a NaN, so every rank stops at this step
+            loss_and_flag = all_reduce_mean(torch.tensor([float("nan"), 1.0], device=worker.device))
+        else:
+            views = method.views(batch["image"])
+            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+            last = micro == batches.accumulation - 1
+            with (worker.model.no_sync() if worker.world > 1 and not last else contextlib.nullcontext()), worker.autocast:
+                loss, stats = worker.model(views)
+            loss_and_flag = all_reduce_mean(torch.stack([loss.detach().float(), loss.new_zeros((), dtype=torch.float32)]))
+        global_loss = loss_and_flag[0]
+        if not torch.isfinite(global_loss):  # every rank sees the same value and stops here
+            if loss_and_flag[1] > 0:
+                return Stop("bad_data", bad_data or "another worker stopped on bad data (its line says which)"), waited
+            return Stop("non_finite_loss", f"loss is {global_loss.item()} at step {progress.step} (epoch "
+                        f"{progress.epoch}); the last good checkpoint is kept: lower optim.base_lr, enable "
+                        "optim.clip_grad, or check the data"), waited
+        worker.scaler.scale(loss / batches.accumulation).backward()
+        window.add(global_loss, stats)
+    if worker.config.optim.clip_grad > 0:
+        worker.scaler.unscale_(worker.optimizer)
+        torch.nn.utils.clip_grad_norm_(method.parameters(), worker.config.optim.clip_grad)
+    method.on_gradients(progress.step, progress.epoch)
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
+    return True, waited
 
 
 class ReportWindow:
@@ -278,33 +338,33 @@ class ReportWindow:
         return dict(zip(keys, stacked.tolist()))
 
 
-def _report(window: ReportWindow, lr, hook_metrics, progress, config, method, optimizer, scaler, rank, schedule,
-            resumed_from, online, batches, warned) -> dict:
+def _report(worker: Worker, window: ReportWindow, progress: Progress, lr: float, hook_metrics: dict,
+            online: dict) -> dict:
     """Metrics for this window and a checkpoint (rank 0 writes it; every rank reaches report)."""
     statistics = window.means()
     metrics = {
-        "epoch": progress["epoch"],
-        "step": progress["step"],
-        "total_steps": schedule["total_steps"],
-        "samples": progress["samples"],
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "total_steps": worker.schedule.total_steps,
+        "samples": progress.samples,
         "loss": statistics.pop("loss", float("nan")),
         "lr": lr,
         "images_per_s": window.images / max(window.time, 1e-9),
         "data_wait_frac": window.wait / max(window.time, 1e-9),
-        "resumed_from_step": resumed_from,
-        **batches.metrics(),
+        "resumed_from_step": worker.resumed_from,
+        **worker.batches.metrics(),
         **statistics,
         **hook_metrics,
     }
     if statistics:
-        metrics.update(method.diagnose(metrics) if rank == 0 else {})
+        metrics.update(worker.method.diagnose(metrics) if worker.rank == 0 else {})
     metrics.update(online)
-    if rank == 0:  # dimensional collapse, for every method (DINO's diagnose also flags its own)
-        metrics.update(check_rank(metrics, warned))
+    if worker.rank == 0:  # dimensional collapse, for every method (DINO's diagnose also flags its own)
+        metrics.update(check_rank(metrics, worker.warned))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
-        if rank == 0:
-            save_checkpoint(folder, method, optimizer, scaler, dict(progress), config)
+        if worker.rank == 0:
+            save_checkpoint(folder, worker.method, worker.optimizer, worker.scaler, progress.to_state(), worker.config)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
     return metrics

@@ -51,7 +51,7 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     import tempfile
 
     from elastic_run import ELASTIC
-    from pipelines.train_loop import lr_at, plan
+    from pipelines.train_loop import plan
     from pipelines.checkpoint import build_method
     from runs import simulated_cluster_environment, tiny_config
 
@@ -68,8 +68,8 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
 
     config = tiny_config("dino", **ELASTIC)
     schedule = plan(config, 1438)
-    assert metrics["step"] == metrics["total_steps"] == schedule["total_steps"]
-    assert metrics["samples"] == schedule["total_steps"] * 96  # the planned images, all of them
+    assert metrics["step"] == metrics["total_steps"] == schedule.total_steps
+    assert metrics["samples"] == schedule.total_steps * 96  # the planned images, all of them
     sizes = [row["world_size"] for row in history]
     shrunk = sizes.index(1)
     assert sizes[0] == 2 and 2 in sizes[shrunk:]  # 2 -> 1 -> 2
@@ -80,11 +80,11 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
         assert row["global_batch"] == row["world_size"] * row["worker_batch"] == 96
         assert row["samples"] == row["step"] * 96 and row["accumulation_steps"] == 1
         # The last step of each report ran at position step - 1, whatever the world size.
-        at, epoch = row["step"] - 1, (row["step"] - 1) // schedule["steps_per_epoch"]
-        assert row["lr"] == pytest.approx(lr_at(at, schedule))
-        assert row["teacher_momentum"] == pytest.approx(dino.momentum_at(at, schedule["total_steps"]))
+        at, epoch = row["step"] - 1, (row["step"] - 1) // schedule.steps_per_epoch
+        assert row["lr"] == pytest.approx(schedule.lr_at(at))
+        assert row["teacher_momentum"] == pytest.approx(dino.momentum_at(at, schedule.total_steps))
         assert row["teacher_temp"] == pytest.approx(dino.teacher_temp_at(epoch))
-        assert row["weight_decay"] == pytest.approx(dino.weight_decay_at(at, schedule["total_steps"]))
+        assert row["weight_decay"] == pytest.approx(dino.weight_decay_at(at, schedule.total_steps))
     assert [row["step"] for row in history] == sorted({row["step"] for row in history})
 
 

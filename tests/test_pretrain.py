@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.pretrain import pretrain
-from pipelines.train_loop import lr_at, plan
+from pipelines.train_loop import plan
 from pipelines.tracking import read_history
 from runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
@@ -43,7 +43,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     assert metrics["step"] == metrics["total_steps"] == total
     assert 4 <= metrics["resumed_from_step"] < total  # it did resume, from a checkpoint
     schedule = plan(config, 1438)  # what an uninterrupted run plans
-    assert metrics["lr"] == pytest.approx(lr_at(total - 1, schedule))  # same schedule position
+    assert metrics["lr"] == pytest.approx(schedule.lr_at(total - 1))  # same schedule position
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["embedding_std"] > 0 and 0 <= metrics["data_wait_frac"] <= 1
     assert metrics["probe_images"] == 256 and 1 < metrics["rankme"] <= 64 and metrics["collapsed"] == 0
     # The restart repeated steps after the checkpoint; the run's history holds each step once.
@@ -154,7 +154,7 @@ def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_without_retrying_and_keeps_the_last_good_checkpoint(digits, tmp_path):
-    from pipelines.train_loop import NonFiniteLossError
+    from pipelines.stops import NonFiniteLossError
     from pipelines.checkpoint import load_state
 
     out, _ = digits
