@@ -48,8 +48,16 @@ def create_backbone(config: BackboneConfig) -> nn.Module:
         kwargs["channels"] = tuple(kwargs["channels"])
     model = timm.create_model(config.name, pretrained=False, num_classes=0, **kwargs)
     if config.small_images and isinstance(model, ResNet):
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
+        small_image_stem(model)
+    return model
+
+
+def small_image_stem(model: ResNet) -> ResNet:
+    """The CIFAR-style stem for small images, in place: a 3x3 stride-1 `conv1` and no max-pool, so
+    a 32 px image is not cut to 8 px before the first block (He et al., 2016, section 4.2; SimCLR
+    appendix B.9)."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
     return model
 
 

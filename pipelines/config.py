@@ -175,6 +175,10 @@ class RunConfig:
     preset: str = "tiny"
     raw: dict = field(default_factory=dict, repr=False)
 
+    def lr_rule(self) -> str:
+        """How the base LR scales with the global batch: `optim.lr_scaling`, else the method's rule."""
+        return self.optim.lr_scaling or get_method(self.method).lr_scaling
+
     def recipe(self) -> ViewRecipe:
         return get_method(self.method).default_recipe().with_overrides(self.views)
 

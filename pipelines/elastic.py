@@ -12,7 +12,7 @@ global batch is used, said in one log line, and the method's LR-scaling rule is 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from methods.schedules import scaled_lr
 
@@ -54,9 +54,6 @@ class BatchPlan:
             return f"{split} = global batch {self.global_batch} (the recipe's)"
         return (f"{split} = global batch {self.global_batch}, not the recipe's {self.recipe_batch} "
                 f"(indivisible); learning rate x {self.lr_factor:.4f} by the method's scaling rule")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def batch_plan(recipe_batch: int, world_size: int, max_worker_batch: int = 0, rule: str = "linear") -> BatchPlan:

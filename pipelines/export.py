@@ -24,6 +24,7 @@ import os
 import torch
 from torch import nn
 
+from methods.backbone import small_image_stem
 from pipelines.checkpoint import load_checkpoint, load_state
 from pipelines.shards import DataError
 
@@ -87,9 +88,7 @@ def load_exported(folder: str) -> nn.Module:
         exported = json.load(stream)
     info = exported.get(EXPORT_INFO, {})
     if info.get("small_images_stem"):
-        model = timm.create_model(exported["architecture"], pretrained=False, **exported["model_args"])
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
+        model = small_image_stem(timm.create_model(exported["architecture"], pretrained=False, **exported["model_args"]))
         model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
     else:
         model = timm.create_model(
@@ -119,8 +118,7 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     stem = small_stem(config)
     model = _bare_model(config, **args)
     if stem:
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
+        small_image_stem(model)
     missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
     if missing or unexpected:
         raise ExportError(f"checkpoint {checkpoint}: encoder does not match timm {config.backbone.name} "

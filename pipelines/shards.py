@@ -36,7 +36,6 @@ class ShardSet:
     filesystem: pafs.FileSystem
     root: str
     files: list[str]
-    image_is_struct: bool
     has_label: bool
     has_id: bool
 
@@ -101,14 +100,12 @@ def resolve_location(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), location
 
 
-def is_image_column(field: pa.Field) -> tuple[bool, bool]:
-    """(accepted, is_struct) for a candidate `image` column type."""
+def is_image_column(field: pa.Field) -> bool:
+    """Whether a candidate `image` column holds encoded bytes: binary, or Hugging Face's
+    `struct<bytes, path>` (the decoder reads either)."""
     kind = field.type
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        return True, False
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        return True, True
-    return False, False
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0))
 
 
 def find_shards(location: str) -> ShardSet:
@@ -139,8 +136,7 @@ def find_shards(location: str) -> ShardSet:
         raise DataError(
             f"{files[0]}: no 'image' column (found {', '.join(schema.names)}; expected {EXPECTED_SCHEMA_TEXT})"
         )
-    accepted, is_struct = is_image_column(schema.field("image"))
-    if not accepted:
+    if not is_image_column(schema.field("image")):
         raise DataError(
             f"{files[0]}: column 'image' is {schema.field('image').type} (expected {EXPECTED_SCHEMA_TEXT})"
         )
@@ -148,7 +144,6 @@ def find_shards(location: str) -> ShardSet:
         filesystem=filesystem,
         root=root,
         files=files,
-        image_is_struct=is_struct,
         has_label="label" in schema.names,
         has_id="id" in schema.names,
     )

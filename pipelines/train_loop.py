@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from methods import Method, get_method
+from methods import Method
 from methods.distributed import all_reduce_mean
 from methods.schedules import scaled_lr, warmup_cosine
 from pipelines.checkpoint import (CheckpointDamaged, build_method, load_state, newest_loadable, save_checkpoint,
@@ -60,7 +60,7 @@ def plan(config: RunConfig, train_rows: int) -> Schedule:
         raise ValueError(
             f"optim.batch_size={config.optim.batch_size}: larger than the {train_rows} training images"
         )
-    rule = config.optim.lr_scaling or get_method(config.method).lr_scaling
+    rule = config.lr_rule()
     return Schedule(steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.optim.epochs,
                     warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
                     peak_lr=scaled_lr(config.optim.base_lr, config.optim.batch_size, rule), lr_scaling=rule,

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import yaml
 from ray.tune.stopper import Stopper
 
-from methods import get_method
 from methods.schedules import scaled_lr
 from pipelines.config import RunConfig, with_sets
 from pipelines.console import Relay
@@ -196,7 +195,7 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
         frame = result.metrics_dataframe
         epochs_run = int(_last(frame, "epoch") or 0)
         config = with_sets(base, values)
-        rule = config.optim.lr_scaling or _method_rule(config)
+        rule = config.lr_rule()
         if result.error:
             status = "error"
         elif _last(frame, "collapsed"):
@@ -215,10 +214,6 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
             "error": str(result.error).strip().splitlines()[-1] if result.error else "",
         })
     return rows
-
-
-def _method_rule(config: RunConfig) -> str:
-    return get_method(config.method).lr_scaling
 
 
 def best_row(rows: list[dict], settings: SearchSettings) -> dict | None:
@@ -243,7 +238,7 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
         writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    rule = config.optim.lr_scaling or _method_rule(config)
+    rule = config.lr_rule()
     with open(paths["trials.md"], "w") as stream:
         stream.write(f"# {config.method} search: {settings.metric} ({settings.mode}), {len(rows)} trials, "
                      f"{config.optim.epochs} epochs each at most\n\n")
