@@ -1,5 +1,5 @@
 """`selfsup prepare`: turn an image folder, a Hugging Face-style image Parquet or a bundled sample
-into Parquet shards of the design.md §2 schema, on Ray Data so it scales out.
+into Parquet shards of the shard schema (docs/ARCHITECTURE.md §1), on Ray Data so it scales out.
 
 Every image is fully decoded once to check it; bad ones are skipped, counted and named, and the
 original encoded bytes of the good ones are written unchanged.

@@ -1,4 +1,4 @@
-"""The Parquet shard contract (design.md §2) and checks on a shard location before Ray starts."""
+"""The Parquet shard contract (docs/ARCHITECTURE.md §1) and checks on a shard location before Ray starts."""
 
 from __future__ import annotations
 
