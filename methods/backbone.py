@@ -9,6 +9,8 @@ import torch
 from timm.models.resnet import ResNet
 from torch import nn
 
+from methods.checks import check_rules
+
 
 @dataclass
 class BackboneConfig:
@@ -27,12 +29,11 @@ class BackboneConfig:
     kwargs: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if not timm.is_model(self.name):
-            raise ValueError(f"backbone.name={self.name!r}: not a timm model (see timm.list_models())")
-        for key in ("img_size", "patch_size"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"backbone.{key}={value!r}: must be a positive integer or null")
+        check_rules("backbone", self, {
+            "name": (timm.is_model(self.name), "a timm model name (see timm.list_models())"),
+            **{key: (getattr(self, key) is None or (isinstance(getattr(self, key), int) and getattr(self, key) >= 1),
+                     "a positive integer or null") for key in ("img_size", "patch_size")},
+        })
 
 
 def create_backbone(config: BackboneConfig) -> nn.Module:

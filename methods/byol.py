@@ -19,6 +19,7 @@ from timm.optim import Lars
 from torch import nn
 
 from methods.base import Method, register
+from methods.checks import check_rules
 from methods.schedules import warmup_cosine
 from methods.views import ViewRecipe, ViewSpec
 
@@ -86,14 +87,13 @@ class BYOLHyperparameters:
     lars_trust: float = 0.001
 
     def validate(self) -> None:
-        for key in ("proj_hidden", "proj_out", "pred_hidden"):
-            value = getattr(self, key)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"hparams.{key}={value!r}: must be a positive integer")
-        if not (isinstance(self.target_momentum, (int, float)) and 0 <= self.target_momentum < 1):
-            raise ValueError(f"hparams.target_momentum={self.target_momentum!r}: must be in [0, 1)")
-        if not self.lars_trust > 0:
-            raise ValueError(f"hparams.lars_trust={self.lars_trust!r}: must be > 0")
+        check_rules("hparams", self, {
+            **{key: (isinstance(getattr(self, key), int) and not isinstance(getattr(self, key), bool)
+                     and getattr(self, key) >= 1, "a positive integer") for key in ("proj_hidden", "proj_out", "pred_hidden")},
+            "target_momentum": (isinstance(self.target_momentum, (int, float)) and 0 <= self.target_momentum < 1,
+                                "in [0, 1)"),
+            "lars_trust": (self.lars_trust > 0, "> 0"),
+        })
 
 
 @register

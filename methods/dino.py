@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from methods.base import Method, register
+from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
 from methods.schedules import warmup_cosine
 from methods.views import ViewRecipe, ViewSpec
@@ -202,26 +203,17 @@ class DINOHyperparameters:
     weight_decay_end: float = 0.4
 
     def validate(self) -> None:
-        def fail(key: str, allowed: str) -> None:
-            raise ValueError(f"hparams.{key}={getattr(self, key)!r}: must be {allowed}")
-
-        for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 2):
-                fail(key, "an integer >= 2")
-        for key in ("freeze_last_layer_epochs", "teacher_temp_warmup_epochs"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
-                fail(key, "an integer >= 0")
-        for key in ("teacher_momentum", "center_momentum"):
-            if not 0 <= getattr(self, key) < 1:
-                fail(key, "in [0, 1)")
-        for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
-            if not 0 < getattr(self, key) <= 10:
-                fail(key, "in (0, 10]")
-        if not 0 <= self.weight_decay_end < 1:
-            fail("weight_decay_end", "in [0, 1)")
-        for key in ("norm_last_layer", "head_batch_norm", "centering"):
-            if not isinstance(getattr(self, key), bool):
-                fail(key, "true or false")
+        value = self.__getattribute__
+        check_rules("hparams", self, {
+            **{key: (isinstance(value(key), int) and value(key) >= 2, "an integer >= 2")
+               for key in ("out_dim", "hidden_dim", "bottleneck_dim")},
+            **{key: (isinstance(value(key), int) and value(key) >= 0, "an integer >= 0")
+               for key in ("freeze_last_layer_epochs", "teacher_temp_warmup_epochs")},
+            **{key: (0 <= value(key) < 1, "in [0, 1)") for key in ("teacher_momentum", "center_momentum")},
+            **{key: (0 < value(key) <= 10, "in (0, 10]") for key in ("warmup_teacher_temp", "teacher_temp", "student_temp")},
+            "weight_decay_end": (0 <= self.weight_decay_end < 1, "in [0, 1)"),
+            **{key: (isinstance(value(key), bool), "true or false") for key in ("norm_last_layer", "head_batch_norm", "centering")},
+        })
 
 
 # Collapse signatures (Caron et al. 2021, section 5.3 and figure 7), as fractions of ln K.

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from methods.base import Method, register
+from methods.checks import check_rules
 from methods.views import ViewRecipe, ViewSpec
 
 
@@ -49,15 +50,15 @@ class MAEHyperparameters:
     feature_pool: str = "cls"
 
     def validate(self) -> None:
-        if not (isinstance(self.mask_ratio, (int, float)) and 0 < self.mask_ratio < 1):
-            raise ValueError(f"hparams.mask_ratio={self.mask_ratio!r}: must be in (0, 1), exclusive")
-        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
-                raise ValueError(f"hparams.{key}={getattr(self, key)!r}: must be an integer >= 1")
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError(f"hparams.decoder_dim={self.decoder_dim}: must be divisible by decoder_heads={self.decoder_heads}")
-        if self.feature_pool not in ("cls", "mean"):
-            raise ValueError(f"hparams.feature_pool={self.feature_pool!r}: must be cls or mean")
+        check_rules("hparams", self, {
+            "mask_ratio": (isinstance(self.mask_ratio, (int, float)) and 0 < self.mask_ratio < 1, "in (0, 1), exclusive"),
+            **{key: (isinstance(getattr(self, key), int) and getattr(self, key) >= 1, "an integer >= 1")
+               for key in ("decoder_dim", "decoder_depth", "decoder_heads")},
+            "feature_pool": (self.feature_pool in ("cls", "mean"), "cls or mean"),
+        })
+        check_rules("hparams", self, {  # once both are integers >= 1
+            "decoder_dim": (self.decoder_dim % self.decoder_heads == 0,
+                            f"divisible by decoder_heads={self.decoder_heads}")})
 
 
 @register

@@ -16,6 +16,7 @@ from timm.optim import Lars
 from torch import nn
 
 from methods.base import Method, register
+from methods.checks import check_rules
 from methods.distributed import gather_with_grad, rank
 from methods.views import ViewRecipe, ViewSpec
 
@@ -99,16 +100,14 @@ class SimCLRHyperparameters:
     lars_trust: float = 0.001
 
     def validate(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature <= 10):
-            raise ValueError(f"hparams.temperature={self.temperature!r}: must be in (0, 10]")
-        if not (isinstance(self.proj_layers, int) and 1 <= self.proj_layers <= 4):
-            raise ValueError(f"hparams.proj_layers={self.proj_layers!r}: must be an integer in [1, 4]")
-        for key in ("proj_hidden", "proj_out"):
-            value = getattr(self, key)
-            if not (isinstance(value, int) and value >= (0 if key == "proj_hidden" else 1)):
-                raise ValueError(f"hparams.{key}={value!r}: must be a non-negative integer (proj_out >= 1)")
-        if not self.lars_trust > 0:
-            raise ValueError(f"hparams.lars_trust={self.lars_trust!r}: must be > 0")
+        check_rules("hparams", self, {
+            "temperature": (isinstance(self.temperature, (int, float)) and 0 < self.temperature <= 10, "in (0, 10]"),
+            "proj_layers": (isinstance(self.proj_layers, int) and 1 <= self.proj_layers <= 4, "an integer in [1, 4]"),
+            "proj_hidden": (isinstance(self.proj_hidden, int) and self.proj_hidden >= 0,
+                            "a non-negative integer (0 = the backbone's width)"),
+            "proj_out": (isinstance(self.proj_out, int) and self.proj_out >= 1, "an integer >= 1"),
+            "lars_trust": (self.lars_trust > 0, "> 0"),
+        })
 
 
 @register

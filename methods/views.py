@@ -18,6 +18,8 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from methods.checks import check_rules
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -49,26 +51,18 @@ class ViewSpec:
     copies: int = 1
 
     def validate(self, name: str) -> None:
-        def fail(what: str) -> None:
-            raise ValueError(f"views.{name}.{what}")
-
-        if not (isinstance(self.size, int) and self.size >= 4):
-            fail(f"size={self.size!r}: must be an integer >= 4")
-        if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            fail(f"scale={self.scale!r}: must satisfy 0 < low <= high <= 1")
-        if not (0 < self.ratio[0] <= self.ratio[1]):
-            fail(f"ratio={self.ratio!r}: must satisfy 0 < low <= high")
-        for prob in ("flip", "jitter_p", "grayscale", "blur", "solarize"):
-            if not 0 <= getattr(self, prob) <= 1:
-                fail(f"{prob}={getattr(self, prob)!r}: must be a probability in [0, 1]")
-        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
-            fail(f"jitter={self.jitter!r}: must be (brightness, contrast, saturation, hue >= 0, hue <= 0.5)")
-        if not (0 < self.blur_sigma[0] <= self.blur_sigma[1]):
-            fail(f"blur_sigma={self.blur_sigma!r}: must satisfy 0 < low <= high")
-        if not 0 <= self.mix <= 0.5:
-            fail(f"mix={self.mix!r}: must be in [0, 0.5] (the partner's largest weight)")
-        if not (isinstance(self.copies, int) and self.copies >= 0):
-            fail(f"copies={self.copies!r}: must be an integer >= 0")
+        check_rules(f"views.{name}", self, {
+            "size": (isinstance(self.size, int) and self.size >= 4, "an integer >= 4"),
+            "scale": (0 < self.scale[0] <= self.scale[1] <= 1, "0 < low <= high <= 1"),
+            "ratio": (0 < self.ratio[0] <= self.ratio[1], "0 < low <= high"),
+            **{prob: (0 <= getattr(self, prob) <= 1, "a probability in [0, 1]")
+               for prob in ("flip", "jitter_p", "grayscale", "blur", "solarize")},
+            "jitter": (len(self.jitter) == 4 and min(self.jitter) >= 0 and self.jitter[3] <= 0.5,
+                       "(brightness, contrast, saturation, hue >= 0, hue <= 0.5)"),
+            "blur_sigma": (0 < self.blur_sigma[0] <= self.blur_sigma[1], "0 < low <= high"),
+            "mix": (0 <= self.mix <= 0.5, "in [0, 0.5] (the partner's largest weight)"),
+            "copies": (isinstance(self.copies, int) and self.copies >= 0, "an integer >= 0"),
+        })
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,8 @@ from methods.base import hparams_from_dict
 from methods.views import ViewRecipe
 from pipelines.ingest import IngestConfig
 from pipelines.elastic import parse_workers
-from pipelines.validation import check_rules, load_yaml
+from methods.checks import check_rules
+from pipelines.validation import load_yaml
 
 SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train", "tracking")
 
@@ -173,7 +176,6 @@ class RunConfig:
     train: TrainConfig
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     preset: str = "tiny"
-    raw: dict = field(default_factory=dict, repr=False)
 
     def lr_rule(self) -> str:
         """How the base LR scales with the global batch: `optim.lr_scaling`, else the method's rule."""
@@ -183,7 +185,20 @@ class RunConfig:
         return get_method(self.method).default_recipe().with_overrides(self.views)
 
     def to_dict(self) -> dict:
-        return copy.deepcopy(self.raw)
+        """The complete config as plain YAML values, built from the sections themselves (what
+        checkpoints, Tune trials and MLflow store): `config_from_dict(c.to_dict())` is `c` again."""
+        sections = {name: _plain(dataclasses.asdict(getattr(self, name)))
+                    for name in ("backbone", "hparams", "data", "optim", "train", "tracking")}
+        return {"method": self.method, "preset": self.preset, **sections, "views": _plain(self.views)}
+
+
+def _plain(value):
+    """Tuples as lists, recursively: YAML's safe dumper writes no tuples."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -217,20 +232,29 @@ def _apply_set(config: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _is_number_type(hint) -> bool:
+    """`int`, `float`, or a union of them (with None): a field a string can never be."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return all(option in (int, float, type(None)) for option in options) and not all(o is type(None) for o in options)
+
+
 def _build(cls, values: dict, section: str):
+    """A section's dataclass from its dict: unknown keys refused, YAML lists made tuples and
+    integers made floats where the field says so, strings refused for number fields, then the
+    section's own `validate()` (rule tables, `methods.checks.check_rules`)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{section}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
     coerced = {}
     for key, value in values.items():
-        default = fields[key].default
-        if isinstance(default, tuple) and isinstance(value, list):
+        hint = hints[key]
+        if typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if (isinstance(default, (int, float, bool)) and not isinstance(default, bool) and isinstance(value, str)
-                and "str" not in str(fields[key].type)):
+        if isinstance(value, str) and _is_number_type(hint):
             raise ValueError(f"{section}.{key}={value!r}: must be a number")
         coerced[key] = value
     built = cls(**coerced)
@@ -298,8 +322,7 @@ def config_from_dict(raw: dict) -> RunConfig:
         data=_build(IngestConfig, raw["data"], "data"),
         optim=_build(OptimConfig, raw["optim"], "optim"),
         train=_build(TrainConfig, raw["train"], "train"),
-        tracking=_build(TrackingConfig, raw.setdefault("tracking", {}), "tracking"),
-        raw=raw,
+        tracking=_build(TrackingConfig, raw.get("tracking", {}), "tracking"),
     )
     config.recipe()  # validates the view overrides
     return config

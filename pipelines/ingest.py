@@ -21,7 +21,7 @@ import torch
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_batch
 from pipelines.quality import check_bad_fraction, new_quality_log
 from pipelines.shards import find_shards
-from pipelines.validation import check_rules
+from methods.checks import check_rules
 
 CHECK_EVERY_BATCHES = 50
 MIN_SEEN_FOR_EARLY_STOP = 1000

@@ -1,4 +1,4 @@
-"""One-line errors for config sections, and how `--set` / `--space` values are read."""
+"""How config files, `--set` and `--space` values are read (YAML as people mean it in configs)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,6 @@ import re
 from typing import Any
 
 import yaml
-
-
-def check_rules(section: str, values, rules: dict[str, tuple[bool, str]]) -> None:
-    """`rules`: field -> (holds, what it must be). Raises ValueError on the first that does not hold,
-    e.g. `optim.epochs=0: must be an integer >= 1`."""
-    for key, (holds, allowed) in rules.items():
-        if not holds:
-            raise ValueError(f"{section}.{key}={getattr(values, key)!r}: must be {allowed}")
 
 
 class ConfigLoader(yaml.SafeLoader):

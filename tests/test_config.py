@@ -1,5 +1,6 @@
 import pytest
 
+from methods import METHODS
 from pipelines.config import build_config, config_from_dict
 
 
@@ -28,7 +29,7 @@ def test_imagenet_preset_is_the_papers():
         ({"train.precision": "fp8"}, "train.precision='fp8': must be auto, bf16, fp16 or fp32"),
         ({"data.canvas_size": 2}, "data.canvas_size=2: must be an integer >= 4"),
         ({"nonsense.key": 1}, "unknown section 'nonsense'"),
-        ({"backbone.name": "resnet_nope"}, "backbone.name='resnet_nope': not a timm model"),
+        ({"backbone.name": "resnet_nope"}, "backbone.name='resnet_nope': must be a timm model name"),
         ({"hparams.proj_layers": 9}, "hparams.proj_layers=9: must be an integer in [1, 4]"),
         ({"preset": "huge"}, "preset='huge': unknown for simclr"),
         ({"method": "swav"}, "method='swav': unknown"),
@@ -47,3 +48,16 @@ def test_bad_config_file(tmp_path):
         build_config("simclr", "tiny", str(path))
     with pytest.raises(ValueError, match="No such file"):
         build_config("simclr", "tiny", str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_to_dict_is_built_from_the_sections_and_round_trips(method):
+    import dataclasses
+
+    import yaml
+
+    for preset in METHODS[method].presets:
+        config = build_config(method, preset)
+        assert config_from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+    changed = dataclasses.replace(config, optim=dataclasses.replace(config.optim, epochs=7))
+    assert changed.to_dict()["optim"]["epochs"] == 7  # no second copy of the config to go stale
