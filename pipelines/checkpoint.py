@@ -111,6 +111,44 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run
 ORPHANS = "orphaned"
 
 
+def forget_missing(run_folder: str) -> list[str]:
+    """Takes the checkpoints that no longer exist (a damaged one the user deleted) out of Ray's
+    snapshot of `run_folder`, so the run resumes from the newest one that does: Ray Train refuses
+    a whole run folder whose snapshot names a missing checkpoint ("a reference to a checkpoint
+    that does not exist anymore"). The snapshot before the change is kept beside it as `.bak`.
+    Returns the names taken out."""
+    snapshot = os.path.join(run_folder, RAY_SNAPSHOT)
+    if not os.path.exists(snapshot):
+        return []
+    with open(snapshot) as stream:
+        record = json.load(stream)
+    results, indices = record.get("checkpoint_results", []), record.get("checkpoint_report_indices", [])
+    missing = [r["checkpoint_dir_name"] for r in results
+               if not os.path.isdir(os.path.join(run_folder, r["checkpoint_dir_name"]))]
+    if not missing:
+        return []
+    kept = [(r, i) for r, i in zip(results, indices) if r["checkpoint_dir_name"] not in missing]
+    record["checkpoint_results"] = [r for r, _ in kept]
+    record["checkpoint_report_indices"] = [i for _, i in kept]
+    if (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") in missing:
+        record["latest_checkpoint_result"] = kept[-1][0] if kept else None
+    pending = [(r, v) for r, v in zip(record.get("pending_training_results", []),
+                                      record.get("pending_validation_specs", []))
+               if r["checkpoint_dir_name"] not in missing]
+    record["pending_training_results"] = [r for r, _ in pending]
+    record["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in record:
+            record[key] = [name for name in record[key] if name not in missing]
+    os.replace(snapshot, snapshot + ".bak")
+    partial = snapshot + ".partial"
+    with open(partial, "w") as stream:
+        json.dump(record, stream)
+    os.replace(partial, snapshot)
+    return missing
+
+
 def move_orphans(run_folder: str) -> list[str]:
     """Moves the checkpoint folders of `run_folder` that Ray's snapshot does not list (written by a
     worker just before the driver died or was interrupted: Ray never deletes or resumes from them)

@@ -166,7 +166,7 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
     import yaml
 
     from pipelines.pretrain import storage_path
-    from pipelines.checkpoint import CONFIG_FILE, move_orphans
+    from pipelines.checkpoint import CONFIG_FILE, forget_missing, move_orphans
 
     if name is not None and not RUN_NAME.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names folders and Ray's records)")
@@ -179,6 +179,9 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
         except OSError as error:
             raise UsageError(f"--storage {folder}: not writable ({error.strerror})") from None
         run = os.path.join(folder, name) if name else None
+        for gone in forget_missing(run) if run else []:
+            log.warning(f"{os.path.join(run, gone)}: gone from the run folder; the run resumes from the newest "
+                        "checkpoint still there (Ray's record of the run before: checkpoint_manager_snapshot.json.bak)")
         for moved in move_orphans(run) if run else []:
             log.warning(f"{moved}: moved aside, a checkpoint the run never registered (written as it was "
                         "interrupted); the run resumes from its last registered one")

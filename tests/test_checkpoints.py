@@ -113,3 +113,29 @@ def test_checkpoints_the_run_never_registered_are_moved_aside(run, capsys):
     assert move_orphans(str(run)) == []  # a run folder in order stays as it is
     (run / RAY_SNAPSHOT).unlink()  # interrupted before Ray registered any: none is the run's
     assert len(move_orphans(str(run))) == 2 and not any(p.startswith("checkpoint_2") for p in os.listdir(run))
+
+
+def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digits, tmp_path, capsys):
+    """Ray Train refuses a run folder whose snapshot names a checkpoint that is gone; the CLI takes
+    it out of the snapshot first, and the run resumes from the newest checkpoint still there."""
+    import json
+    import shutil
+
+    from pipelines.checkpoint import RAY_SNAPSHOT
+    from pipelines.cli import main
+    from pipelines.pretrain import pretrain
+    from runs import COMMON, STEPS_PER_EPOCH, TINY, tiny_config
+
+    out, _ = digits
+    sets = {**COMMON, **TINY["simclr"], "train.keep_checkpoints": 2, "train.probe_size": 0}
+    first = pretrain(tiny_config(**{**sets, "optim.epochs": 2}), f"{out}/train", storage=str(tmp_path), name="run")
+    shutil.rmtree(first["checkpoint"])  # the damaged newest one, deleted by its user
+    arguments = [a for key, value in {**sets, "optim.epochs": 3}.items() for a in ("--set", f"{key}={json.dumps(value)}")]
+    assert main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
+                 "--name", "run", *arguments]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out.strip().splitlines()[-1])["metrics"]
+    assert metrics["resumed_from_step"] == STEPS_PER_EPOCH  # the epoch-1 checkpoint, not a fresh start
+    assert metrics["step"] == metrics["total_steps"] == 3 * STEPS_PER_EPOCH
+    assert f"{first['checkpoint']}: gone from the run folder" in captured.err
+    assert (tmp_path / "run" / (RAY_SNAPSHOT + ".bak")).exists()
