@@ -39,7 +39,7 @@ class Method(nn.Module):
         presets: partial run configs by preset name (`tiny` for the CPU sample, `imagenet`).
         search_space: the `selfsup tune --space` dimensions searched when the user names none.
         smoke_sets: `--set` overrides on the `tiny` preset for the smallest run that goes through
-            the whole pipeline (16 px views, a network of a few thousand weights): what the test
+            the whole pipeline (16 px views, a network of under a million weights): what the test
             suite trains every registered method with.
         capabilities: optional abilities the CLI may use: "reconstruct" (`viz mae`: the method
             implements `reconstruct` and `masking`), "attention" (`viz attention`: it implements
