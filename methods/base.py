@@ -172,6 +172,15 @@ class Method(nn.Module):
         return {}
 
 
+@torch.no_grad()
+def ema_update(targets: list[nn.Module], sources: list[nn.Module], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameter by parameter, in one fused
+    `torch._foreach_lerp_` (DINO's teacher, BYOL's target network). Buffers are not averaged."""
+    target = [p for module in targets for p in module.parameters()]
+    source = [p.detach() for module in sources for p in module.parameters()]
+    torch._foreach_lerp_(target, source, 1 - momentum)
+
+
 def hparams_from_dict(cls: type, values: dict, section: str = "hparams"):
     """Build a hyperparameter dataclass from a dict, refusing unknown keys, then validate."""
     fields = {f.name for f in dataclasses.fields(cls)}

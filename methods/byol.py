@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from methods.base import Method, register
+from methods.base import Method, ema_update, register
 from methods.checks import check_rules
 from methods.schedules import warmup_cosine
 from methods.views import ViewRecipe, ViewSpec
@@ -172,11 +172,8 @@ class BYOL(Method):
     @torch.no_grad()
     def after_step(self, step: float, total_steps: int) -> None:
         """target <- m * target + (1 - m) * online, with m on its cosine schedule."""
-        momentum = self.momentum_at(step, total_steps)
-        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        torch._foreach_mul_(target, momentum)
-        torch._foreach_add_(target, [p.detach() for p in online], alpha=1 - momentum)
+        ema_update([self.target_backbone, self.target_projector], [self.backbone, self.projector],
+                   self.momentum_at(step, total_steps))
 
     @torch.no_grad()
     def init_encoder(self, weights: dict[str, torch.Tensor]) -> None:

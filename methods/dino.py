@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from methods.base import Method, register
+from methods.base import Method, ema_update, register
 from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
 from methods.schedules import warmup_cosine
@@ -203,7 +203,9 @@ class DINOHyperparameters:
     weight_decay_end: float = 0.4
 
     def validate(self) -> None:
-        value = self.__getattribute__
+        def value(key: str):
+            return getattr(self, key)
+
         check_rules("hparams", self, {
             **{key: (isinstance(value(key), int) and value(key) >= 2, "an integer >= 2")
                for key in ("out_dim", "hidden_dim", "bottleneck_dim")},
@@ -371,11 +373,8 @@ class DINO(Method):
         """The step's center update, then teacher <- m * teacher + (1 - m) * student, with m on
         its cosine schedule."""
         self.criterion.update_center()
-        momentum = self.momentum_at(step, total_steps)
-        teacher = [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]
-        student = [*self.backbone.parameters(), *self.head.parameters()]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, [p.detach() for p in student], alpha=1 - momentum)
+        ema_update([self.teacher_backbone, self.teacher_head], [self.backbone, self.head],
+                   self.momentum_at(step, total_steps))
 
     def diagnose(self, metrics: dict[str, float]) -> dict[str, float]:
         """The collapse flag from a report's averaged statistics, with a warning when it trips."""

@@ -235,7 +235,7 @@ def _apply_set(config: dict, key: str, value: Any) -> None:
 def _is_number_type(hint) -> bool:
     """`int`, `float`, or a union of them (with None): a field a string can never be."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return all(option in (int, float, type(None)) for option in options) and not all(o is type(None) for o in options)
+    return any(o in (int, float) for o in options) and all(o in (int, float, type(None)) for o in options)
 
 
 def _build(cls, values: dict, section: str):
