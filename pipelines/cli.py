@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 
-from pipelines.local_ray import keep_local_ray_on_loopback
+from pipelines.local_ray import keep_local_ray_on_loopback, pin_ray_address
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
@@ -81,7 +81,8 @@ def start_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
     else:
-        ray.init(num_cpus=num_cpus, **options)
+        # Its workers are pinned to it: another Ray on the machine must not answer their state-API calls.
+        ray.init(num_cpus=num_cpus, runtime_env={"worker_process_setup_hook": pin_ray_address}, **options)
 
 
 _stdout = sys.stdout  # where the final JSON line goes; everything else printed goes to stderr

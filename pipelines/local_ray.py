@@ -21,6 +21,7 @@ import sys
 
 RAY_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LISTEN_ENV = "SELFSUP_RAY_LISTEN"  # "loopback" (default) or "all"
+LOOPBACK_HOSTS = ("127.0.0.1:", "localhost:")
 
 
 def keep_local_ray_on_loopback(environ=os.environ) -> bool:
@@ -34,6 +35,25 @@ def keep_local_ray_on_loopback(environ=os.environ) -> bool:
 
 
 def loopback_only() -> bool:
-    """True when this process's Ray (if it starts one) listens on loopback only."""
-    return os.environ.get(RAY_SWITCH) == "0" and not os.environ.get("RAY_ADDRESS")
+    """True when this process's Ray listens on loopback only: one that selfsup started (a worker
+    of it has RAY_ADDRESS pinned to its loopback address, see `pin_ray_address`)."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    return os.environ.get(RAY_SWITCH) == "0" and (not address or address.startswith(LOOPBACK_HOSTS))
+
+
+def pin_ray_address() -> None:
+    """Ray's `worker_process_setup_hook` for a Ray that selfsup starts: every worker process (the
+    Train controller and its placement-group cleaner, Tune's trials, Ray Data's actors) learns the
+    address of the Ray it belongs to.
+
+    Ray Train and Ray Data call Ray's state API from inside their actors without an address, and
+    Ray then looks for a Ray on the machine: with a second one running (another selfsup command,
+    a notebook's Ray), the call fails with "Found multiple active Ray instances". The placement-
+    group cleaner's thread dies of it, so a Tune trial that is stopped leaks its placement group
+    and the next trial waits for CPUs forever (issue 18). RAY_ADDRESS is what those calls read.
+    """
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):  # unset, or empty as a caller may leave it to mean "start one"
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 

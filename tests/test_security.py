@@ -8,7 +8,7 @@ import time
 import pytest
 
 from listening import descendants, is_loopback, listening_sockets
-from pipelines.local_ray import RAY_SWITCH, keep_local_ray_on_loopback
+from pipelines.local_ray import RAY_SWITCH, keep_local_ray_on_loopback, loopback_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +24,18 @@ def test_loopback_policy_is_set_before_ray_and_skips_clusters(monkeypatch):
     assert keep_local_ray_on_loopback(environ) is False and RAY_SWITCH not in environ  # asked for
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.0.2.2")
+
+
+def test_workers_pinned_to_a_loopback_ray_keep_the_process_group_on_loopback(monkeypatch):
+    """A worker of a Ray that selfsup started has RAY_ADDRESS pinned to it (local_ray.pin_ray_address);
+    that address is on loopback, so its process group stays there too. A cluster's address is not."""
+    monkeypatch.setenv(RAY_SWITCH, "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert loopback_only()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:41234")
+    assert loopback_only()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert not loopback_only()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -1,0 +1,84 @@
+"""Several selfsup commands on one machine at once, each starting a Ray of its own (issue 18).
+
+Ray Train and Ray Data call Ray's state API from inside their actors without an address; with
+more than one Ray on the machine those calls fail ("Found multiple active Ray instances"), the
+Train placement-group cleaner dies of it, and a Tune trial's placement group can leak so that the
+next trial waits for CPUs forever. The commands pin their workers to their own Ray
+(`pipelines.local_ray.pin_ray_address`); here two runs and a 3-trial search start together beside
+the test session's Ray (four Rays in all), and the workers' own log files are searched for the
+error, which the runs themselves would survive silently.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from runs import COMMON, TINY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Measured on 2 cores: the three commands together took 236 s beside nothing else; the deadline
+# leaves room for a busy machine (a CPU hog beside the elastic test doubled its time).
+DEADLINE_S = 1500
+
+
+def own_ray_command(args: list[str], ray_tmp: str, cwd) -> subprocess.Popen:
+    """A selfsup command that starts its own Ray, with that Ray's files (and logs) under `ray_tmp`."""
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp, "PYTHONPATH": REPO}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def worker_logs_saying(ray_tmp: str, text: str) -> list[str]:
+    found = []
+    for path in glob.glob(os.path.join(ray_tmp, "**", "logs", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, errors="replace") as stream:
+                if text in stream.read():
+                    found.append(os.path.basename(path))
+    return found
+
+
+@pytest.mark.slow
+def test_two_runs_and_a_search_at_once_all_finish_quietly(digits, tmp_path):
+    out, _ = digits
+    sets = [arg for key, value in {**COMMON, **TINY["simclr"], "optim.epochs": 1}.items()
+            for arg in ("--set", f"{key}={json.dumps(value)}")]
+    # Short folders: Ray's socket paths live under RAY_TMPDIR and must stay under ~107 characters.
+    ray_tmps = [tempfile.mkdtemp(prefix="ss-") for _ in range(3)]
+    try:
+        run_three_at_once(out, tmp_path, sets, ray_tmps)
+    finally:
+        for ray_tmp in ray_tmps:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_three_at_once(out, tmp_path, sets, ray_tmps):
+    started = time.time()
+    commands = {
+        "run a": own_ray_command(["pretrain", "--method", "simclr", "--data", "train", "--storage", str(tmp_path),
+                                  "--name", "a", *sets], ray_tmps[0], out),
+        "run b": own_ray_command(["pretrain", "--method", "simclr", "--data", "train", "--storage", str(tmp_path),
+                                  "--name", "b", *sets], ray_tmps[1], out),
+        "search": own_ray_command(["tune", "--method", "simclr", "--data", "train", "--samples", "3", "--scheduler",
+                                   "fifo", "--storage", str(tmp_path), "--name", "search", *sets], ray_tmps[2], out),
+    }
+    results = {}
+    for name, process in commands.items():
+        stdout, stderr = process.communicate(timeout=max(60, DEADLINE_S - (time.time() - started)))
+        assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
+        assert "Traceback" not in stderr, f"{name}: {stderr[-3000:]}"
+        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    print(f"two runs and a search together: {time.time() - started:.0f} s")
+
+    for name in ("run a", "run b"):
+        assert results[name]["metrics"]["step"] == results[name]["metrics"]["total_steps"] > 0
+    assert results["search"]["by_status"]["finished"] == 3
+    for name, ray_tmp in zip(commands, ray_tmps):
+        assert worker_logs_saying(ray_tmp, "Found multiple active Ray instances") == [], name
