@@ -69,14 +69,21 @@ class IngestConfig:
 
 
 def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, with_labels: bool,
-            with_ids: bool = False) -> dict[str, np.ndarray]:
-    """map_batches UDF: encoded bytes -> canvases; bad rows are dropped and reported to the log."""
+                   with_ids: bool = False, stop_over: float | None = None) -> dict[str, np.ndarray]:
+    """map_batches UDF: encoded bytes -> canvases; bad rows are dropped and reported to the log.
+
+    `stop_over`: a bad fraction (of at least MIN_SEEN_FOR_EARLY_STOP records) at which the task
+    fails, ending the pass in its first decode tasks. The consumer's own checks cannot do it when
+    every record is bad: then no batch ever reaches it (issue 18). `iter_canvas_batches` turns
+    the failed pass back into one `BadDataError`."""
     images = batch.column("image").to_pylist()
     id_column = "id" if "id" in batch.column_names else "path"  # the shard's path names the record
     ids = batch.column(id_column).to_pylist()
     canvases, kept, bad = decode_batch(images, ids, size, max_pixels)
     # Waited for, so the totals are complete when the consumer checks them at the end of a pass.
-    ray.get(quality_log.record.remote(len(images), bad))
+    totals = ray.get(quality_log.record.remote(len(images), bad))
+    if stop_over is not None:
+        check_bad_fraction(totals, stop_over, "decode", MIN_SEEN_FOR_EARLY_STOP)
     out = {"image": canvases}
     if with_labels:
         if "label" in batch.column_names:
@@ -92,11 +99,14 @@ def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, wit
 
 
 def image_dataset(
-    location: str, config: IngestConfig, quality_log=None, with_labels: bool = False, with_ids: bool = False
+    location: str, config: IngestConfig, quality_log=None, with_labels: bool = False, with_ids: bool = False,
+    stop_early: bool = False,
 ) -> tuple[ray.data.Dataset, object]:
     """A lazy, streaming dataset of `{"image": (S, S, 3) uint8}` rows; `with_labels` adds
     `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id); `with_ids` adds
     `"id"` (the record's id string; the shard's path for shards without an id column).
+    `stop_early`: a pass over `config.max_bad_fraction` fails in its decode tasks, as soon as
+    enough records are seen (for a consumer that reads it with `iter_canvas_batches`).
 
     Returns the dataset and the `QualityLog` actor that counts skipped records.
     """
@@ -122,6 +132,7 @@ def image_dataset(
             quality_log=quality_log,
             with_labels=with_labels,
             with_ids=with_ids,
+            stop_over=config.max_bad_fraction if stop_early else None,
         ),
         batch_format="pyarrow",
         batch_size=config.decode_rows(),
@@ -144,17 +155,27 @@ def iter_canvas_batches(
     """One pass over a dataset (or a Ray Train dataset shard) as batches of tensors on `device`.
 
     Checks the bad-record fraction while streaming (once enough records are seen) and at the end
-    of the pass; raises `BadDataError` when it is over `config.max_bad_fraction`.
+    of the pass; raises `BadDataError` when it is over `config.max_bad_fraction`, also when a
+    decode task ended the pass on it (`image_dataset(stop_early=True)`).
     """
     seed = None if config.seed is None else config.seed + epoch
-    batches = source.iter_torch_batches(
+    batches = iter(source.iter_torch_batches(
         batch_size=batch_size,
         device=device,
         drop_last=drop_last,
         local_shuffle_buffer_size=config.shuffle_buffer or None,
         local_shuffle_seed=seed if config.shuffle_buffer else None,
-    )
-    for index, batch in enumerate(batches, start=1):
+    ))
+    index = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception:  # a decode task stopped the pass (`stop_early`): say so as this consumer would
+            check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
+            raise
+        if batch is None:
+            break
+        index += 1
         if index % CHECK_EVERY_BATCHES == 0:
             check_bad_fraction(
                 ray.get(quality_log.summary.remote()), config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP

@@ -32,7 +32,8 @@ class QualityLog:
         self.reasons: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
 
-    def record(self, seen: int, bad: list[tuple[str, str]]) -> None:
+    def record(self, seen: int, bad: list[tuple[str, str]]) -> dict:
+        """Adds one decode task's counts; returns the running totals (`summary`)."""
         self.seen += seen
         self.bad += len(bad)
         for record_id, reason in bad:
@@ -40,6 +41,7 @@ class QualityLog:
             if record_id not in self.examples and len(self.examples) < MAX_EXAMPLES:
                 self.examples[record_id] = reason
                 logger.warning("skipped bad image id=%s: %s", record_id, reason)
+        return self.summary()
 
     def summary(self) -> dict:
         return {

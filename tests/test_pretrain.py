@@ -208,6 +208,29 @@ def test_all_bad_data_fails_once_with_one_attempts_count(ray_session, tmp_path):
     assert time.perf_counter() - started < 60
 
 
+def test_a_pass_where_nothing_decodes_stops_in_its_first_decode_tasks(ray_session, tmp_path):
+    """All bad, and far more of it than the early-stop minimum: the decode tasks end the pass once
+    they have seen enough (no batch ever reaches the worker to check), so the error counts a
+    part of the data, not the whole pass."""
+    import re
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from corpus import write_shards
+    from pipelines.ingest import MIN_SEEN_FOR_EARLY_STOP
+    from pipelines.quality import BadDataError
+
+    total = 8 * MIN_SEEN_FOR_EARLY_STOP
+    write_shards(tmp_path / "bad", [b"not an image"] * total, rows_per_shard=250)
+    # 16 px canvases, 0.2 MB per decode task: 273 rows a task.
+    config = tiny_config(**{"optim.epochs": 1, "optim.batch_size": 16, "train.probe_size": 0,
+                            "data.decode_block_mb": 0.2})
+    with pytest.raises(BadDataError, match=r"train: \d+ of \d+ images could not be decoded") as raised:
+        pretrain(config, str(tmp_path / "bad"), storage=str(tmp_path / "runs"), name="bad")
+    bad, seen = map(int, re.search(r"(\d+) of (\d+) images", str(raised.value)).groups())
+    assert bad == seen and MIN_SEEN_FOR_EARLY_STOP <= seen < total / 2
+
+
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(digits, tmp_path):
     import json
     import subprocess
