@@ -54,6 +54,7 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     from pipelines.train_loop import plan
     from pipelines.checkpoint import build_method
     from runs import simulated_cluster_environment, tiny_config
+    from timing import deadline
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Its own short Ray temp folder (socket paths < 108 bytes); a lost node's resources can still
@@ -61,7 +62,7 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     env = simulated_cluster_environment(RAY_TMPDIR=tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp"),
                                         RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
     process = subprocess.run([sys.executable, os.path.join(root, "tests", "elastic_run.py"), str(tmp_path)],
-                             capture_output=True, text=True, timeout=1200, env=env, cwd=root)
+                             capture_output=True, text=True, timeout=deadline("elastic"), env=env, cwd=root)
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(process.stdout.strip().splitlines()[-1])
     history, metrics = report["history"], report["metrics"]

@@ -21,11 +21,9 @@ import time
 import pytest
 
 from runs import COMMON, TINY
+from timing import deadline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Measured on 2 cores: the three commands together took 236 s beside nothing else; the deadline
-# leaves room for a busy machine (a CPU hog beside the elastic test doubled its time).
-DEADLINE_S = 1500
 
 
 def own_ray_command(args: list[str], ray_tmp: str, cwd) -> subprocess.Popen:
@@ -71,7 +69,7 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
     }
     results = {}
     for name, process in commands.items():
-        stdout, stderr = process.communicate(timeout=max(60, DEADLINE_S - (time.time() - started)))
+        stdout, stderr = process.communicate(timeout=max(60, deadline("two_rays") - (time.time() - started)))
         assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
         assert "Traceback" not in stderr, f"{name}: {stderr[-3000:]}"
         results[name] = json.loads(stdout.strip().splitlines()[-1])

@@ -1,0 +1,18 @@
+"""Deadlines of the tests that run Ray processes of their own, derived from measured times.
+
+LOADED_S: seconds each took on this project's 2-core machine with a busy loop on one of the two
+cores beside it, the load these tests must survive (docs/BENCHMARKS.md, "The multi-node tests
+beside a CPU hog", with the command). A deadline is MARGIN times that: room for a slower runner
+or a heavier neighbour, not a guess at the work. Remeasure when a test's work changes.
+"""
+
+MARGIN = 3
+LOADED_S = {
+    "elastic": 243,      # tests/test_elastic.py, shrink and grow on a simulated 3-node cluster
+    "node_loss": 137,    # tests/test_cluster.py, a node lost mid-run
+    "two_rays": 300,     # tests/test_two_rays.py, two runs and a 3-trial search at once
+}
+
+
+def deadline(test: str) -> float:
+    return MARGIN * LOADED_S[test]
