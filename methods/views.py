@@ -112,25 +112,51 @@ def _blur_kernel(size: int) -> int:
     return kernel + 1 - kernel % 2  # odd
 
 
-def _augmentation(spec: ViewSpec) -> nn.Module:
-    steps: list[nn.Module] = [
-        K.RandomResizedCrop((spec.size, spec.size), scale=spec.scale, ratio=spec.ratio),
-    ]
-    if spec.flip > 0:
-        steps.append(K.RandomHorizontalFlip(p=spec.flip))
-    if spec.jitter_p > 0 and any(spec.jitter):
-        steps.append(K.ColorJitter(*spec.jitter, p=spec.jitter_p))
-    if spec.grayscale > 0:
-        steps.append(K.RandomGrayscale(p=spec.grayscale))
-    if spec.blur > 0:
-        steps.append(K.RandomGaussianBlur(_blur_kernel(spec.size), spec.blur_sigma, p=spec.blur))
-    if spec.solarize > 0:
-        # thresholds=0 -> exactly 0.5 (the reference code's 128 of 255); nothing added.
-        steps.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize))
-    sequence = K.AugmentationSequential(*steps)
-    if spec.mix > 0:  # after the photometric ops: the partner is a view of its own
-        return nn.Sequential(sequence, K.RandomMixUpV2(lambda_val=(0.0, spec.mix), p=1.0, data_keys=["input"]))
-    return sequence
+# On 2 CPU threads, batched copies made 1.2-1.6x more images/s at 32 px (SimCLR, DINO) and
+# 0.6-0.8x at 224 px (docs/BENCHMARKS.md, issue 16): on a CPU only small views are batched.
+BATCHED_CPU_MAX_SIZE = 64
+
+
+class _ViewKind(nn.Module):
+    """One view kind's augmentation: the crop, then everything else at the crop's (output) size.
+
+    `make(images, copies, batched)` -> `copies` tensors `(N, 3, size, size)`. Batched, each copy
+    is cropped on its own (repeating the full canvases for one crop call would move `copies`
+    times the input through memory) and the photometric ops run once over all the crops, so
+    their per-call cost (parameter sampling, kernel launches on a GPU) is paid once. Kornia draws
+    every parameter per sample, so each crop still gets its own. A kind that mixes images
+    (`mix > 0`) is made per copy: an image's partner must be another image, not its own copy.
+    """
+
+    def __init__(self, spec: ViewSpec):
+        super().__init__()
+        self.crop = K.AugmentationSequential(K.RandomResizedCrop((spec.size, spec.size), scale=spec.scale,
+                                                                 ratio=spec.ratio))
+        steps: list[nn.Module] = []
+        if spec.flip > 0:
+            steps.append(K.RandomHorizontalFlip(p=spec.flip))
+        if spec.jitter_p > 0 and any(spec.jitter):
+            steps.append(K.ColorJitter(*spec.jitter, p=spec.jitter_p))
+        if spec.grayscale > 0:
+            steps.append(K.RandomGrayscale(p=spec.grayscale))
+        if spec.blur > 0:
+            steps.append(K.RandomGaussianBlur(_blur_kernel(spec.size), spec.blur_sigma, p=spec.blur))
+        if spec.solarize > 0:
+            # thresholds=0 -> exactly 0.5 (the reference code's 128 of 255); nothing added.
+            steps.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize))
+        self.photometric = K.AugmentationSequential(*steps) if steps else nn.Identity()
+        # after the photometric ops: the partner is a view of its own
+        self.mix = K.RandomMixUpV2(lambda_val=(0.0, spec.mix), p=1.0, data_keys=["input"]) if spec.mix > 0 else None
+
+    def one(self, images: torch.Tensor) -> torch.Tensor:
+        views = self.photometric(self.crop(images))
+        return self.mix(views) if self.mix is not None else views
+
+    def make(self, images: torch.Tensor, copies: int, batched: bool) -> list[torch.Tensor]:
+        if copies > 1 and batched and self.mix is None:
+            crops = torch.cat([self.crop(images) for _ in range(copies)])
+            return list(self.photometric(crops).chunk(copies))
+        return [self.one(images) for _ in range(copies)]
 
 
 class ViewMaker(nn.Module):
@@ -138,16 +164,22 @@ class ViewMaker(nn.Module):
 
     Args:
         recipe: the views to make.
+        batch_copies: crop each copy of a view kind (DINO's local crops) on its own, then run the
+            photometric ops once over all of them (`_ViewKind`), instead of the whole
+            augmentation once per copy. None (the default) decides per view kind: batched on a
+            GPU and for views of at most BATCHED_CPU_MAX_SIZE px on a CPU, where it was measured
+            to pay (benchmarks/view_rates.py); True or False forces one path.
 
     Call with `canvases: (N, H, W, 3) uint8` (as streamed by the ingest) and get a list of
     `(N, 3, size, size) float32` tensors, one per entry of `recipe.names`.
     """
 
-    def __init__(self, recipe: ViewRecipe):
+    def __init__(self, recipe: ViewRecipe, batch_copies: bool | None = None):
         super().__init__()
         recipe.validate()
         self.recipe = recipe
-        self.augmentations = nn.ModuleDict({name: _augmentation(spec) for name, spec in recipe.views.items()})
+        self.batch_copies = batch_copies
+        self.augmentations = nn.ModuleDict({name: _ViewKind(spec) for name, spec in recipe.views.items()})
         self.normalize = K.Normalize(mean=torch.tensor(recipe.mean), std=torch.tensor(recipe.std))
         self._denormalize = K.Denormalize(mean=torch.tensor(recipe.mean), std=torch.tensor(recipe.std))
 
@@ -158,8 +190,10 @@ class ViewMaker(nn.Module):
         images = canvases.permute(0, 3, 1, 2).float().div_(255)
         views = []
         for name, spec in self.recipe.views.items():
-            for _ in range(spec.copies):
-                views.append(self.normalize(self.augmentations[name](images)))
+            batched = self.batch_copies
+            if batched is None:
+                batched = images.is_cuda or spec.size <= BATCHED_CPU_MAX_SIZE
+            views.extend(self.normalize(view) for view in self.augmentations[name].make(images, spec.copies, batched))
         return views
 
     def denormalize(self, view: torch.Tensor) -> torch.Tensor:

@@ -104,3 +104,43 @@ def test_mix_blends_each_view_with_another_image_of_the_batch():
     assert (first - plain).abs().amax(dim=(1, 2, 3)).gt(0.01).sum() >= 12  # most rows are mixed
     with pytest.raises(ValueError, match="views.view.mix=0.7"):
         simclr_recipe(16).with_overrides({"view.mix": 0.7})
+
+
+@pytest.mark.parametrize("batch_copies", [True, False])
+def test_every_copy_of_every_image_draws_its_own_parameters(batch_copies):
+    """DINO's local crops, made in one batched call or one call per copy: 8 copies of one image,
+    4 local views each, are 32 different crops (Kornia draws per sample; a batched call must not
+    share a draw between the copies of an image)."""
+    recipe = dino_recipe(24, 12, 4)
+    same = canvases(1).repeat(8, 1, 1, 1)
+    torch.manual_seed(0)
+    local = ViewMaker(recipe, batch_copies=batch_copies)(same)[2:]
+    assert len(local) == 4 and all(view.shape == (8, 3, 12, 12) for view in local)
+    crops = {tuple(view[i].flatten().tolist()) for view in local for i in range(8)}
+    assert len(crops) == 32
+
+
+def test_batched_copies_are_the_per_copy_distribution():
+    """The two paths draw the same distribution: over many copies of one image, the mean and the
+    spread of the local crops agree (what differs is only which draw lands in which copy)."""
+    recipe = dino_recipe(24, 12, 8)
+    same = canvases(1).repeat(256, 1, 1, 1)
+    stats = {}
+    for batch_copies in (True, False):
+        torch.manual_seed(0)
+        local = torch.stack(ViewMaker(recipe, batch_copies=batch_copies)(same)[2:])  # (8, 256, 3, 12, 12)
+        per_crop = local.mean(dim=(2, 3, 4))
+        stats[batch_copies] = (per_crop.mean().item(), per_crop.std().item())
+    (mean_b, std_b), (mean_p, std_p) = stats[True], stats[False]
+    assert abs(mean_b - mean_p) < 0.05 and abs(std_b - std_p) < 0.1 * std_p
+
+
+def test_copies_are_batched_on_cpu_only_for_small_views(monkeypatch):
+    from methods import views as views_module
+
+    calls = []
+    make = views_module._ViewKind.make
+    monkeypatch.setattr(views_module._ViewKind, "make",
+                        lambda self, images, copies, batched: calls.append((copies, batched)) or make(self, images, copies, batched))
+    ViewMaker(dino_recipe(96, 24, 4))(canvases(2, 96))
+    assert calls == [(1, False), (1, False), (4, True)]  # 96 px globals per copy, 24 px locals batched
