@@ -222,6 +222,21 @@ def train_loop_per_worker(loop_config: dict) -> Stop | None:
     return None
 
 
+def wrap_model(method: torch.nn.Module, world: int, device: torch.device, compile: bool = False,
+               channels_last: bool = False) -> torch.nn.Module:
+    """What the step calls: the method on its device (its weights in channels-last memory when
+    asked: feed it `as_step_input` views), in DDP when there are several workers, compiled when
+    asked (the method itself stays the uncompiled module that checkpoints save)."""
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
+    return torch.compile(model) if compile else model
+
+
+def as_step_input(views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
+    return [view.contiguous(memory_format=torch.channels_last) for view in views] if channels_last else views
+
+
 def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
     """Build the method, wrap it for this group, and restore the latest checkpoint if there is one."""
     context = ray.train.get_context()
@@ -235,7 +250,7 @@ def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
         method.init_encoder(ray.get(loop_config["init_weights"]))
     if method.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
+    model = wrap_model(method, world, device, config.train.compile, config.train.channels_last)
     optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
     autocast, use_scaler = autocast_for(config.train.precision, device)
     worker = Worker(config, schedule, batches, rank, world, device, method, model, optimizer,
@@ -282,7 +297,7 @@ def _step(worker: Worker, stream: Iterator[dict], progress: Progress, window: Re
         if bad_data:  # joins the step's all-reduce with a NaN, so every rank stops at this step
             loss_and_flag = all_reduce_mean(torch.tensor([float("nan"), 1.0], device=worker.device))
         else:
-            views = method.views(batch["image"])
+            views = as_step_input(method.views(batch["image"]), worker.config.train.channels_last)
             # Gradients are all-reduced once per optimizer step, on its last micro-batch.
             last = micro == batches.accumulation - 1
             with (worker.model.no_sync() if worker.world > 1 and not last else contextlib.nullcontext()), worker.autocast:
