@@ -379,8 +379,12 @@ def cmd_viz_attention(args) -> dict:
     args.checkpoint = find_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
     if "attention" not in method.capabilities or not hasattr(method.encoder(), "blocks"):
+        from methods import METHODS
+
+        showing = ", ".join(sorted(name for name, cls in METHODS.items() if "attention" in cls.capabilities))
         raise UsageError(f"--checkpoint {args.checkpoint}: a {config.method} checkpoint with backbone "
-                         f"{config.backbone.name}; viz attention needs a DINO checkpoint with a ViT backbone")
+                         f"{config.backbone.name}; viz attention needs a checkpoint of a method that "
+                         f"shows attention ({showing}) with a ViT backbone")
     patch = method.encoder().patch_embed.patch_size[0]
     size = args.size or method.eval_size
     if size % patch:

@@ -65,3 +65,21 @@ def test_prepare_refuses_an_output_holding_shards_before_ray_starts(digits, tmp_
     assert cli.main(["prepare", "sample:digits", "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"selfsup prepare: error: --out {out}: already holds Parquet files; pass --overwrite to replace them"
+
+
+def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_it(tmp_path, capsys):
+    import torch
+
+    from pipelines.checkpoint import build_method, save_checkpoint
+    from runs import tiny_config
+
+    config = tiny_config("simclr")
+    method = build_method(config)
+    save_checkpoint(str(tmp_path), method, torch.optim.SGD(method.parameters(), lr=0.1),
+                    torch.amp.GradScaler(enabled=False), {"epoch": 1, "step": 1, "step_in_epoch": 0}, config)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (16, 16)).save(image)
+    assert main(["viz", "attention", "--checkpoint", str(tmp_path), "--image", str(image),
+                 "--out", str(tmp_path / "out.png")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "a simclr checkpoint" in error and "method that shows attention (dino)" in error
