@@ -6,8 +6,9 @@
     python benchmarks/step_options.py [--threads 2] [--steps 10] [--methods simclr,mae,dino,byol]
         [--variants eager,compile,channels_last]
 
-Prints one JSON line per method: img/s per variant and the compile time (the first step's
-seconds minus an eager step's). Issue 16, item 2.
+Prints one JSON line per method: img/s per variant, each variant's first step in seconds (the
+compile's cost shows there) and, for the AdamW methods, the optimizer step alone with PyTorch's
+default and fused AdamW. Issue 16, item 2.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def rate(config, variant: str, steps: int) -> tuple[float, float]:
     return config.optim.batch_size * steps / (time.perf_counter() - timed), first
 
 
+def adamw_step_ms(config, fused: bool, steps: int = 50) -> float:
+    """Milliseconds per AdamW step over the method's parameters (gradients set once)."""
+    method = build_method(config)
+    optimizer = torch.optim.AdamW(method.param_groups(config.optim.weight_decay), lr=1e-4, fused=fused)
+    for parameter in method.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -69,6 +83,9 @@ def main() -> None:
         for variant in ("compile", "channels_last"):
             if f"{variant}_img_s" in row and "eager_img_s" in row:
                 row[f"{variant}_speedup"] = round(row[f"{variant}_img_s"] / row["eager_img_s"], 2)
+        if name in ("mae", "dino"):  # the AdamW methods: the optimizer step alone, default vs fused
+            row["adamw_step_ms"] = round(adamw_step_ms(config, fused=False), 2)
+            row["fused_adamw_step_ms"] = round(adamw_step_ms(config, fused=True), 2)
         print(json.dumps(row), flush=True)
 
 

@@ -172,6 +172,14 @@ class Method(nn.Module):
         return {}
 
 
+def adamw(groups: list[dict], lr: float, betas) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter, 2019) as MAE and DINO train with it, on PyTorch's fused kernel
+    (CUDA and CPU): one kernel updates every parameter instead of a chain of multi-tensor ops.
+    Measured on 2 CPU threads: the optimizer step 4.4-4.8x faster for the `tiny` presets, under
+    1 % of their whole step either way (docs/BENCHMARKS.md); it counts for large models."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+
+
 @torch.no_grad()
 def ema_update(targets: list[nn.Module], sources: list[nn.Module], momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * source, parameter by parameter, in one fused

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from methods.base import Method, ema_update, register
+from methods.base import Method, adamw, ema_update, register
 from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
 from methods.schedules import warmup_cosine
@@ -350,7 +350,7 @@ class DINO(Method):
         return super().param_groups(weight_decay)
 
     def make_optimizer(self, groups, lr, optim):
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+        return adamw(groups, lr, optim.betas)
 
     def before_step(self, step: float, total_steps: int, epoch: int, optimizer) -> dict[str, float]:
         self.teacher_temp = self.teacher_temp_at(epoch)

@@ -17,7 +17,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from methods.base import Method, register
+from methods.base import Method, adamw, register
 from methods.checks import check_rules
 from methods.views import ViewRecipe, ViewSpec
 
@@ -203,7 +203,7 @@ class MAE(Method):
         return self.forward_loss(imgs, pred, mask), {"embeddings": latent[:, 0].detach()}
 
     def make_optimizer(self, groups, lr, optim):
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+        return adamw(groups, lr, optim.betas)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

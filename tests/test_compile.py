@@ -64,3 +64,25 @@ def test_step_options_are_booleans_in_the_config():
             tiny_config(**{key: "yes"})
     assert tiny_config(**{"train.compile": True}).train.compile is True
     assert tiny_config().train.channels_last is True  # on by default: measured to pay for ResNets
+
+
+@pytest.mark.parametrize("method_name", ["mae", "dino"])
+def test_the_fused_adamw_takes_the_steps_of_the_default_one(method_name):
+    """MAE and DINO train with `methods.base.adamw` (PyTorch's fused kernel): from the same
+    weights and gradients, three steps land where the default AdamW's do."""
+    config = tiny_config(method_name)
+    torch.manual_seed(0)
+    fused_method, plain_method = build_method(config), build_method(config)
+    plain_method.load_state_dict(fused_method.state_dict())
+    decay = config.optim.weight_decay
+    fused = fused_method.make_optimizer(fused_method.param_groups(decay), 1e-3, config.optim)
+    plain = torch.optim.AdamW(plain_method.param_groups(decay), lr=1e-3, betas=tuple(config.optim.betas))
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(3):
+        for p_fused, p_plain in zip(fused_method.parameters(), plain_method.parameters()):
+            p_fused.grad = torch.randn_like(p_fused)
+            p_plain.grad = p_fused.grad.clone()
+        fused.step()
+        plain.step()
+    for p_fused, p_plain in zip(fused_method.parameters(), plain_method.parameters()):
+        assert torch.allclose(p_fused, p_plain, rtol=1e-5, atol=1e-7)
