@@ -159,26 +159,21 @@ def iter_canvas_batches(
     decode task ended the pass on it (`image_dataset(stop_early=True)`).
     """
     seed = None if config.seed is None else config.seed + epoch
-    batches = iter(source.iter_torch_batches(
+    batches = source.iter_torch_batches(
         batch_size=batch_size,
         device=device,
         drop_last=drop_last,
         local_shuffle_buffer_size=config.shuffle_buffer or None,
         local_shuffle_seed=seed if config.shuffle_buffer else None,
-    ))
-    index = 0
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception:  # a decode task stopped the pass (`stop_early`): say so as this consumer would
-            check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
-            raise
-        if batch is None:
-            break
-        index += 1
-        if index % CHECK_EVERY_BATCHES == 0:
-            check_bad_fraction(
-                ray.get(quality_log.summary.remote()), config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP
-            )
-        yield batch
+    )
+    try:
+        for index, batch in enumerate(batches, start=1):
+            if index % CHECK_EVERY_BATCHES == 0:
+                check_bad_fraction(
+                    ray.get(quality_log.summary.remote()), config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP
+                )
+            yield batch
+    except Exception:  # also a pass that a decode task stopped (`stop_early`): said as this consumer would
+        check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
+        raise
     check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
