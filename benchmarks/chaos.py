@@ -37,13 +37,6 @@ COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_siz
           "train.knn_every_epochs": 0, "train.probe_size": 0}
 
 
-def training_worker_pids(cluster) -> list[int]:
-    from ray.util.state import list_actors
-
-    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    return sorted(actor.pid for actor in list_actors(address=cluster.cluster.gcs_address, filters=filters))
-
-
 def newest_step(folder: str) -> int:
     from pipelines.tracking import read_history
 
@@ -79,7 +72,7 @@ def chaos_run(workdir: str, kills: int, every_s: float, checkpoint_every: int, e
             step_at_recovery = newest_step(folder)
             cluster.wait_for(lambda: time.perf_counter() - recovered_at >= every_s and newest_step(folder) > step_at_recovery,
                              f"{every_s} s of training and a new checkpoint", timeout=every_s + 600)
-            pids = training_worker_pids(cluster)
+            pids = sorted(worker.pid for worker in cluster.training_workers())
             if not pids:
                 raise RuntimeError(f"kill {kill + 1}: no live training worker")
             victim = chooser.choice(pids)

@@ -86,12 +86,17 @@ class SpotCluster:
                 raise RuntimeError(f"timed out waiting for {what}" + (f" ({self._run.error!r})" if self._run.error else ""))
             time.sleep(0.2)
 
-    def training_nodes(self, alive_only: bool = True) -> list[str]:
-        """Node ids of the Ray Train workers (live ones, or every one the job ever had)."""
+    def training_workers(self, alive_only: bool = True) -> list:
+        """Ray's records (`ActorState`: `node_id`, `pid`, ...) of the Ray Train workers: the live
+        ones, or every one the job ever had."""
         from ray.util.state import list_actors
 
         filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", "ALIVE")] if alive_only else [])
-        return sorted(w.node_id for w in list_actors(address=self.cluster.gcs_address, filters=filters))
+        return list_actors(address=self.cluster.gcs_address, filters=filters)
+
+    def training_nodes(self, alive_only: bool = True) -> list[str]:
+        """Node ids of the Ray Train workers (live ones, or every one the job ever had)."""
+        return sorted(worker.node_id for worker in self.training_workers(alive_only))
 
     def preempt_a_worker_node(self, graceful: bool = False) -> str:
         """Remove a node that holds a training worker; returns its id. Without `graceful` the node
