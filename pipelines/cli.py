@@ -156,6 +156,20 @@ def check_batch_fits(batch_size: int, rows: int, workers: int, data: str) -> Non
         raise UsageError(f"optim.batch_size={batch_size}: larger than the {rows} training images in {data}; {fix}")
 
 
+def check_decode_device(config, gpus_per_worker: float) -> None:
+    """Refuse `data.decode=gpu` where the workers will have no GPU: a run without
+    `--gpus-per-worker`, or a local run on a machine without CUDA (a cluster's driver may sit
+    on a CPU head node; its workers check for themselves when they start)."""
+    if config.data.decode != "gpu":
+        return
+    if not gpus_per_worker:
+        raise UsageError("data.decode=gpu: the workers train on CPU (no --gpus-per-worker); use data.decode=cpu")
+    import torch
+
+    if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+        raise UsageError("data.decode=gpu: this machine has no CUDA device; use data.decode=cpu")
+
+
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -224,6 +238,7 @@ def cmd_pretrain(args) -> dict:
         batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    check_decode_device(config, args.gpus_per_worker)
     check_run_place(config, args.storage, args.name, least, args.num_cpus)
     shards = checked_shards(args.data)  # a wrong path, schema or shard fails here, before Ray starts
     check_batch_fits(config.optim.batch_size, shards.num_rows, most, args.data)
@@ -260,6 +275,7 @@ def cmd_tune(args) -> dict:
         check_space(config.to_dict(), dimensions, settings)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    check_decode_device(config, args.gpus_per_worker)
     check_run_place(config, args.storage, args.name, args.workers_per_trial, args.num_cpus)
     checked_shards(args.data)  # every footer, before Ray starts
     if args.val:

@@ -19,6 +19,7 @@ import ray.data
 import torch
 
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_batch
+from pipelines.device_decode import device_canvases, route_records
 from pipelines.quality import check_bad_fraction, new_quality_log
 from pipelines.shards import find_shards
 from methods.checks import check_rules
@@ -42,6 +43,9 @@ class IngestConfig:
         max_bad_fraction: stop with an error when more than this fraction fails to decode.
         max_pixels: images with more pixels are refused as decompression bombs.
         seed: seeds shard order (reseeded each pass) and the shuffle buffer; None = random.
+        decode: where training JPEGs are decoded: `cpu` (the Ray Data tasks, Pillow) or `gpu`
+            (the training worker's GPU, nvJPEG; pipelines/device_decode.py). Evaluation sets
+            are always decoded on CPU.
     """
 
     canvas_size: int = 64
@@ -52,6 +56,7 @@ class IngestConfig:
     max_bad_fraction: float = 0.01
     max_pixels: int = DEFAULT_MAX_PIXELS
     seed: int | None = None
+    decode: str = "cpu"
 
     def decode_rows(self) -> int:
         """Rows per decode task: `decode_block_mb` of canvases, between 8 and 8192 rows."""
@@ -65,6 +70,7 @@ class IngestConfig:
             "shuffle_buffer": (self.shuffle_buffer >= 0, "an integer >= 0"),
             "max_bad_fraction": (0 <= self.max_bad_fraction <= 1, "a fraction in [0, 1]"),
             "max_pixels": (self.max_pixels >= 1, "an integer >= 1"),
+            "decode": (self.decode in ("cpu", "gpu"), "cpu or gpu"),
         })
 
 
@@ -98,15 +104,31 @@ def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, wit
     return out
 
 
+def route_for_device(batch: pa.Table, size: int, max_pixels: int, quality_log,
+                     stop_over: float | None = None) -> pa.Table:
+    """map_batches UDF of `data.decode: gpu`: JPEGs stay encoded for the worker's device, the rest
+    are decoded here (`device_decode.route_records`); bad rows are dropped and reported to the log,
+    with the same early stop as `decode_records`."""
+    id_column = "id" if "id" in batch.column_names else "path"
+    table, bad = route_records(batch.column("image").to_pylist(), batch.column(id_column).to_pylist(),
+                               size, max_pixels)
+    totals = ray.get(quality_log.record.remote(batch.num_rows, bad))
+    if stop_over is not None:
+        check_bad_fraction(totals, stop_over, "decode", MIN_SEEN_FOR_EARLY_STOP)
+    return table
+
+
 def image_dataset(
     location: str, config: IngestConfig, quality_log=None, with_labels: bool = False, with_ids: bool = False,
-    stop_early: bool = False,
+    stop_early: bool = False, jpeg_on_device: bool = False,
 ) -> tuple[ray.data.Dataset, object]:
     """A lazy, streaming dataset of `{"image": (S, S, 3) uint8}` rows; `with_labels` adds
     `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id); `with_ids` adds
     `"id"` (the record's id string; the shard's path for shards without an id column).
     `stop_early`: a pass over `config.max_bad_fraction` fails in its decode tasks, as soon as
     enough records are seen (for a consumer that reads it with `iter_canvas_batches`).
+    `jpeg_on_device`: rows are `route_for_device`'s instead, for `iter_canvas_batches` with
+    `config.decode == "gpu"` to decode on the training device (no labels or ids).
 
     Returns the dataset and the `QualityLog` actor that counts skipped records.
     """
@@ -124,16 +146,17 @@ def image_dataset(
     columns = ["image", "id" if shards.has_id else "path"]
     if with_labels and shards.has_label:
         columns.append("label")
+    stop_over = config.max_bad_fraction if stop_early else None
+    if jpeg_on_device:
+        if with_labels or with_ids:
+            raise ValueError("jpeg_on_device: a training stream only (no labels or ids)")
+        udf, options = route_for_device, {}
+    else:
+        udf, options = decode_records, dict(with_labels=with_labels, with_ids=with_ids)
     dataset = dataset.select_columns(columns).map_batches(
-        decode_records,
-        fn_kwargs=dict(
-            size=config.canvas_size,
-            max_pixels=config.max_pixels,
-            quality_log=quality_log,
-            with_labels=with_labels,
-            with_ids=with_ids,
-            stop_over=config.max_bad_fraction if stop_early else None,
-        ),
+        udf,
+        fn_kwargs=dict(size=config.canvas_size, max_pixels=config.max_pixels, quality_log=quality_log,
+                       stop_over=stop_over, **options),
         batch_format="pyarrow",
         batch_size=config.decode_rows(),
         num_cpus=config.decode_num_cpus,
@@ -156,16 +179,17 @@ def iter_canvas_batches(
 
     Checks the bad-record fraction while streaming (once enough records are seen) and at the end
     of the pass; raises `BadDataError` when it is over `config.max_bad_fraction`, also when a
-    decode task ended the pass on it (`image_dataset(stop_early=True)`).
+    decode task ended the pass on it (`image_dataset(stop_early=True)`). With `config.decode ==
+    "gpu"` the source holds `image_dataset(jpeg_on_device=True)` rows, decoded here on `device`.
     """
     seed = None if config.seed is None else config.seed + epoch
-    batches = source.iter_torch_batches(
-        batch_size=batch_size,
-        device=device,
-        drop_last=drop_last,
-        local_shuffle_buffer_size=config.shuffle_buffer or None,
-        local_shuffle_seed=seed if config.shuffle_buffer else None,
-    )
+    shuffle = dict(local_shuffle_buffer_size=config.shuffle_buffer or None,
+                   local_shuffle_seed=seed if config.shuffle_buffer else None)
+    if config.decode == "gpu":
+        rows = source.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle)
+        batches = _decoded_on_device(rows, batch_size, quality_log, config, device, drop_last, where)
+    else:
+        batches = source.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last, **shuffle)
     try:
         for index, batch in enumerate(batches, start=1):
             if index % CHECK_EVERY_BATCHES == 0:
@@ -177,3 +201,26 @@ def iter_canvas_batches(
         check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
         raise
     check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
+
+
+def _decoded_on_device(rows, batch_size: int, quality_log, config: IngestConfig, device, drop_last: bool,
+                       where: str) -> Iterator[dict[str, torch.Tensor]]:
+    """`route_for_device` rows -> `{"image": canvases}` batches of exactly `batch_size` on `device`
+    (but a short last one when not `drop_last`): a JPEG that fails here leaves a gap that the next
+    rows fill, so every step keeps the planned batch."""
+    pending, held = [], 0
+    for batch in rows:
+        canvases, bad = device_canvases(batch, config.canvas_size, device, config.max_pixels)
+        if bad:  # seen already counted by the decode task that routed them
+            totals = ray.get(quality_log.record.remote(0, bad))
+            check_bad_fraction(totals, config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP)
+        pending.append(canvases)
+        held += len(canvases)
+        if held >= batch_size:
+            joined = torch.cat(pending)
+            while len(joined) >= batch_size:
+                yield {"image": joined[:batch_size]}
+                joined = joined[batch_size:]
+            pending, held = [joined], len(joined)
+    if held and not drop_last:
+        yield {"image": torch.cat(pending)}

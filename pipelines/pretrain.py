@@ -54,9 +54,10 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     quality_log = new_quality_log()
     # Training reports one line per epoch; per-operator progress bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": image_dataset(data, config.data, quality_log, stop_early=True)[0]}
+    datasets = {"train": image_dataset(data, config.data, quality_log, stop_early=True,
+                                       jpeg_on_device=config.data.decode == "gpu")[0]}
     if val:
-        val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0)
+        val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0, decode="cpu")
         datasets["val"] = image_dataset(val, val_config, new_quality_log(), with_labels=True)[0]
     if config.train.probe_size:
         table = probe_table(config.train.probe or data, config.train.probe_size)

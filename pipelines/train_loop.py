@@ -242,6 +242,8 @@ def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if config.data.decode == "gpu" and device.type != "cuda":
+        raise ValueError(f"data.decode=gpu: worker {rank} on {device} has no CUDA device; use data.decode=cpu")
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
     schedule: Schedule = loop_config["schedule"]
     batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule.lr_scaling)
