@@ -85,7 +85,8 @@ class TrainConfig:
     seed: seeds models, views and data order.
     max_failures: worker-group restarts from the last checkpoint before the run fails.
     cpus_per_worker: CPUs each training worker reserves (the rest decodes data).
-    torch_threads: intra-op threads per worker (0 = from cpus_per_worker).
+    torch_threads: intra-op threads per worker; 0 = the node's CPUs shared among the training
+        workers on it, at least cpus_per_worker (`train_loop.step_threads`).
     placement_strategy: how workers spread over nodes: PACK (fewest nodes), SPREAD,
         STRICT_SPREAD (one per node: a lost node costs one worker), STRICT_PACK.
     workers: training workers, N or "MIN:MAX" for an elastic group that shrinks when nodes go

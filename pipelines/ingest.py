@@ -8,9 +8,11 @@ across shards.
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +48,11 @@ class IngestConfig:
         decode: where training JPEGs are decoded: `cpu` (the Ray Data tasks, Pillow) or `gpu`
             (the training worker's GPU, nvJPEG; pipelines/device_decode.py). Evaluation sets
             are always decoded on CPU.
+        prefetch_batches: training batches made ahead of the step, on the training device, by
+            a thread that starts each epoch's pass as soon as the one before is read
+            (`EpochStream`), so no epoch starts by waiting for Ray Data to plan it; 0 = none
+            (each epoch's pass starts when the loop asks for it). Costs this many batches of
+            canvases in device memory.
     """
 
     canvas_size: int = 64
@@ -57,6 +64,7 @@ class IngestConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     seed: int | None = None
     decode: str = "cpu"
+    prefetch_batches: int = 8
 
     def decode_rows(self) -> int:
         """Rows per decode task: `decode_block_mb` of canvases, between 8 and 8192 rows."""
@@ -71,6 +79,8 @@ class IngestConfig:
             "max_bad_fraction": (0 <= self.max_bad_fraction <= 1, "a fraction in [0, 1]"),
             "max_pixels": (self.max_pixels >= 1, "an integer >= 1"),
             "decode": (self.decode in ("cpu", "gpu"), "cpu or gpu"),
+            "prefetch_batches": (isinstance(self.prefetch_batches, int) and self.prefetch_batches >= 0,
+                                 "an integer >= 0"),
         })
 
 
@@ -201,6 +211,76 @@ def iter_canvas_batches(
         check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
         raise
     check_bad_fraction(ray.get(quality_log.summary.remote()), config.max_bad_fraction, where)
+
+
+class EpochStream:
+    """Every epoch's batches, read ahead across epoch boundaries by one background thread.
+
+    Ray Data plans and starts each pass anew (file listing, footers, the first read and decode
+    tasks: 2-3 s on 2 CPUs); a loop that asks for the next pass only when its epoch ends waits
+    that long every epoch (issue 16). Here a thread reads pass after pass into a queue of `depth`
+    batches: it starts the next pass as soon as the current one is read, while the loop still
+    has the queued batches to train on. Passes stay whole: each ends with a marker, so the loop
+    sees the same epochs (and the same end-of-pass bad-data checks) as without the thread.
+
+    Args:
+        open_pass: `epoch -> iterator` of that epoch's batches (`iter_canvas_batches`).
+        epochs: the epochs to read, in order (from a resumed run's epoch to the last).
+        depth: batches queued ahead of the loop (>= 1).
+    """
+
+    _END = object()  # the current pass is over
+
+    def __init__(self, open_pass: Callable[[int], Iterator[dict]], epochs: range, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._in_pass = False
+        self._reader = threading.Thread(target=self._read, args=(open_pass, epochs), name="selfsup-epochs",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read(self, open_pass, epochs) -> None:
+        try:
+            for epoch in epochs:
+                for batch in open_pass(epoch):
+                    if not self._put(batch):
+                        return
+                if not self._put(self._END):
+                    return
+        except BaseException as error:  # noqa: BLE001  (raised to the loop where it asks for a batch)
+            self._put(error)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next_pass(self) -> Iterator[dict]:
+        """The next epoch's batches. What the loop left of the pass before (its epoch can end a
+        batch before the pass does) is dropped first."""
+        if self._in_pass:
+            for _ in self._batches():
+                pass
+        self._in_pass = True
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._in_pass = False
+                raise item
+            if item is self._END:
+                self._in_pass = False
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _decoded_on_device(rows, batch_size: int, quality_log, config: IngestConfig, device, drop_last: bool,

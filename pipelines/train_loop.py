@@ -30,7 +30,7 @@ from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
 from pipelines.elastic import BatchPlan, batch_plan
 from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
-from pipelines.ingest import iter_canvas_batches
+from pipelines.ingest import EpochStream, iter_canvas_batches
 from pipelines.label_free import check_rank, probe_metrics
 from pipelines.quality import BadDataError
 from pipelines.stops import Stop
@@ -169,17 +169,34 @@ def train_loop_per_worker(loop_config: dict) -> Stop | None:
     to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
     worker, progress = _start(config, loop_config)
     has_val, has_probe = loop_config["has_val"], loop_config.get("has_probe", False)
+    train_shard = ray.train.get_dataset_shard("train")
+
+    def open_pass(epoch: int) -> Iterator[dict]:
+        return iter_canvas_batches(train_shard, worker.batches.worker_batch, loop_config["quality_log"], config.data,
+                                   worker.device, drop_last=True, where="train", epoch=epoch)
+
+    passes = (EpochStream(open_pass, range(progress.epoch, config.optim.epochs), config.data.prefetch_batches)
+              if config.data.prefetch_batches else None)
+    try:
+        return _train(worker, progress, passes, open_pass, has_val, has_probe)
+    finally:
+        if passes:
+            passes.close()
+
+
+def _train(worker: Worker, progress: Progress, passes: EpochStream | None, open_pass, has_val: bool,
+           has_probe: bool) -> Stop | None:
+    """The epochs: steps over each epoch's pass (read ahead by `passes`, else opened here), a
+    report with a checkpoint every `train.checkpoint_every_steps` and at each epoch's end."""
+    config = worker.config
     total, recipe_batch = worker.schedule.total_steps, config.optim.batch_size
     samples_per_epoch = worker.schedule.steps_per_epoch * recipe_batch
-    train_shard = ray.train.get_dataset_shard("train")
     online = {}  # the last online evaluation
     ticker = StepProgress(total, config.optim.epochs, progress.step) if worker.rank == 0 else None
     while progress.epoch < config.optim.epochs:
         window, hook_metrics = ReportWindow(), {}
         lr = worker.schedule.lr_at(progress.position(recipe_batch)) * worker.batches.lr_factor
-        stream = iter(iter_canvas_batches(train_shard, worker.batches.worker_batch, loop_config["quality_log"],
-                                          config.data, worker.device, drop_last=True, where="train",
-                                          epoch=progress.epoch))
+        stream = iter(passes.next_pass() if passes else open_pass(progress.epoch))
         while progress.samples_in_epoch + worker.batches.global_batch <= samples_per_epoch:
             # The schedules run on images seen, in units of the recipe's steps: a step of another
             # global batch moves them by global / recipe batch.
@@ -237,6 +254,17 @@ def as_step_input(views: list[torch.Tensor], channels_last: bool) -> list[torch.
     return [view.contiguous(memory_format=torch.channels_last) for view in views] if channels_last else views
 
 
+def step_threads(torch_threads: int, cpus_per_worker: float, node_cpus: float, workers_on_node: int) -> int:
+    """A worker's intra-op threads: `train.torch_threads` when set, else the node's CPUs shared
+    among the training workers on it (at least `cpus_per_worker`). The decode tasks share those
+    cores through the OS: at 32 px they need a fraction of one, and SimCLR `tiny` on 2 CPUs trains
+    1.66x faster on 2 threads than on the 1 it reserves, decode tasks and all (docs/BENCHMARKS.md).
+    Set `train.torch_threads` where decoding needs the cores (large images on a CPU node)."""
+    if torch_threads:
+        return torch_threads
+    return max(1, int(cpus_per_worker), int(node_cpus // max(1, workers_on_node)))
+
+
 def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
     """Build the method, wrap it for this group, and restore the latest checkpoint if there is one."""
     context = ray.train.get_context()
@@ -244,7 +272,9 @@ def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
     device = ray.train.torch.get_device()
     if config.data.decode == "gpu" and device.type != "cuda":
         raise ValueError(f"data.decode=gpu: worker {rank} on {device} has no CUDA device; use data.decode=cpu")
-    torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
+    node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
+    torch.set_num_threads(step_threads(config.train.torch_threads, config.train.cpus_per_worker,
+                                       node["Resources"].get("CPU", 1), context.get_local_world_size()))
     schedule: Schedule = loop_config["schedule"]
     batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule.lr_scaling)
     method = build_method(config)

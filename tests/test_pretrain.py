@@ -260,3 +260,12 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(digits, tmp_path):
     assert last == (f"selfsup pretrain: interrupted: the checkpoints written so far are kept in "
                     f"{tmp_path}/interrupted; run the same command with --name interrupted to resume")
     assert stdout == ""  # no JSON line: the run did not finish
+
+
+def test_step_threads_share_the_node_among_its_training_workers():
+    from pipelines.train_loop import step_threads
+
+    assert step_threads(0, 1, node_cpus=2, workers_on_node=1) == 2  # the 2-core laptop: both cores
+    assert step_threads(0, 1, node_cpus=2, workers_on_node=2) == 1
+    assert step_threads(0, 4, node_cpus=6, workers_on_node=2) == 4  # never below the reservation
+    assert step_threads(3, 1, node_cpus=64, workers_on_node=1) == 3  # set: taken as is
