@@ -37,3 +37,29 @@ def write_shards(folder: str, images: list[bytes], shards: int = 8, row_group_si
         ids = [f"{s}-{i}" for i in range(len(chunk))]
         table = pa.table({"image": chunk, "label": [None] * len(chunk), "id": ids}, schema=SHARD_SCHEMA)
         pq.write_table(table, f"{folder}/part-{s}.parquet", row_group_size=row_group_size)
+
+
+def photo_crop_jpegs(count: int, sides: tuple[int, int] = (256, 320), seed: int = 0) -> list[bytes]:
+    """Random crops (each side drawn from `sides`) of the photographs scikit-image and
+    scikit-learn ship (the MNIST-M backgrounds), flipped at random, as quality-90 JPEGs; the
+    synthetic `photo_like_jpegs` where those packages are not installed."""
+    try:
+        from pipelines.samples import background_photos
+
+        photos = [p for p in background_photos() if min(p.shape[:2]) >= sides[1]]
+    except ImportError:
+        photos = []
+    if not photos:
+        return photo_like_jpegs(count, sides[1], sides[0], seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        photo = photos[rng.integers(len(photos))]
+        height, width = (int(rng.integers(sides[0], sides[1] + 1)) for _ in range(2))
+        top = int(rng.integers(photo.shape[0] - height + 1))
+        left = int(rng.integers(photo.shape[1] - width + 1))
+        crop = photo[top:top + height, left:left + width]
+        buffer = io.BytesIO()
+        Image.fromarray(crop[:, ::-1] if rng.random() < 0.5 else crop).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out

@@ -4,8 +4,9 @@ probe after E epochs vs the floors, on the bundled MNIST sample (`tiny` preset).
 End to end = a real `selfsup pretrain` run (Ray Data ingest, views on the device, one Ray Train
 worker with `train.cpus_per_worker` CPUs); its images/s of the last epoch. Model only = the same
 method's forward + backward + optimizer step on views made once, with the same number of torch
-threads, no data pipeline. Then top-1 on the sample's test split for the trained encoder, the
-random-init encoder (the floor) and raw pixels. `--picture` also draws MAE reconstructions.
+threads and the same `train.channels_last` / `train.compile` wrapping, no data pipeline. Then
+top-1 on the sample's test split for the trained encoder, the random-init encoder (the floor) and
+raw pixels. `--picture` also draws MAE reconstructions.
 
     python benchmarks/pretrain_method.py --method simclr --epochs 3
     python benchmarks/pretrain_method.py --method mae --epochs 20 --linear --picture docs/images/mae_reconstruction.png
@@ -17,31 +18,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
-import ray
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.config import build_config
-from pipelines.evaluate import evaluate_checkpoint
-from pipelines.prepare import PrepareConfig, prepare
-from pipelines.pretrain import pretrain
-from pipelines.train_loop import plan
-from pipelines.checkpoint import build_method
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.checkpoint import build_method  # noqa: E402
+from pipelines.cli import parse_sets  # noqa: E402
+from pipelines.config import build_config  # noqa: E402
+from pipelines.evaluate import evaluate_checkpoint  # noqa: E402
+from pipelines.prepare import PrepareConfig, prepare  # noqa: E402
+from pipelines.pretrain import pretrain  # noqa: E402
+from pipelines.train_loop import as_step_input, plan, step_threads, wrap_model  # noqa: E402
+
+NODE_CPUS = 2  # the Ray this script starts: the one worker's node
 
 
-def model_only_rate(config, steps: int = 5) -> float:
-    torch.set_num_threads(config.train.torch_threads or max(1, int(config.train.cpus_per_worker)))
+def model_only_rate(config, steps: int = 15) -> float:
+    torch.set_num_threads(step_threads(config.train.torch_threads, config.train.cpus_per_worker, NODE_CPUS, 1))
     method = build_method(config)
     schedule = plan(config, 4000)
     optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
+    model = wrap_model(method, 1, torch.device("cpu"), config.train.compile, config.train.channels_last)
     canvases = torch.randint(0, 256, (config.optim.batch_size, config.data.canvas_size, config.data.canvas_size, 3),
                              dtype=torch.uint8)
-    views = method.views(canvases)
+    views = as_step_input(method.views(canvases), config.train.channels_last)
     for step in range(steps + 1):
         if step == 1:
             start = time.perf_counter()
-        loss, _ = method(views)
+        loss, _ = model(views)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -55,12 +63,14 @@ def main() -> None:
     parser.add_argument("--linear", action="store_true", help="also the linear probe")
     parser.add_argument("--picture", help="MAE: reconstructions; DINO: attention maps of one test image")
     parser.add_argument("--workdir", default="/tmp/selfsup-bench")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, as `selfsup pretrain --set` (repeatable)")
     args = parser.parse_args()
     config = build_config(args.method, "tiny", sets={"optim.epochs": args.epochs, "train.knn_every_epochs": 0,
-                                                     "train.keep_checkpoints": args.epochs})
+                                                     "train.keep_checkpoints": args.epochs, **parse_sets(args.set)})
     model_only = model_only_rate(config)
     print(f"model only: {model_only:.1f} img/s", flush=True)
-    ray.init(num_cpus=2, logging_level="ERROR")
+    ray.init(num_cpus=NODE_CPUS, logging_level="ERROR")
     data = os.path.join(args.workdir, "mnist")
     prepare("sample:mnist", data, PrepareConfig(overwrite=True))
     started = time.perf_counter()
@@ -73,6 +83,7 @@ def main() -> None:
     result = {
         "method": args.method,
         "epochs": args.epochs,
+        "sets": args.set,
         "batch_size": config.optim.batch_size,
         "model_only_img_s": round(model_only, 1),
         "end_to_end_img_s_last_epoch": round(metrics["images_per_s"], 1),

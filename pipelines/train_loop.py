@@ -403,6 +403,8 @@ def _report(worker: Worker, window: ReportWindow, progress: Progress, lr: float,
         **statistics,
         **hook_metrics,
     }
+    if worker.device.type == "cuda":  # this worker's peak since the run (or its restart) began
+        metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated(worker.device) / 2**30
     if statistics:
         metrics.update(worker.method.diagnose(metrics) if worker.rank == 0 else {})
     metrics.update(online)
