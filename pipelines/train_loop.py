@@ -1,9 +1,10 @@
 """The method-agnostic training loop that runs on every Ray Train worker.
 
-Read top to bottom: `train_loop_per_worker` sets up (`_start`: build, wrap, restore), then for each
-epoch streams batches and takes optimizer steps (`_step`: views on the device, loss, backward,
-clip, step, the method's hooks), and reports metrics with a checkpoint (`_report`). A run that must
-stop (a NaN loss, too much bad data) returns a `Stop` instead of raising.
+Read top to bottom: `train_loop_per_worker` sets up (`_start`: build, wrap, restore) and starts
+reading the epochs' passes ahead (`EpochStream`); `_train` then, for each epoch, takes optimizer
+steps on its pass (`_step`: views on the device, loss, backward, clip, step, the method's hooks)
+and reports metrics with a checkpoint (`_report`). A run that must stop (a NaN loss, too much bad
+data) returns a `Stop` instead of raising.
 """
 
 from __future__ import annotations
