@@ -2,7 +2,8 @@
 `imagenet` preset, on JPEG shards of 256-320 px crops of the bundled photos, with JPEGs decoded
 on CPU (Pillow in Ray Data tasks) and on the GPU (`data.decode=gpu`, nvJPEG).
 
-One JSON line per method and decode mode, then a table:
+First the decode path alone: 256 JPEGs decoded batched on the device against Pillow (canvas
+difference, images/s vs one CPU core). Then one JSON line per method and decode mode, and a table:
 - `e2e_img_s`, `data_wait`: the last epoch of the real run (Ray Data ingest, views, step);
 - `model_img_s`: forward + backward + step on views made once (bf16 autocast, channels-last as
   the worker does), no data; `views_img_s`: the method's Kornia views alone;
@@ -26,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -33,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from benchmarks_common import photo_crop_jpegs, write_shards  # noqa: E402
 from pipelines.checkpoint import build_method  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_canvas  # noqa: E402
+from pipelines.device_decode import device_canvases, route_records  # noqa: E402
 from pipelines.pretrain import pretrain  # noqa: E402
 from pipelines.train_loop import as_step_input, autocast_for, wrap_model  # noqa: E402
 
@@ -78,6 +82,28 @@ def model_measures(config, device: torch.device, steps: int) -> dict:
             "gflop_per_image": counter.get_total_flops() / 2 / 1e9}
 
 
+def decode_check(images: list[bytes], size: int, device: torch.device, batch: int = 256) -> dict:
+    """The device decode path against Pillow on the same JPEGs: canvases' mean difference (levels
+    of 255), and images/s of one batched device decode vs Pillow on one CPU core."""
+    images = (images * (batch // len(images) + 1))[:batch]
+    table, bad = route_records(images, [str(i) for i in range(batch)], size, DEFAULT_MAX_PIXELS)
+    rows = {key: np.array(values, dtype=object if key in ("encoded", "id") else None)
+            for key, values in table.to_pydict().items()}
+    device_canvases(rows, size, device, DEFAULT_MAX_PIXELS)  # warm-up: nvJPEG handles, kernels
+    sync(device)
+    started = time.perf_counter()
+    canvases, failed = device_canvases(rows, size, device, DEFAULT_MAX_PIXELS)
+    sync(device)
+    device_s = time.perf_counter() - started
+    started = time.perf_counter()
+    pillow = np.stack([decode_canvas(data, size) for data in images])
+    pillow_s = time.perf_counter() - started
+    difference = np.abs(canvases.cpu().numpy().astype(np.int16) - pillow.astype(np.int16)).mean(axis=(1, 2, 3))
+    return {"decode_check": str(device), "jpegs": batch, "bad": len(bad) + len(failed),
+            "mean_difference": round(float(difference.mean()), 2), "worst_image": round(float(difference.max()), 2),
+            "device_img_s": round(batch / device_s, 1), "pillow_img_s_one_core": round(batch / pillow_s, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", default="dino,simclr,mae")
@@ -104,6 +130,7 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                       "images": len(images), "mean_jpeg_kb": round(sum(map(len, images)) / len(images) / 1024, 1),
                       "shards_s": round(time.perf_counter() - started, 1)}), flush=True)
+    print(json.dumps(decode_check(images, 256, device)), flush=True)
     ray.init(num_cpus=os.cpu_count(), logging_level="ERROR")
     rows = []
     for name in args.methods.split(","):
