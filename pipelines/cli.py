@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample", default="mnist-m", choices=list(SAMPLES),
                       help="mnist-m (default: digits on photo crops, where raw pixels are weak), mnist or digits")
     demo.add_argument("--workdir", default="selfsup-demo", help="where data and pictures go")
-    demo.add_argument("--epochs", type=int, default=10, help="SimCLR epochs on the sample")
+    demo.add_argument("--epochs", type=int, default=15, help="SimCLR epochs on the sample")
     demo.add_argument("--num-cpus", type=int, default=None)
     demo.set_defaults(run=cmd_demo)
     return parser

@@ -10,7 +10,9 @@ on the device. A JPEG the device refuses (a truncated file, a coding nvJPEG lack
 Pillow on the worker instead; one Pillow refuses too is a bad image, counted with its id.
 
 The canvas is the one `decode.decode_canvas` makes (EXIF-oriented, RGB, the centre square resized
-to `size`), up to resampling: Pillow's draft + bicubic against torch's antialiased bicubic.
+to `size` with antialiased bicubic), but for where the square is cut: `ImageOps.fit` cuts at a
+fractional offset, `fit_canvas` at whole pixels (a half-pixel shift; docs/BENCHMARKS.md), and
+Pillow decodes a JPEG of twice the canvas or more at a reduced DCT scale first.
 """
 
 from __future__ import annotations
