@@ -92,14 +92,9 @@ def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, wit
     fails, ending the pass in its first decode tasks. The consumer's own checks cannot do it when
     every record is bad: then no batch ever reaches it (issue 18). `iter_canvas_batches` turns
     the failed pass back into one `BadDataError`."""
-    images = batch.column("image").to_pylist()
-    id_column = "id" if "id" in batch.column_names else "path"  # the shard's path names the record
-    ids = batch.column(id_column).to_pylist()
-    canvases, kept, bad = decode_batch(images, ids, size, max_pixels)
-    # Waited for, so the totals are complete when the consumer checks them at the end of a pass.
-    totals = ray.get(quality_log.record.remote(len(images), bad))
-    if stop_over is not None:
-        check_bad_fraction(totals, stop_over, "decode", MIN_SEEN_FOR_EARLY_STOP)
+    ids = record_ids(batch)
+    canvases, kept, bad = decode_batch(batch.column("image").to_pylist(), ids, size, max_pixels)
+    report_bad(quality_log, batch.num_rows, bad, stop_over)
     out = {"image": canvases}
     if with_labels:
         if "label" in batch.column_names:
@@ -119,13 +114,22 @@ def route_for_device(batch: pa.Table, size: int, max_pixels: int, quality_log,
     """map_batches UDF of `data.decode: gpu`: JPEGs stay encoded for the worker's device, the rest
     are decoded here (`device_decode.route_records`); bad rows are dropped and reported to the log,
     with the same early stop as `decode_records`."""
-    id_column = "id" if "id" in batch.column_names else "path"
-    table, bad = route_records(batch.column("image").to_pylist(), batch.column(id_column).to_pylist(),
-                               size, max_pixels)
-    totals = ray.get(quality_log.record.remote(batch.num_rows, bad))
+    table, bad = route_records(batch.column("image").to_pylist(), record_ids(batch), size, max_pixels)
+    report_bad(quality_log, batch.num_rows, bad, stop_over)
+    return table
+
+
+def record_ids(batch: pa.Table) -> list:
+    """What names each record in error reports: its `id`, else the shard's path."""
+    return batch.column("id" if "id" in batch.column_names else "path").to_pylist()
+
+
+def report_bad(quality_log, seen: int, bad: list[tuple[str, str]], stop_over: float | None) -> None:
+    """A decode task's counts to the log, waited for so the totals are complete when the consumer
+    checks them at the end of a pass; over `stop_over` (once enough are seen) the task fails."""
+    totals = ray.get(quality_log.record.remote(seen, bad))
     if stop_over is not None:
         check_bad_fraction(totals, stop_over, "decode", MIN_SEEN_FOR_EARLY_STOP)
-    return table
 
 
 def image_dataset(
@@ -288,19 +292,15 @@ def _decoded_on_device(rows, batch_size: int, quality_log, config: IngestConfig,
     """`route_for_device` rows -> `{"image": canvases}` batches of exactly `batch_size` on `device`
     (but a short last one when not `drop_last`): a JPEG that fails here leaves a gap that the next
     rows fill, so every step keeps the planned batch."""
-    pending, held = [], 0
+    held = None  # canvases decoded and not yet yielded
     for batch in rows:
         canvases, bad = device_canvases(batch, config.canvas_size, device, config.max_pixels)
         if bad:  # seen already counted by the decode task that routed them
             totals = ray.get(quality_log.record.remote(0, bad))
             check_bad_fraction(totals, config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP)
-        pending.append(canvases)
-        held += len(canvases)
-        if held >= batch_size:
-            joined = torch.cat(pending)
-            while len(joined) >= batch_size:
-                yield {"image": joined[:batch_size]}
-                joined = joined[batch_size:]
-            pending, held = [joined], len(joined)
-    if held and not drop_last:
-        yield {"image": torch.cat(pending)}
+        held = canvases if held is None or not len(held) else torch.cat([held, canvases])
+        while len(held) >= batch_size:
+            yield {"image": held[:batch_size]}
+            held = held[batch_size:]
+    if held is not None and len(held) and not drop_last:
+        yield {"image": held}
