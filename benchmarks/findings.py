@@ -2,6 +2,7 @@
 
     python benchmarks/findings.py composition     # SimCLR §3 / Fig. 5: pairs of augmentations
     python benchmarks/findings.py temperature     # SimCLR Fig. 9 / Table 5: temperature x batch
+    python benchmarks/findings.py batch-steps     # SimCLR Fig. 9: batch size at a fixed number of steps
     python benchmarks/findings.py mask-ratio      # MAE Fig. 5: mask ratio x norm-pix targets
     python benchmarks/findings.py dino-centering  # DINO §5.3 / Fig. 7: centering and sharpening
     python benchmarks/findings.py dino-stability  # 30 epochs of DINO `tiny`: does it drift?
@@ -68,6 +69,17 @@ def temperature_cells(epochs: int) -> list[tuple[str, str, dict]]:
             for b in (64, 256) for t in (0.1, 0.2, 0.5, 1.0)]
 
 
+def batch_steps_cells(epochs: int) -> list[tuple[str, str, dict]]:
+    """Batch 64, 128 and 256 for the same number of optimizer steps (~180, and the same warm-up
+    steps): `epochs` is batch 64's, the larger batches run 2x and 4x as many epochs. The temperature
+    grid compares batches at equal epochs, where the small batch takes 4x the steps; here only the
+    negatives per step (and the square-root-scaled LR) differ."""
+    base = {**SIMCLR_BASE, **ALL_OFF, **TRANSFORMS["grayscale"], **TRANSFORMS["blur"], "hparams.temperature": 0.2}
+    return [(f"b{b}-e{epochs * b // 64}", "simclr", {**base, "optim.batch_size": b, "optim.epochs": epochs * b // 64,
+                                                     "optim.warmup_epochs": b / 64})
+            for b in (64, 128, 256)]
+
+
 def mask_ratio_cells(epochs: int) -> list[tuple[str, str, dict]]:
     return [(f"m{m}-{'norm' if norm else 'raw'}", "mae", {"hparams.mask_ratio": m, "hparams.norm_pix_loss": norm,
                                                         "optim.epochs": epochs, "optim.warmup_epochs": 1})
@@ -96,6 +108,7 @@ def dino_stability_cells(epochs: int) -> list[tuple[str, str, dict]]:
 EXPERIMENTS = {
     "composition": (composition_cells, 4),
     "temperature": (temperature_cells, 3),
+    "batch-steps": (batch_steps_cells, 3),
     "mask-ratio": (mask_ratio_cells, 10),
     "dino-centering": (dino_centering_cells, 3),
     "dino-stability": (dino_stability_cells, 30),
@@ -184,6 +197,25 @@ def report_temperature(done: dict, pictures: str) -> None:
     _save(figure, pictures, "temperature.png")
 
 
+def report_batch_steps(done: dict, pictures: str) -> None:
+    import matplotlib.pyplot as plt
+
+    print("| batch | epochs | steps | kNN | linear |\n|---:|---:|---:|---:|---:|")
+    rows = sorted((r["sets"]["optim.batch_size"], r) for r in done.values())
+    for batch, r in rows:
+        epochs = r["sets"]["optim.epochs"]
+        print(f"| {batch} | {epochs} | {r['history'][-1]['step']} | {r['knn']:.3f} | {r['linear']:.3f} |")
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    axis.plot([b for b, _ in rows], [r["knn"] for _, r in rows], marker="o", label="kNN")
+    axis.plot([b for b, _ in rows], [r["linear"] for _, r in rows], marker="s", linestyle="--", label="linear")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("batch size (same number of steps)")
+    axis.set_ylabel("top-1")
+    axis.legend(fontsize=8)
+    axis.set_title("SimCLR on MNIST-M: batch size at fixed steps")
+    _save(figure, pictures, "batch_steps.png")
+
+
 def report_mask_ratio(done: dict, pictures: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -200,7 +232,8 @@ def report_mask_ratio(done: dict, pictures: str) -> None:
     axis.set_xlabel("mask ratio")
     axis.set_ylabel("top-1")
     axis.legend(fontsize=8)
-    axis.set_title("MAE on MNIST-M: mask ratio")
+    epochs = sorted({r["sets"]["optim.epochs"] for r in done.values()})
+    axis.set_title(f"MAE on MNIST-M: mask ratio ({'/'.join(map(str, epochs))} epochs)")
     _save(figure, pictures, "mask_ratio.png")
 
 
@@ -296,6 +329,8 @@ def main() -> None:
         report_composition(done, args.pictures)
     elif args.experiment == "temperature":
         report_temperature(done, args.pictures)
+    elif args.experiment == "batch-steps":
+        report_batch_steps(done, args.pictures)
     elif args.experiment == "mask-ratio":
         report_mask_ratio(done, args.pictures)
     elif args.experiment == "dino-centering":
