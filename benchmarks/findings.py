@@ -72,8 +72,9 @@ def temperature_cells(epochs: int) -> list[tuple[str, str, dict]]:
 def batch_steps_cells(epochs: int) -> list[tuple[str, str, dict]]:
     """Batch 64, 128 and 256 for the same number of optimizer steps (~180, and the same warm-up
     steps): `epochs` is batch 64's, the larger batches run 2x and 4x as many epochs. The temperature
-    grid compares batches at equal epochs, where the small batch takes 4x the steps; here only the
-    negatives per step (and the square-root-scaled LR) differ."""
+    grid compares batches at equal epochs, where the small batch takes 4x the steps; here the
+    negatives per step differ, and with them the square-root-scaled LR and the passes over the
+    data (a larger batch at equal steps sees each image more often)."""
     base = {**SIMCLR_BASE, **ALL_OFF, **TRANSFORMS["grayscale"], **TRANSFORMS["blur"], "hparams.temperature": 0.2}
     return [(f"b{b}-e{epochs * b // 64}", "simclr", {**base, "optim.batch_size": b, "optim.epochs": epochs * b // 64,
                                                      "optim.warmup_epochs": b / 64})

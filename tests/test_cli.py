@@ -83,3 +83,17 @@ def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_i
                  "--out", str(tmp_path / "out.png")]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "a simclr checkpoint" in error and "method that shows attention (dino)" in error
+
+
+def test_the_demo_holds_its_learning_rate_at_the_peak_after_the_warm_up():
+    # Annealing to 0 over the demo's few epochs cost 13 points of kNN (docs/BENCHMARKS.md): a
+    # change to its batch or base LR must move optim.min_lr with the peak it derives from.
+    from pipelines.cli import DEMO_SIMCLR
+    from pipelines.config import build_config
+    from pipelines.train_loop import plan
+
+    for epochs in (10, 15):
+        schedule = plan(build_config("simclr", "tiny", sets={**DEMO_SIMCLR, "optim.epochs": epochs}), 4000)
+        after_warm_up = range(schedule.warmup_steps, schedule.total_steps)
+        assert schedule.warmup_steps > 0
+        assert all(abs(schedule.lr_at(step) - schedule.peak_lr) < 1e-9 for step in after_warm_up)
