@@ -124,12 +124,13 @@ def record_ids(batch: pa.Table) -> list:
     return batch.column("id" if "id" in batch.column_names else "path").to_pylist()
 
 
-def report_bad(quality_log, seen: int, bad: list[tuple[str, str]], stop_over: float | None) -> None:
-    """A decode task's counts to the log, waited for so the totals are complete when the consumer
-    checks them at the end of a pass; over `stop_over` (once enough are seen) the task fails."""
+def report_bad(quality_log, seen: int, bad: list[tuple[str, str]], stop_over: float | None,
+               where: str = "decode") -> None:
+    """A decode step's counts to the log, waited for so the totals are complete when the consumer
+    checks them at the end of a pass; over `stop_over` (once enough are seen) the step fails."""
     totals = ray.get(quality_log.record.remote(seen, bad))
     if stop_over is not None:
-        check_bad_fraction(totals, stop_over, "decode", MIN_SEEN_FOR_EARLY_STOP)
+        check_bad_fraction(totals, stop_over, where, MIN_SEEN_FOR_EARLY_STOP)
 
 
 def image_dataset(
@@ -296,8 +297,7 @@ def _decoded_on_device(rows, batch_size: int, quality_log, config: IngestConfig,
     for batch in rows:
         canvases, bad = device_canvases(batch, config.canvas_size, device, config.max_pixels)
         if bad:  # seen already counted by the decode task that routed them
-            totals = ray.get(quality_log.record.remote(0, bad))
-            check_bad_fraction(totals, config.max_bad_fraction, where, MIN_SEEN_FOR_EARLY_STOP)
+            report_bad(quality_log, 0, bad, config.max_bad_fraction, where)
         held = canvases if held is None or not len(held) else torch.cat([held, canvases])
         while len(held) >= batch_size:
             yield {"image": held[:batch_size]}
