@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.shards import SHARD_SCHEMA
+from pipelines.data.shards import SHARD_SCHEMA
 
 
 def photo_like_jpegs(count: int, width=320, height=240, seed=0) -> list[bytes]:
@@ -44,7 +44,7 @@ def photo_crop_jpegs(count: int, sides: tuple[int, int] = (256, 320), seed: int 
     scikit-learn ship (the MNIST-M backgrounds), flipped at random, as quality-90 JPEGs; the
     synthetic `photo_like_jpegs` where those packages are not installed."""
     try:
-        from pipelines.samples import background_photos
+        from pipelines.data.samples import background_photos
 
         photos = [p for p in background_photos() if min(p.shape[:2]) >= sides[1]]
     except ImportError:

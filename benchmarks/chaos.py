@@ -38,7 +38,7 @@ COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_siz
 
 
 def newest_step(folder: str) -> int:
-    from pipelines.tracking import read_history
+    from pipelines.train.tracking import read_history
 
     history = read_history(folder)
     return int(history[-1]["step"]) if history else 0
@@ -48,9 +48,9 @@ def chaos_run(workdir: str, kills: int, every_s: float, checkpoint_every: int, e
     from cluster.simulate import SpotCluster
     from methods import get_method
     from pipelines.config import build_config
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.pretrain import pretrain
-    from pipelines.tracking import read_history
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.train.pretrain import pretrain
+    from pipelines.train.tracking import read_history
 
     chooser = random.Random(seed)
     sets = {**COMMON, **get_method("simclr").smoke_sets, "optim.epochs": epochs,

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def run(kind: str, data: str, workdir: str, epochs: int, seed: int = 0) -> dict:
     from cluster.simulate import SpotCluster
     from pipelines.config import build_config
-    from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.pretrain import pretrain
-    from pipelines.tracking import read_history
+    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.train.pretrain import pretrain
+    from pipelines.train.tracking import read_history
 
     sets = {"optim.epochs": epochs, "optim.max_worker_batch": 128, "train.knn_every_epochs": 0,
             "train.checkpoint_every_steps": 3, "train.max_failures": 10, "train.cpus_per_worker": 2,
@@ -66,7 +66,7 @@ def run(kind: str, data: str, workdir: str, epochs: int, seed: int = 0) -> dict:
 def main() -> None:
     import ray
 
-    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.data.prepare import PrepareConfig, prepare
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)

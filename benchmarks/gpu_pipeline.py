@@ -33,12 +33,13 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks_common import photo_crop_jpegs, write_shards  # noqa: E402
-from pipelines.checkpoint import build_method  # noqa: E402
+from pipelines.weights.checkpoint import build_method  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_canvas  # noqa: E402
-from pipelines.device_decode import device_canvases, route_records  # noqa: E402
-from pipelines.pretrain import pretrain  # noqa: E402
-from pipelines.train_loop import as_step_input, autocast_for, wrap_model  # noqa: E402
+from pipelines.data.decode import DEFAULT_MAX_PIXELS, decode_canvas  # noqa: E402
+from pipelines.data.device_decode import device_canvases, route_records  # noqa: E402
+from pipelines.train.pretrain import pretrain  # noqa: E402
+from pipelines.evaluate.features import autocast_for  # noqa: E402
+from pipelines.train.worker import as_step_input, wrap_model  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -20,7 +20,7 @@ import time
 import ray
 
 from benchmarks_common import photo_like_jpegs, write_shards
-from pipelines.ingest import IngestConfig, image_dataset, iter_canvas_batches
+from pipelines.data.ingest import IngestConfig, image_dataset, iter_canvas_batches
 
 
 def _children() -> dict[int, list[int]]:

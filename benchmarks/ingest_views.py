@@ -21,10 +21,10 @@ import ray
 import torch
 
 from benchmarks_common import photo_like_jpegs, write_shards
-from pipelines.decode import decode_canvas
-from pipelines.ingest import IngestConfig, image_dataset, iter_canvas_batches
-from pipelines.samples import sample_tables
-from pipelines.viz import default_recipe
+from pipelines.data.decode import decode_canvas
+from pipelines.data.ingest import IngestConfig, image_dataset, iter_canvas_batches
+from pipelines.data.samples import sample_tables
+from pipelines.outputs.viz import default_recipe
 from methods.views import ViewMaker
 
 

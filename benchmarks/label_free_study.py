@@ -71,7 +71,7 @@ def trials(work: str, method: str) -> list[dict]:
         with open(path) as stream:
             rows = [r for r in csv.DictReader(stream) if r["status"] == "finished" and r.get("rankme")]
         return [{**r, **{k: float(r[k]) for k in ("knn_top1", *LABEL_FREE)}} for r in rows]
-    from pipelines.tracking import read_history
+    from pipelines.train.tracking import read_history
 
     rows = []
     for trial in sorted(glob.glob(os.path.join(work, method, "train", "*"))):

@@ -26,11 +26,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from pipelines.checkpoint import build_method  # noqa: E402
+from pipelines.weights.checkpoint import build_method  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
-from pipelines.prepare import PrepareConfig, prepare  # noqa: E402
-from pipelines.shards import find_shards  # noqa: E402
-from pipelines.train_loop import plan  # noqa: E402
+from pipelines.data.prepare import PrepareConfig, prepare  # noqa: E402
+from pipelines.data.shards import find_shards  # noqa: E402
+from pipelines.train.plan import plan  # noqa: E402
 
 
 class TwoViews(torch.utils.data.Dataset):

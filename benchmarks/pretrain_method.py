@@ -26,13 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.checkpoint import build_method  # noqa: E402
+from pipelines.weights.checkpoint import build_method  # noqa: E402
 from pipelines.cli import parse_sets  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
-from pipelines.evaluate import evaluate_checkpoint  # noqa: E402
-from pipelines.prepare import PrepareConfig, prepare  # noqa: E402
-from pipelines.pretrain import pretrain  # noqa: E402
-from pipelines.train_loop import as_step_input, plan, step_threads, wrap_model  # noqa: E402
+from pipelines.evaluate.frozen import evaluate_checkpoint  # noqa: E402
+from pipelines.data.prepare import PrepareConfig, prepare  # noqa: E402
+from pipelines.train.pretrain import pretrain  # noqa: E402
+from pipelines.train.plan import plan  # noqa: E402
+from pipelines.train.worker import as_step_input, step_threads, wrap_model  # noqa: E402
 
 NODE_CPUS = 2  # the Ray this script starts: the one worker's node
 
@@ -103,8 +104,8 @@ def main() -> None:
         linear = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "linear")
         result.update({f"linear_{k}": round(v, 4) for k, v in linear.items() if k.endswith("top1")})
     if args.picture:
-        from pipelines.checkpoint import load_checkpoint
-        from pipelines.viz import attention_picture, first_canvases, mae_picture
+        from pipelines.weights.checkpoint import load_checkpoint
+        from pipelines.outputs.viz import attention_picture, first_canvases, mae_picture
 
         method, _ = load_checkpoint(run["checkpoint"])
         canvases = first_canvases(f"{data}/test", 6, config.data.canvas_size)

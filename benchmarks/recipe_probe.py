@@ -21,12 +21,14 @@ import torch
 
 from pipelines.cli import parse_sets
 from pipelines.config import build_config
-from pipelines.decode import decode_canvas
-from pipelines.evaluate import embedding_spread, knn_top1, linear_probe_top1
-from pipelines.label_free import probe_metrics
-from pipelines.samples import sample_tables
-from pipelines.train_loop import plan
-from pipelines.checkpoint import build_method
+from pipelines.data.decode import decode_canvas
+from pipelines.evaluate.knn import knn_top1
+from pipelines.evaluate.label_free import embedding_spread
+from pipelines.evaluate.linear import linear_probe_top1
+from pipelines.evaluate.label_free import probe_metrics
+from pipelines.data.samples import sample_tables
+from pipelines.train.plan import plan
+from pipelines.weights.checkpoint import build_method
 
 
 @functools.lru_cache(maxsize=2)
@@ -67,7 +69,7 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
     Returns `{"history": [rows: means over 1/rows_per_epoch of an epoch of the loss, every scalar
     statistic the method reports and embedding_std, with the method's `diagnose` flags; kNN at
     the end of every `knn_every`-th epoch], "knn", "linear", "train_seconds", "label_free",
-    "label_free_random_init"}`: the label-free metrics (pipelines/label_free.py) of the trained
+    "label_free_random_init"}`: the label-free metrics (pipelines/evaluate/label_free.py) of the trained
     and the untrained encoder on the first `probe_size` training images (0 = none); `on_row`
     sees each history row as it is made.
     """

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.shards import SHARD_SCHEMA, checked_shards
+from pipelines.data.shards import SHARD_SCHEMA, checked_shards
 
 
 def main() -> None:

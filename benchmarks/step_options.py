@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.checkpoint import build_method  # noqa: E402
+from pipelines.weights.checkpoint import build_method  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
-from pipelines.train_loop import as_step_input, plan, wrap_model  # noqa: E402
+from pipelines.train.plan import plan  # noqa: E402
+from pipelines.train.worker import as_step_input, wrap_model  # noqa: E402
 
 
 def rate(config, variant: str, steps: int) -> tuple[float, float]:

@@ -13,22 +13,22 @@ import signal
 import sys
 import tempfile
 
-from pipelines.local_ray import keep_local_ray_on_loopback, pin_ray_address
+from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_address
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
 from pipelines.console import log, to_stderr  # noqa: E402
-from pipelines.validation import parse_value  # noqa: E402
-from pipelines.samples import SAMPLES  # noqa: E402
-from pipelines.shards import DataError  # noqa: E402
-from pipelines.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
+from pipelines.config import parse_value  # noqa: E402
+from pipelines.data.samples import SAMPLES  # noqa: E402
+from pipelines.data.shards import DataError  # noqa: E402
+from pipelines.train.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
 
 
 # Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
 # "execution finished") stay in the session's ray-data.log.
 PROBE_HELP = ("shards to draw the probe set from (the unlabeled images the label-free metrics are measured on; "
               "default: the training shards; train.probe_size sets its size, 0 turns it off)")
-RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ray_data_logging.yaml")
 
 
 def quiet_console() -> None:
@@ -100,8 +100,8 @@ def emit(result: dict) -> None:
 
 
 def cmd_prepare(args) -> dict:
-    from pipelines.prepare import PrepareConfig, held_out_ids, held_out_images, plan_source, prepare
-    from pipelines.shards import check_output_folder
+    from pipelines.data.prepare import PrepareConfig, held_out_ids, held_out_images, plan_source, prepare
+    from pipelines.data.shards import check_output_folder
 
     config = PrepareConfig(
         shard_mb=args.shard_mb,
@@ -132,7 +132,7 @@ def cmd_prepare(args) -> dict:
 
 def _config(args):
     from pipelines.config import build_config
-    from pipelines.checkpoint import build_method
+    from pipelines.weights.checkpoint import build_method
 
     try:
         config = build_config(args.method, args.preset, args.config, parse_sets(args.set))
@@ -180,8 +180,8 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
     otherwise wait for forever."""
     import yaml
 
-    from pipelines.pretrain import storage_path
-    from pipelines.checkpoint import CONFIG_FILE, forget_missing, move_orphans
+    from pipelines.train.pretrain import storage_path
+    from pipelines.weights.checkpoint import CONFIG_FILE, forget_missing, move_orphans
 
     if name is not None and not RUN_NAME.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names folders and Ray's records)")
@@ -217,12 +217,13 @@ def check_run_place(config, storage: str | None, name: str | None, workers_least
 
 
 def cmd_pretrain(args) -> dict:
-    from pipelines.pretrain import pretrain
-    from pipelines.shards import checked_shards
+    from pipelines.train.pretrain import pretrain
+    from pipelines.data.shards import checked_shards
 
-    from pipelines.elastic import batch_plan, parse_workers
+    from pipelines.config import parse_workers
+    from pipelines.train.plan import batch_plan
 
-    from pipelines.init_from import initial_weights
+    from pipelines.weights.init_from import initial_weights
 
     if args.workers is not None:
         args.set = [*args.set, f"train.workers={args.workers}"]
@@ -257,8 +258,8 @@ def cmd_pretrain(args) -> dict:
 def cmd_tune(args) -> dict:
     import time
 
-    from pipelines.pretrain import storage_path
-    from pipelines.shards import checked_shards
+    from pipelines.train.pretrain import storage_path
+    from pipelines.data.shards import checked_shards
     from tune.search import SearchSettings, check_space, run_search
     from tune.space import parse_space
 
@@ -288,9 +289,9 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from pipelines.checkpoint import find_checkpoint
-    from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.shards import checked_shards
+    from pipelines.weights.checkpoint import find_checkpoint
+    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.data.shards import checked_shards
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     for location in (args.train, args.test):
@@ -300,7 +301,7 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_viz_augment(args) -> dict:
-    from pipelines.viz import augment_picture, default_recipe, first_canvases, masking_of
+    from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
 
     try:
         recipe = default_recipe(args.method, args.canvas_size).with_overrides(parse_sets(args.set))
@@ -330,10 +331,10 @@ def cmd_demo(args) -> dict:
     """The main job on the bundled sample: prepare it, draw the views, pretrain SimCLR for a few
     CPU minutes, and compare the encoder's kNN with the random-init floor and raw pixels."""
     from pipelines.config import build_config
-    from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.pretrain import pretrain
-    from pipelines.viz import augment_picture, default_recipe, first_canvases, masking_of
+    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.train.pretrain import pretrain
+    from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
     from methods import METHODS
 
     config = build_config("simclr", "tiny", sets={**DEMO_SIMCLR, "optim.epochs": args.epochs, "train.knn_every_epochs": 0})
@@ -369,8 +370,8 @@ def _method_args(parser) -> None:
 
 
 def cmd_viz_mae(args) -> dict:
-    from pipelines.checkpoint import find_checkpoint, load_checkpoint
-    from pipelines.viz import first_canvases, mae_picture
+    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
+    from pipelines.outputs.viz import first_canvases, mae_picture
 
     try:
         ratios = [float(r) for r in args.mask_ratios.split(",")]
@@ -390,9 +391,9 @@ def cmd_viz_mae(args) -> dict:
 
 
 def cmd_viz_attention(args) -> dict:
-    from pipelines.checkpoint import find_checkpoint, load_checkpoint
-    from pipelines.decode import BadImage, decode_canvas
-    from pipelines.viz import attention_picture
+    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
+    from pipelines.data.decode import BadImage, decode_canvas
+    from pipelines.outputs.viz import attention_picture
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
@@ -421,8 +422,8 @@ def cmd_viz_attention(args) -> dict:
 
 
 def cmd_viz_curves(args) -> dict:
-    from pipelines.tracking import METRICS_FILE, read_history
-    from pipelines.viz import curves_picture
+    from pipelines.train.tracking import METRICS_FILE, read_history
+    from pipelines.outputs.viz import curves_picture
 
     try:
         history = read_history(args.run_folder)
@@ -436,8 +437,8 @@ def cmd_viz_curves(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from pipelines.checkpoint import find_checkpoint
-    from pipelines.export import export_encoder
+    from pipelines.weights.checkpoint import find_checkpoint
+    from pipelines.outputs.export import export_encoder
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     result = export_encoder(args.checkpoint, args.out, overwrite=args.overwrite, onnx=args.format == "onnx")
@@ -446,9 +447,9 @@ def cmd_export(args) -> dict:
 
 
 def cmd_embed(args) -> dict:
-    from pipelines.checkpoint import find_checkpoint
-    from pipelines.embed import embed, embeddable_shards
-    from pipelines.shards import check_output_folder
+    from pipelines.weights.checkpoint import find_checkpoint
+    from pipelines.outputs.embed import embed, embeddable_shards
+    from pipelines.data.shards import check_output_folder
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     if args.batch_size < 1:

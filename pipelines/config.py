@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,14 +13,65 @@ from typing import Any
 
 import yaml
 
-from methods.backbone import BackboneConfig
 from methods import get_method
+from methods.backbone import BackboneConfig
 from methods.base import hparams_from_dict
-from methods.views import ViewRecipe
-from pipelines.ingest import IngestConfig
-from pipelines.elastic import parse_workers
 from methods.checks import check_rules
-from pipelines.validation import load_yaml
+from methods.views import ViewRecipe
+from pipelines.data.ingest import IngestConfig
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as people mean it in configs: `1:3` is a string (YAML 1.1 reads it as the base-60
+    number 63: `workers: 1:3` would ask for 63 workers)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(  # SafeLoader's integers without the base-60 form
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(stream) -> Any:
+    """A YAML document (text or file) read with `ConfigLoader`."""
+    return yaml.load(stream, Loader=ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` / `--space` value as YAML, except that `1e-9` is a number (YAML 1.1 wants `1.0e-9`)."""
+    value = load_yaml(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_workers(value, name: str = "workers") -> tuple[int, int]:
+    """`3` or `"3"` -> (3, 3); `"1:4"` or `[1, 4]` -> (1, 4): the fixed or elastic worker count."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        low, high = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and value.strip():
+        parts = value.split(":")
+        try:
+            low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+        except ValueError:
+            low = high = None
+    else:
+        low = high = None
+    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+        raise ValueError(f"{name}={value!r}: must be N or MIN:MAX with 1 <= MIN <= MAX")
+    return low, high
+
 
 SECTIONS = ("backbone", "hparams", "views", "data", "optim", "train", "tracking")
 
@@ -79,21 +131,21 @@ class TrainConfig:
         probe set) every K epochs (and at the end).
     knn_k, knn_temperature: weighted kNN settings (DINO's eval_knn: 20, 0.07).
     probe_size: images in the probe set on which every online evaluation measures the label-free
-        metrics (RankMe, alignment, uniformity; pipelines/label_free.py); 0 = off.
+        metrics (RankMe, alignment, uniformity; pipelines/evaluate/label_free.py); 0 = off.
     probe: shards to draw the probe set from (`--probe`); "" = the training shards.
     precision: `auto` (bf16 autocast on GPU, fp32 on CPU), `bf16`, `fp16` or `fp32`.
     seed: seeds models, views and data order.
     max_failures: worker-group restarts from the last checkpoint before the run fails.
     cpus_per_worker: CPUs each training worker reserves (the rest decodes data).
     torch_threads: intra-op threads per worker; 0 = the node's CPUs shared among the training
-        workers on it, at least cpus_per_worker (`train_loop.step_threads`).
+        workers on it, at least cpus_per_worker (`pipelines.train.worker.step_threads`).
     placement_strategy: how workers spread over nodes: PACK (fewest nodes), SPREAD,
         STRICT_SPREAD (one per node: a lost node costs one worker), STRICT_PACK.
     workers: training workers, N or "MIN:MAX" for an elastic group that shrinks when nodes go
         and grows when they come back (each time from the last checkpoint; `--workers` sets it).
     resize_interval_s: an elastic group looks for more room this often (seconds).
     init_from: start the encoder from these weights (`--init-from`: a `selfsup export` or timm
-        model folder, or a .safetensors/.pth file; pipelines/init_from.py); "" = random init.
+        model folder, or a .safetensors/.pth file; pipelines/weights/init_from.py); "" = random init.
     compile: `torch.compile` the method's forward and loss (TorchInductor). Each worker start
         pays the compile once (tens of seconds, more on CPU) before its first step. Measured
         on 2 CPU threads: SimCLR 1.9x, BYOL 1.4x, MAE 1.03x, DINO 0.37x (docs/BENCHMARKS.md).

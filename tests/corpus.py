@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.shards import SHARD_SCHEMA
+from pipelines.data.shards import SHARD_SCHEMA
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **save_args) -> bytes:

@@ -27,9 +27,9 @@ ELASTIC = {"optim.batch_size": 96,  # divides by 1, 2 and 3: the recipe's batch 
 
 def main(out: str) -> None:
     from cluster.simulate import SpotCluster
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.pretrain import pretrain
-    from pipelines.tracking import read_history
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.train.pretrain import pretrain
+    from pipelines.train.tracking import read_history
     from runs import tiny_config
 
     with SpotCluster(head_cpus=1, nodes=2, node_cpus=2) as cluster:

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main(out: str) -> None:
     from cluster.simulate import SpotCluster
-    from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.pretrain import pretrain
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.train.pretrain import pretrain
     from runs import tiny_config
 
     with SpotCluster(head_cpus=0, nodes=2, node_cpus=2) as cluster:

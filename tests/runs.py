@@ -50,7 +50,7 @@ def simulated_cluster_environment(**extra) -> dict:
     """The environment of a process that simulates a multi-node cluster on this machine. It stands
     for a real cluster, whose nodes listen on their own addresses (selfsup's loopback-only mode is
     for local single-node runs), so the test session's loopback switch is taken out."""
-    from pipelines.local_ray import LISTEN_ENV, RAY_SWITCH
+    from pipelines.train.local_ray import LISTEN_ENV, RAY_SWITCH
 
     environment = {key: value for key, value in os.environ.items() if key != RAY_SWITCH}
     return {**environment, LISTEN_ENV: "all", "RAY_ADDRESS": "", **extra}

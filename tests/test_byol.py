@@ -93,8 +93,8 @@ def test_encoder_initialised_from_weights_starts_online_and_target_alike():
 
 
 def test_byol_trains_through_the_pipeline_and_its_features_beat_the_random_init(digits, tmp_path):
-    from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.pretrain import pretrain
+    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.train.pretrain import pretrain
 
     out, _ = digits
     run = pretrain(tiny_config("byol", **{"optim.epochs": 2}), f"{out}/train", val=f"{out}/test",

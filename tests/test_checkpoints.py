@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from pipelines.checkpoint import (STATE_FILE, CheckpointDamaged, CheckpointNotFound, find_checkpoint, load_state,
+from pipelines.weights.checkpoint import (STATE_FILE, CheckpointDamaged, CheckpointNotFound, find_checkpoint, load_state,
                                   save_checkpoint)
-from pipelines.train_loop import _resume_state
+from pipelines.train.worker import resume_state
 
 
 def write(folder, step):
@@ -63,17 +63,17 @@ class FakeCheckpoint:
 
 def test_resuming_from_a_damaged_checkpoint_uses_the_previous_one(run, caplog):
     with caplog.at_level("WARNING", logger="selfsup"):
-        state = _resume_state(FakeCheckpoint(run / "checkpoint_2026-01-01_00-00-03.000000"), rank=0)
+        state = resume_state(FakeCheckpoint(run / "checkpoint_2026-01-01_00-00-03.000000"), rank=0)
     assert state["progress"]["step"] == 20
     assert any("resuming from the previous checkpoint" in r.getMessage() for r in caplog.records)
     # Never a newer one than Ray's: from the middle checkpoint, damaged, only the oldest is eligible.
     middle = run / "checkpoint_2026-01-01_00-00-02.000000" / STATE_FILE
     middle.write_bytes(b"nope")
-    assert _resume_state(FakeCheckpoint(middle.parent), rank=1)["progress"]["step"] == 10
+    assert resume_state(FakeCheckpoint(middle.parent), rank=1)["progress"]["step"] == 10
 
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from pipelines.checkpoint import build_method
+    from pipelines.weights.checkpoint import build_method
     from runs import tiny_config
 
     config = tiny_config()
@@ -97,7 +97,7 @@ def test_checkpoints_the_run_never_registered_are_moved_aside(run, capsys):
     import json
 
     from pipelines.cli import main
-    from pipelines.checkpoint import ORPHANS, RAY_SNAPSHOT, move_orphans
+    from pipelines.weights.checkpoint import ORPHANS, RAY_SNAPSHOT, move_orphans
 
     registered = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000"]
     (run / RAY_SNAPSHOT).write_text(json.dumps({
@@ -121,9 +121,9 @@ def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digit
     import json
     import shutil
 
-    from pipelines.checkpoint import RAY_SNAPSHOT
+    from pipelines.weights.checkpoint import RAY_SNAPSHOT
     from pipelines.cli import main
-    from pipelines.pretrain import pretrain
+    from pipelines.train.pretrain import pretrain
     from runs import COMMON, STEPS_PER_EPOCH, TINY, tiny_config
 
     out, _ = digits

@@ -33,7 +33,7 @@ def test_mae_picture_shows_the_patches_the_encoder_does_not_see(digits, tmp_path
     import torch
 
     from methods.mae import MAE
-    from pipelines.viz import Masking
+    from pipelines.outputs.viz import Masking
 
     out, _ = digits
     picture = tmp_path / "mae.png"
@@ -70,7 +70,7 @@ def test_prepare_refuses_an_output_holding_shards_before_ray_starts(digits, tmp_
 def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_it(tmp_path, capsys):
     import torch
 
-    from pipelines.checkpoint import build_method, save_checkpoint
+    from pipelines.weights.checkpoint import build_method, save_checkpoint
     from runs import tiny_config
 
     config = tiny_config("simclr")
@@ -90,7 +90,7 @@ def test_the_demo_holds_its_learning_rate_at_the_peak_after_the_warm_up():
     # change to its batch or base LR must move optim.min_lr with the peak it derives from.
     from pipelines.cli import DEMO_SIMCLR
     from pipelines.config import build_config
-    from pipelines.train_loop import plan
+    from pipelines.train.plan import plan
 
     for epochs in (10, 15):
         schedule = plan(build_config("simclr", "tiny", sets={**DEMO_SIMCLR, "optim.epochs": epochs}), 4000)

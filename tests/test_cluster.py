@@ -57,7 +57,7 @@ class _RunsCode:
 
 def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, monkeypatch, capsys):
     from pipelines.cli import main
-    from pipelines.checkpoint import CheckpointRefused, load_state
+    from pipelines.weights.checkpoint import CheckpointRefused, load_state
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("SELFSUP_PWNED", str(marker))

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from pipelines.checkpoint import build_method
-from pipelines.train_loop import as_step_input, wrap_model
+from pipelines.weights.checkpoint import build_method
+from pipelines.train.worker import as_step_input, wrap_model
 from runs import tiny_config
 
 

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from corpus import bad_images, encode, good_images
-from pipelines.decode import BadImage, decode_batch, decode_canvas
+from pipelines.data.decode import BadImage, decode_batch, decode_canvas
 
 
 @pytest.mark.parametrize("name", sorted(good_images()))

@@ -10,12 +10,12 @@ import ray
 import torch
 from PIL import Image
 
-import pipelines.device_decode as device_decode
+import pipelines.data.device_decode as device_decode
 from pipelines.cli import main
-from pipelines.decode import decode_canvas
-from pipelines.device_decode import (ROUTE_CANVAS, ROUTE_JPEG, decode_jpegs, device_canvases, jpeg_orientation,
+from pipelines.data.decode import decode_canvas
+from pipelines.data.device_decode import (ROUTE_CANVAS, ROUTE_JPEG, decode_jpegs, device_canvases, jpeg_orientation,
                                      route_records)
-from pipelines.ingest import IngestConfig, image_dataset, iter_canvas_batches
+from pipelines.data.ingest import IngestConfig, image_dataset, iter_canvas_batches
 from corpus import bad_images, encode, good_images, rgb_image, write_shards
 
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from runs import tiny_config
-from pipelines.pretrain import pretrain
+from pipelines.train.pretrain import pretrain
 
 COLLAPSE_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm",
                     "embedding_std", "collapsed")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipelines.elastic import batch_plan, parse_workers
+from pipelines.config import parse_workers
+from pipelines.train.plan import batch_plan
 
 
 @pytest.mark.parametrize("recipe, world, cap, expected", [
@@ -51,8 +52,8 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     import tempfile
 
     from elastic_run import ELASTIC
-    from pipelines.train_loop import plan
-    from pipelines.checkpoint import build_method
+    from pipelines.train.plan import plan
+    from pipelines.weights.checkpoint import build_method
     from runs import simulated_cluster_environment, tiny_config
     from timing import deadline
 
@@ -94,7 +95,7 @@ def test_resumed_workers_draw_views_of_their_own():
     deterministically (a resumed or resized group must not draw the same views on every worker)."""
     import torch
 
-    from pipelines.checkpoint import rng_state, set_rng_state
+    from pipelines.weights.checkpoint import rng_state, set_rng_state
 
     torch.manual_seed(5)
     state = rng_state()

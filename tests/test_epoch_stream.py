@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from pipelines.ingest import EpochStream
-from pipelines.quality import BadDataError
+from pipelines.data.ingest import EpochStream
+from pipelines.data.quality import BadDataError
 
 
 def passes_of(lengths: dict[int, int], opened: list, fail_at: tuple[int, int] | None = None):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from methods.schedules import scaled_lr, warmup_cosine
-from pipelines.evaluate import embedding_std, knn_top1, linear_probe_top1, split_bank_queries
+from pipelines.evaluate.knn import knn_top1, split_bank_queries
+from pipelines.evaluate.label_free import embedding_std
+from pipelines.evaluate.linear import linear_probe_top1
 
 
 def clusters(n_per_class=40, classes=4, dim=16, spread=0.3, seed=0):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from corpus import bad_images, encode, good_images, rgb_image, write_shards
-from pipelines.ingest import IngestConfig, image_dataset, iter_canvas_batches
-from pipelines.quality import BadDataError
+from pipelines.data.ingest import IngestConfig, image_dataset, iter_canvas_batches
+from pipelines.data.quality import BadDataError
 
 
 def one_pass(location, config, epoch=0, batch_size=64, with_labels=True):

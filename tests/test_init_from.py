@@ -8,8 +8,8 @@ import timm
 import torch
 
 from pipelines.cli import main
-from pipelines.init_from import InitFromError, initial_weights
-from pipelines.checkpoint import build_method, load_state
+from pipelines.weights.init_from import InitFromError, initial_weights
+from pipelines.weights.checkpoint import build_method, load_state
 from runs import tiny_config
 
 IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -88,7 +88,7 @@ def test_cli_refuses_misfitting_weights_in_one_line_before_ray(digits, tmp_path,
 def test_pretraining_continues_from_an_export(digits, one_epoch_run, tmp_path, capsys):
     """Export a trained encoder, pretrain a new run from it at a learning rate too small to move
     it: the new run's encoder is the exported one (and a random init would not be)."""
-    from pipelines.pretrain import pretrain
+    from pipelines.train.pretrain import pretrain
 
     out, _ = digits
     _, first = one_epoch_run

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from methods import METHODS
-from pipelines.label_free import alignment, check_rank, probe_metrics, rankme, uniformity
-from pipelines.probe import probe_table
+from pipelines.evaluate.label_free import alignment, check_rank, probe_metrics, rankme, uniformity
+from pipelines.data.probe import probe_table
 from runs import tiny_config
 
 
@@ -78,7 +78,7 @@ def test_probe_set_names_records_of_shards_without_ids(tmp_path):
 
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(method_name):
-    from pipelines.checkpoint import build_method
+    from pipelines.weights.checkpoint import build_method
 
     config = tiny_config(method_name)
     method = build_method(config)

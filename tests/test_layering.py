@@ -1,7 +1,8 @@
 """The import rules of docs/ARCHITECTURE.md, checked on the source: methods know nothing of the
 pipeline, the pipeline knows nothing of Tune or the cluster tooling (the CLI, which dispatches to
-all of them, excepted), and no import hides inside a function to dodge a cycle (the CLI's lazy
-imports keep `selfsup --help` fast and are its own)."""
+all of them, excepted), the pipeline's rooms import only the rooms below them, and no import hides
+inside a function to dodge a cycle (the CLI's lazy imports keep `selfsup --help` fast and are its
+own)."""
 
 import ast
 import os
@@ -12,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("methods", "pipelines", "tune", "cluster")
 # package -> first-party packages it may not import
 FORBIDDEN = {"methods": {"pipelines", "tune", "cluster"}, "pipelines": {"tune", "cluster"}}
+# The rooms of pipelines/, bottom first: each may import those before it, never one after it.
+PIPELINE_LAYERS = ("pipelines.console", "pipelines.data", "pipelines.config", "pipelines.weights",
+                   "pipelines.evaluate", "pipelines.train", "pipelines.outputs", "pipelines.cli")
 LAZY_IMPORTS_ALLOWED = {os.path.join("pipelines", "cli.py")}
 
 
@@ -29,20 +33,45 @@ def first_party_imports(path: str) -> list[tuple[str, bool]]:
 
 
 def modules() -> list[str]:
-    return sorted(os.path.join(package, name) for package in PACKAGES
-                  for name in os.listdir(os.path.join(ROOT, package)) if name.endswith(".py"))
+    return sorted(os.path.relpath(os.path.join(folder, name), ROOT) for package in PACKAGES
+                  for folder, _, names in os.walk(os.path.join(ROOT, package)) for name in names
+                  if name.endswith(".py"))
+
+
+def layer(module: str) -> int | None:
+    """The index in PIPELINE_LAYERS of a dotted module name, or None outside pipelines/."""
+    return next((i for i, room in enumerate(PIPELINE_LAYERS) if module == room or module.startswith(room + ".")), None)
+
+
+def dotted(path: str) -> str:
+    return path[:-3].replace(os.sep, ".").removesuffix(".__init__")
 
 
 @pytest.mark.parametrize("module", modules())
 def test_imports_follow_the_layering(module):
     package = module.split(os.sep)[0]
+    own = layer(dotted(module))
     for imported, inside_function in first_party_imports(os.path.join(ROOT, module)):
         exempt = module in LAZY_IMPORTS_ALLOWED
         assert exempt or imported.split(".")[0] not in FORBIDDEN.get(package, set()), f"{module} imports {imported}"
         assert exempt or not inside_function, f"{module} imports {imported} inside a function"
+        target = layer(imported)
+        if own is not None and target is not None:
+            assert target <= own, f"{module} ({PIPELINE_LAYERS[own]}) imports {imported}, a room above it"
+
+
+def test_every_module_of_pipelines_is_in_a_room():
+    rooms = {dotted(m) for m in modules() if m.startswith("pipelines" + os.sep)} - {"pipelines"}
+    assert all(layer(room) is not None for room in rooms), sorted(r for r in rooms if layer(r) is None)
 
 
 def test_the_checker_sees_a_forbidden_and_a_hidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom pipelines.config import RunConfig\n\ndef f():\n    from methods import get_method\n")
     assert first_party_imports(str(bad)) == [("pipelines.config", False), ("methods", True)]
+
+
+def test_the_checker_sees_a_room_importing_one_above_it():
+    assert layer("pipelines.data.ingest") < layer("pipelines.train.loop")
+    assert layer("pipelines.evaluate") < layer("pipelines.train") < layer("pipelines.outputs")
+    assert layer("pipelines.datax") is None  # a room's name is matched whole

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from pipelines.pretrain import pretrain
-from pipelines.train_loop import plan
-from pipelines.tracking import read_history
+from pipelines.train.pretrain import pretrain
+from pipelines.train.plan import plan
+from pipelines.train.tracking import read_history
 from runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
 
@@ -84,8 +84,8 @@ def test_eval_cli_prints_encoder_floor_and_raw_pixels(digits, one_epoch_run, cap
     import json
 
     from pipelines.cli import main
-    from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.weights.checkpoint import load_checkpoint
 
     out, _ = digits
     checkpoint = one_epoch_run[1]["checkpoint"]
@@ -154,8 +154,8 @@ def test_mae_reconstruction_picture(digits, mae_run, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_without_retrying_and_keeps_the_last_good_checkpoint(digits, tmp_path):
-    from pipelines.stops import NonFiniteLossError
-    from pipelines.checkpoint import load_state
+    from pipelines.train.stops import NonFiniteLossError
+    from pipelines.weights.checkpoint import load_state
 
     out, _ = digits
     # Warmup makes step 0's LR 0 (a finite checkpoint after step 1), then the LR explodes the weights.
@@ -197,7 +197,7 @@ def test_all_bad_data_fails_once_with_one_attempts_count(ray_session, tmp_path):
 
     sys.path.insert(0, os.path.dirname(__file__))
     from corpus import write_shards
-    from pipelines.quality import BadDataError
+    from pipelines.data.quality import BadDataError
 
     write_shards(tmp_path / "bad", [b"not an image"] * 200, rows_per_shard=50)
     config = tiny_config(**{"optim.epochs": 2, "optim.batch_size": 16, "train.max_failures": 2,
@@ -217,8 +217,8 @@ def test_a_pass_where_nothing_decodes_stops_in_its_first_decode_tasks(ray_sessio
 
     sys.path.insert(0, os.path.dirname(__file__))
     from corpus import write_shards
-    from pipelines.ingest import MIN_SEEN_FOR_EARLY_STOP
-    from pipelines.quality import BadDataError
+    from pipelines.data.ingest import MIN_SEEN_FOR_EARLY_STOP
+    from pipelines.data.quality import BadDataError
 
     total = 8 * MIN_SEEN_FOR_EARLY_STOP
     write_shards(tmp_path / "bad", [b"not an image"] * total, rows_per_shard=250)
@@ -263,7 +263,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(digits, tmp_path):
 
 
 def test_step_threads_share_the_node_among_its_training_workers():
-    from pipelines.train_loop import step_threads
+    from pipelines.train.worker import step_threads
 
     assert step_threads(0, 1, node_cpus=2, workers_on_node=1) == 2  # the 2-core laptop: both cores
     assert step_threads(0, 1, node_cpus=2, workers_on_node=2) == 1

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from listening import descendants, is_loopback, listening_sockets
-from pipelines.local_ray import RAY_SWITCH, keep_local_ray_on_loopback, loopback_only
+from pipelines.train.local_ray import RAY_SWITCH, keep_local_ray_on_loopback, loopback_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import pytest
 
 from corpus import encode, rgb_image, write_shards
 from pipelines.cli import main
-from pipelines.shards import SHARD_SCHEMA, DataError, checked_shards
+from pipelines.data.shards import SHARD_SCHEMA, DataError, checked_shards
 
 
 @pytest.fixture

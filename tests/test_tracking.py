@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.tracking import RunTracker, read_history
+from pipelines.train.tracking import RunTracker, read_history
 from runs import tensorboard_scalars
 
 

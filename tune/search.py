@@ -21,8 +21,8 @@ from ray.tune.stopper import Stopper
 from methods.schedules import scaled_lr
 from pipelines.config import RunConfig, with_sets
 from pipelines.console import Relay
-from pipelines.pretrain import make_trainer, raise_if_stopped
-from pipelines.shards import absolute_location
+from pipelines.train.pretrain import make_trainer, raise_if_stopped
+from pipelines.data.shards import absolute_location
 from tune.space import Dimension
 
 STATUSES = ("finished", "stopped early", "collapsed", "error")
@@ -118,7 +118,7 @@ def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, g
 
 class CollapseStopper(Stopper):
     """Stops a trial whose report carries `collapsed: 1` (DINO's collapse flag, or dimensional
-    collapse of any method's features: pipelines/label_free.py)."""
+    collapse of any method's features: pipelines/evaluate/label_free.py)."""
 
     def __call__(self, trial_id, result) -> bool:
         return bool(result.get("collapsed", 0))

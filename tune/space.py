@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import yaml
 
 from methods import get_method
-from pipelines.validation import parse_value
+from pipelines.config import parse_value
 
 ALIASES = {
     "temperature": "hparams.temperature",

@@ -1,4 +1,5 @@
-"""The batch policy of elastic runs: the recipe's global batch, whatever the world size.
+"""A run's plan: its steps and LR schedule (`plan`), and the batch policy of elastic runs: the
+recipe's global batch, whatever the world size (`batch_plan`).
 
 Ray Train's elastic scaling (`ScalingConfig(num_workers=(min, max))`) restarts the worker group
 from the last checkpoint with as many workers as the cluster holds. For self-supervised methods
@@ -14,7 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from methods.schedules import scaled_lr
+from methods.schedules import scaled_lr, warmup_cosine
+from pipelines.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -79,20 +81,32 @@ def batch_plan(recipe_batch: int, world_size: int, max_worker_batch: int = 0, ru
     return BatchPlan(world_size, worker_batch, accumulation, global_batch, recipe_batch, lr_factor)
 
 
-def parse_workers(value, name: str = "workers") -> tuple[int, int]:
-    """`3` or `"3"` -> (3, 3); `"1:4"` or `[1, 4]` -> (1, 4): the fixed or elastic worker count."""
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        low, high = value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        low = high = value
-    elif isinstance(value, str) and value.strip():
-        parts = value.split(":")
-        try:
-            low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
-        except ValueError:
-            low = high = None
-    else:
-        low = high = None
-    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
-        raise ValueError(f"{name}={value!r}: must be N or MIN:MAX with 1 <= MIN <= MAX")
-    return low, high
+@dataclass(frozen=True)
+class Schedule:
+    """A run's plan for the recipe's global batch (`plan`): its steps and its LR schedule, linear
+    warmup from 0 to `peak_lr` (the base LR scaled by `lr_scaling`), then cosine to `min_lr`."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    lr_scaling: str
+    min_lr: float
+
+    def lr_at(self, position: float) -> float:
+        """The LR at `position` (images seen, in steps of the recipe's global batch)."""
+        return warmup_cosine(position, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)
+
+
+def plan(config: RunConfig, train_rows: int) -> Schedule:
+    """Steps per epoch, total steps, warmup steps and the scaled peak LR for the global batch."""
+    steps_per_epoch = train_rows // config.optim.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"optim.batch_size={config.optim.batch_size}: larger than the {train_rows} training images"
+        )
+    rule = config.lr_rule()
+    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.optim.epochs,
+                    warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
+                    peak_lr=scaled_lr(config.optim.base_lr, config.optim.batch_size, rule), lr_scaling=rule,
+                    min_lr=config.optim.min_lr)

@@ -20,10 +20,10 @@ import ray
 import ray.data
 
 from pipelines.console import Progress
-from pipelines.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
-from pipelines.quality import check_bad_fraction, new_quality_log
-from pipelines.samples import CLASS_NAMES, sample_tables
-from pipelines.shards import (SHARD_SCHEMA, DataError, check_output_folder, find_shards, read_classes, resolve_location,
+from pipelines.data.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
+from pipelines.data.quality import check_bad_fraction, new_quality_log
+from pipelines.data.samples import CLASS_NAMES, sample_tables
+from pipelines.data.shards import (SHARD_SCHEMA, DataError, check_output_folder, find_shards, read_classes, resolve_location,
                               write_classes)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
-from pipelines.local_ray import loopback_only
+from pipelines.train.local_ray import loopback_only
 
 _store = None  # rank 0's TCPStore server, alive as long as the process group
 

@@ -1,166 +1,34 @@
 """The method-agnostic training loop that runs on every Ray Train worker.
 
-Read top to bottom: `train_loop_per_worker` sets up (`_start`: build, wrap, restore) and starts
-reading the epochs' passes ahead (`EpochStream`); `_train` then, for each epoch, takes optimizer
-steps on its pass (`_step`: views on the device, loss, backward, clip, step, the method's hooks)
-and reports metrics with a checkpoint (`_report`). A run that must stop (a NaN loss, too much bad
-data) returns a `Stop` instead of raising.
+Read top to bottom: `train_loop_per_worker` sets up (`start_worker`: build, wrap, restore) and
+starts reading the epochs' passes ahead (`EpochStream`); `_train` then, for each epoch, takes
+optimizer steps on its pass (`_step`: views on the device, loss, backward, clip, step, the method's
+hooks) and reports metrics with a checkpoint (`_report`). A run that must stop (a NaN loss, too
+much bad data) returns a `Stop` instead of raising.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from methods import Method
 from methods.distributed import all_reduce_mean
-from methods.schedules import scaled_lr, warmup_cosine
-from pipelines.checkpoint import (CheckpointDamaged, build_method, load_state, newest_loadable, save_checkpoint,
-                                  set_rng_state)
 from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
-from pipelines.elastic import BatchPlan, batch_plan
-from pipelines.evaluate import collect_features, embedding_spread, knn_top1, split_bank_queries
-from pipelines.ingest import EpochStream, iter_canvas_batches
-from pipelines.label_free import check_rank, probe_metrics
-from pipelines.quality import BadDataError
-from pipelines.stops import Stop
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A run's plan for the recipe's global batch (`plan`): its steps and its LR schedule, linear
-    warmup from 0 to `peak_lr` (the base LR scaled by `lr_scaling`), then cosine to `min_lr`."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    peak_lr: float
-    lr_scaling: str
-    min_lr: float
-
-    def lr_at(self, position: float) -> float:
-        """The LR at `position` (images seen, in steps of the recipe's global batch)."""
-        return warmup_cosine(position, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)
-
-
-def plan(config: RunConfig, train_rows: int) -> Schedule:
-    """Steps per epoch, total steps, warmup steps and the scaled peak LR for the global batch."""
-    steps_per_epoch = train_rows // config.optim.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"optim.batch_size={config.optim.batch_size}: larger than the {train_rows} training images"
-        )
-    rule = config.lr_rule()
-    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.optim.epochs,
-                    warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
-                    peak_lr=scaled_lr(config.optim.base_lr, config.optim.batch_size, rule), lr_scaling=rule,
-                    min_lr=config.optim.min_lr)
-
-
-@dataclass
-class Progress:
-    """Where a run is, saved in every checkpoint (as a plain dict) and restored on resume. Images
-    are counted besides steps because an elastic group may step with another global batch."""
-
-    epoch: int = 0
-    step: int = 0
-    step_in_epoch: int = 0
-    samples: int = 0
-    samples_in_epoch: int = 0
-    world_size: int = 0
-
-    def position(self, recipe_batch: int) -> float:
-        """Where the schedules are: images seen, in steps of the recipe's global batch (fractional
-        only when an elastic group cannot keep that batch)."""
-        return self.samples / recipe_batch
-
-    def stepped(self, images: int) -> None:
-        self.step += 1
-        self.step_in_epoch += 1
-        self.samples += images
-        self.samples_in_epoch += images
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.step_in_epoch = self.samples_in_epoch = 0
-
-    def to_state(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict) -> Progress:
-        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext(), False
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype), precision == "fp16"
-
-
-def _online_evaluation(method, config: RunConfig, device, has_val: bool, has_probe: bool) -> dict[str, float]:
-    """Rank 0's evaluation at the end of an epoch: the kNN top-1 on the labeled validation set
-    and the label-free metrics on the probe set, whichever the run has."""
-    metrics = {}
-    if has_val:
-        val = ray.train.get_dataset_shard("val")
-        features, labels, keys = collect_features(val.iter_torch_batches(batch_size=512, device=device), method, device)
-        bank, query = split_bank_queries(keys)
-        metrics["knn_top1"] = knn_top1(features[bank], labels[bank], features[query], labels[query],
-                                       config.train.knn_k, config.train.knn_temperature)
-    if has_probe:
-        probe = ray.train.get_dataset_shard("probe")
-        metrics.update(probe_metrics(method, probe.iter_torch_batches(batch_size=256, device=device), device))
-    return metrics
-
-
-def _resume_state(checkpoint, rank: int) -> dict:
-    """The state of Ray's latest checkpoint or, when that one is damaged (a crash while it was
-    copied, a full disk), of the newest older one in the run folder that loads: retrying the
-    damaged file would fail the same way every time."""
-    with checkpoint.as_directory() as folder:
-        try:
-            return load_state(folder)
-        except CheckpointDamaged as damaged:
-            fallback = newest_loadable(os.path.dirname(checkpoint.path.rstrip("/")), below=checkpoint.path)
-            if fallback is None:
-                raise
-            if rank == 0:
-                log.warning(f"{damaged}; resuming from the previous checkpoint {fallback[0]}")
-            return fallback[1]
-
-
-@dataclass
-class Worker:
-    """One worker's training objects, built at every (re)start of the group."""
-
-    config: RunConfig
-    schedule: Schedule
-    batches: BatchPlan  # derived again at every start: an elastic group may come back resized
-    rank: int
-    world: int
-    device: torch.device
-    method: Method
-    model: torch.nn.Module  # the method, wrapped in DistributedDataParallel on several workers
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    autocast: Any
-    resumed_from: int = 0
-    warned: set = dataclasses.field(default_factory=set)  # warnings given once per run
+from pipelines.data.ingest import EpochStream, iter_canvas_batches
+from pipelines.data.quality import BadDataError
+from pipelines.evaluate.features import collect_features
+from pipelines.evaluate.knn import knn_top1, split_bank_queries
+from pipelines.evaluate.label_free import check_rank, embedding_spread, probe_metrics
+from pipelines.train.stops import Stop
+from pipelines.train.worker import Progress, Worker, as_step_input, start_worker
+from pipelines.weights.checkpoint import save_checkpoint
 
 
 def train_loop_per_worker(loop_config: dict) -> Stop | None:
@@ -168,7 +36,7 @@ def train_loop_per_worker(loop_config: dict) -> Stop | None:
     quality log, whether the run has `val` / `probe` sets, the console relay and initial weights."""
     config = config_from_dict(loop_config["config"])
     to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
-    worker, progress = _start(config, loop_config)
+    worker, progress = start_worker(config, loop_config)
     has_val, has_probe = loop_config["has_val"], loop_config.get("has_probe", False)
     train_shard = ray.train.get_dataset_shard("train")
 
@@ -238,76 +106,6 @@ def _train(worker: Worker, progress: Progress, passes: EpochStream | None, open_
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return None
-
-
-def wrap_model(method: torch.nn.Module, world: int, device: torch.device, compile: bool = False,
-               channels_last: bool = False) -> torch.nn.Module:
-    """What the step calls: the method on its device (its weights in channels-last memory when
-    asked: feed it `as_step_input` views), in DDP when there are several workers, compiled when
-    asked (the method itself stays the uncompiled module that checkpoints save)."""
-    if channels_last:
-        method.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(method) if world > 1 else method.to(device)
-    return torch.compile(model) if compile else model
-
-
-def as_step_input(views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
-    return [view.contiguous(memory_format=torch.channels_last) for view in views] if channels_last else views
-
-
-def step_threads(torch_threads: int, cpus_per_worker: float, node_cpus: float, workers_on_node: int) -> int:
-    """A worker's intra-op threads: `train.torch_threads` when set, else the node's CPUs shared
-    among the training workers on it (at least `cpus_per_worker`). The decode tasks share those
-    cores through the OS: at 32 px they need a fraction of one, and SimCLR `tiny` on 2 CPUs trains
-    1.66x faster on 2 threads than on the 1 it reserves, decode tasks and all (docs/BENCHMARKS.md).
-    Set `train.torch_threads` where decoding needs the cores (large images on a CPU node)."""
-    if torch_threads:
-        return torch_threads
-    return max(1, int(cpus_per_worker), int(node_cpus // max(1, workers_on_node)))
-
-
-def _start(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress]:
-    """Build the method, wrap it for this group, and restore the latest checkpoint if there is one."""
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if config.data.decode == "gpu" and device.type != "cuda":
-        raise ValueError(f"data.decode=gpu: worker {rank} on {device} has no CUDA device; use data.decode=cpu")
-    node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
-    torch.set_num_threads(step_threads(config.train.torch_threads, config.train.cpus_per_worker,
-                                       node["Resources"].get("CPU", 1), context.get_local_world_size()))
-    schedule: Schedule = loop_config["schedule"]
-    batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule.lr_scaling)
-    method = build_method(config)
-    if loop_config.get("init_weights") is not None:  # a checkpoint, when resuming, overrides it below
-        method.init_encoder(ray.get(loop_config["init_weights"]))
-    if method.sync_bn and world > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    model = wrap_model(method, world, device, config.train.compile, config.train.channels_last)
-    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
-    autocast, use_scaler = autocast_for(config.train.precision, device)
-    worker = Worker(config, schedule, batches, rank, world, device, method, model, optimizer,
-                    torch.amp.GradScaler(device.type, enabled=use_scaler), autocast)
-    progress = Progress(world_size=world)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = _resume_state(checkpoint, rank)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        worker.scaler.load_state_dict(state["scaler"])
-        progress = Progress.from_state(state["progress"])
-        set_rng_state(state["rng"], rank)
-        worker.resumed_from = progress.step
-        if rank == 0:
-            log.info(f"resumed from step {progress.step} (epoch {progress.epoch})")
-    else:
-        torch.manual_seed(config.train.seed * 1000 + rank)  # different views on every worker
-    if rank == 0 and progress.world_size not in (0, world):
-        log.info(f"resized {progress.world_size} -> {world} workers at step {progress.step}: {batches.describe()}")
-    elif rank == 0 and (not batches.exact or batches.accumulation > 1):
-        log.info(f"batch: {batches.describe()}")
-    progress.world_size = world
-    return worker, progress
 
 
 def _step(worker: Worker, stream: Iterator[dict], progress: Progress, window: ReportWindow) -> tuple[Stop | bool, float]:
@@ -417,4 +215,20 @@ def _report(worker: Worker, window: ReportWindow, progress: Progress, lr: float,
             save_checkpoint(folder, worker.method, worker.optimizer, worker.scaler, progress.to_state(), worker.config)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
+    return metrics
+
+
+def _online_evaluation(method, config: RunConfig, device, has_val: bool, has_probe: bool) -> dict[str, float]:
+    """Rank 0's evaluation at the end of an epoch: the kNN top-1 on the labeled validation set
+    and the label-free metrics on the probe set, whichever the run has."""
+    metrics = {}
+    if has_val:
+        val = ray.train.get_dataset_shard("val")
+        features, labels, keys = collect_features(val.iter_torch_batches(batch_size=512, device=device), method, device)
+        bank, query = split_bank_queries(keys)
+        metrics["knn_top1"] = knn_top1(features[bank], labels[bank], features[query], labels[query],
+                                       config.train.knn_k, config.train.knn_temperature)
+    if has_probe:
+        probe = ray.train.get_dataset_shard("probe")
+        metrics.update(probe_metrics(method, probe.iter_torch_batches(batch_size=256, device=device), device))
     return metrics

@@ -12,12 +12,13 @@ loss cannot rank temperatures or mask ratios against each other. These metrics n
   image land, and how evenly the images spread over the unit sphere.
 
 All three are computed on the encoder's frozen features (what kNN, linear probes and users get),
-in eval mode, on the same probe images at every report (`pipelines/probe.py`).
+in eval mode, on the same probe images at every report (`pipelines/data/probe.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,19 @@ RANK_COLLAPSE_FRACTION = 0.02
 # A seed of its own, so the probe's views are the same at every report and drawing them leaves
 # the training RNG (and so a resumed run's views) untouched.
 PROBE_VIEW_SEED = 20230
+
+
+def embedding_spread(embeddings: torch.Tensor) -> torch.Tensor:
+    """Collapse indicator as a 0-d tensor (no host sync): std over the batch of L2-normalised
+    embeddings, averaged over dimensions, times sqrt(d). About 1 for spread-out embeddings; -> 0
+    when they collapse."""
+    normalised = F.normalize(embeddings.detach().float(), dim=1)
+    return normalised.std(dim=0).mean() * math.sqrt(normalised.shape[1])
+
+
+def embedding_std(embeddings: torch.Tensor) -> float:
+    """`embedding_spread` as a number."""
+    return embedding_spread(embeddings).item()
 
 
 @torch.no_grad()

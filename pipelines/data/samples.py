@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipelines.shards import SHARD_SCHEMA, DataError
+from pipelines.data.shards import SHARD_SCHEMA, DataError
 
 SAMPLES = ("digits", "mnist", "mnist-m")
 CLASS_NAMES = [str(d) for d in range(10)]

@@ -1,5 +1,5 @@
 """The probe set: a fixed sample of unlabeled images on which every report measures the
-label-free metrics (pipelines/label_free.py).
+label-free metrics (pipelines/evaluate/label_free.py).
 
 Drawn once, before Ray Train starts, from the training shards (or from `--probe`'s shards):
 the first rows of files spread evenly over the sorted shard list, so it costs a few row groups'
@@ -17,8 +17,8 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.ingest import decode_records
-from pipelines.shards import DataError, find_shards
+from pipelines.data.ingest import decode_records
+from pipelines.data.shards import DataError, find_shards
 
 
 def probe_table(location: str, size: int) -> pa.Table:

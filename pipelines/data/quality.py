@@ -11,7 +11,7 @@ from collections import Counter
 
 import ray
 
-from pipelines.shards import DataError
+from pipelines.data.shards import DataError
 
 logger = logging.getLogger("selfsup.data")
 

@@ -22,11 +22,11 @@ import ray.data
 import torch
 
 from pipelines.console import Progress
-from pipelines.checkpoint import build_method, load_checkpoint, load_state
+from pipelines.weights.checkpoint import build_method, load_checkpoint, load_state
 from pipelines.config import config_from_dict
-from pipelines.ingest import IngestConfig, image_dataset
-from pipelines.shards import DataError, check_output_folder, find_shards, resolve_location
-from pipelines.train_loop import autocast_for
+from pipelines.data.ingest import IngestConfig, image_dataset
+from pipelines.data.shards import DataError, check_output_folder, find_shards, resolve_location
+from pipelines.evaluate.features import autocast_for
 
 SUMMARY_FILE = "_embeddings.json"
 

@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from pipelines.checkpoint import build_method
-from pipelines.shards import DataError
+from pipelines.weights.checkpoint import build_method
+from pipelines.data.shards import DataError
 
 CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")

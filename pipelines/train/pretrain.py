@@ -13,16 +13,18 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.config import RunConfig
 from pipelines.console import Relay, log
-from pipelines.elastic import batch_plan, parse_workers
-from pipelines.ingest import image_dataset
-from pipelines.init_from import initial_weights
-from pipelines.probe import probe_dataset, probe_table
-from pipelines.quality import BadDataError, new_quality_log
-from pipelines.shards import find_shards
-from pipelines.torch_loopback import torch_config
-from pipelines.tracking import RunTracker, flat_params
-from pipelines.stops import NonFiniteLossError, RunInterrupted, Stop
-from pipelines.train_loop import plan, train_loop_per_worker
+from pipelines.config import parse_workers
+from pipelines.train.plan import batch_plan
+from pipelines.data.ingest import image_dataset
+from pipelines.weights.init_from import initial_weights
+from pipelines.data.probe import probe_dataset, probe_table
+from pipelines.data.quality import BadDataError, new_quality_log
+from pipelines.data.shards import find_shards
+from pipelines.train.torch_loopback import torch_config
+from pipelines.train.tracking import RunTracker, flat_params
+from pipelines.train.stops import NonFiniteLossError, RunInterrupted, Stop
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.plan import plan
 
 
 def default_run_name(config: RunConfig) -> str:

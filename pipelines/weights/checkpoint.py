@@ -22,7 +22,7 @@ import yaml
 from methods import get_method
 from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import log
-from pipelines.shards import DataError
+from pipelines.data.shards import DataError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"

@@ -20,10 +20,10 @@ import ray
 import ray.data
 import torch
 
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_batch
-from pipelines.device_decode import device_canvases, route_records
-from pipelines.quality import check_bad_fraction, new_quality_log
-from pipelines.shards import find_shards
+from pipelines.data.decode import DEFAULT_MAX_PIXELS, decode_batch
+from pipelines.data.device_decode import device_canvases, route_records
+from pipelines.data.quality import check_bad_fraction, new_quality_log
+from pipelines.data.shards import find_shards
 from methods.checks import check_rules
 
 CHECK_EVERY_BATCHES = 50
@@ -46,7 +46,7 @@ class IngestConfig:
         max_pixels: images with more pixels are refused as decompression bombs.
         seed: seeds shard order (reseeded each pass) and the shuffle buffer; None = random.
         decode: where training JPEGs are decoded: `cpu` (the Ray Data tasks, Pillow) or `gpu`
-            (the training worker's GPU, nvJPEG; pipelines/device_decode.py). Evaluation sets
+            (the training worker's GPU, nvJPEG; pipelines/data/device_decode.py). Evaluation sets
             are always decoded on CPU.
         prefetch_batches: training batches made ahead of the step, on the training device, by
             a thread that starts each epoch's pass as soon as the one before is read

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.decode import BadImage, decode_canvas, image_bytes
+from pipelines.data.decode import BadImage, decode_canvas, image_bytes
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # nvJPEG's RGB output equals Pillow's conversion for these; Adobe CMYK/YCCK JPEGs go to Pillow.
