@@ -282,7 +282,7 @@ def warnings_today(result: dict) -> list[str]:
     import logging
 
     from pipelines.config import build_config
-    from pipelines.weights.checkpoint import build_method
+    from pipelines.config import build_method
 
     method = build_method(build_config("dino", "tiny", sets=result["sets"]))
     logging.getLogger("selfsup").disabled = True

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks_common import photo_crop_jpegs, write_shards  # noqa: E402
-from pipelines.weights.checkpoint import build_method  # noqa: E402
+from pipelines.config import build_method
 from pipelines.config import build_config  # noqa: E402
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, decode_canvas  # noqa: E402
 from pipelines.data.device_decode import device_canvases, route_records  # noqa: E402

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from pipelines.weights.checkpoint import build_method  # noqa: E402
+from pipelines.config import build_method
 from pipelines.config import build_config  # noqa: E402
 from pipelines.data.prepare import PrepareConfig, prepare  # noqa: E402
 from pipelines.data.shards import find_shards  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.weights.checkpoint import build_method  # noqa: E402
+from pipelines.config import build_method
 from pipelines.cli import parse_sets  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
 from pipelines.evaluate.frozen import evaluate_checkpoint  # noqa: E402

@@ -28,7 +28,7 @@ from pipelines.evaluate.linear import linear_probe_top1
 from pipelines.evaluate.label_free import probe_metrics
 from pipelines.data.samples import sample_tables
 from pipelines.train.plan import plan
-from pipelines.weights.checkpoint import build_method
+from pipelines.config import build_method
 
 
 @functools.lru_cache(maxsize=2)

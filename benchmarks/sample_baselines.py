@@ -22,7 +22,7 @@ from pipelines.data.decode import decode_canvas
 from pipelines.evaluate.knn import knn_top1
 from pipelines.evaluate.linear import linear_probe_top1
 from pipelines.data.samples import sample_tables
-from pipelines.weights.checkpoint import build_method
+from pipelines.config import build_method
 
 
 def canvases(table, size: int) -> torch.Tensor:

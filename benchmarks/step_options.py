@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.weights.checkpoint import build_method  # noqa: E402
+from pipelines.config import build_method
 from pipelines.config import build_config  # noqa: E402
 from pipelines.train.plan import plan  # noqa: E402
 from pipelines.train.worker import as_step_input, wrap_model  # noqa: E402

@@ -4,21 +4,17 @@ logs and progress go to stderr. Bad arguments and bad data end with one line on 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
-import re
 import signal
 import sys
-import tempfile
 
 from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_address
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
-from pipelines.console import log, to_stderr  # noqa: E402
-from pipelines.config import parse_value  # noqa: E402
+from pipelines.console import UsageError, log, to_stderr  # noqa: E402
 from pipelines.data.samples import SAMPLES  # noqa: E402
 from pipelines.data.shards import DataError  # noqa: E402
 from pipelines.train.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
@@ -47,12 +43,10 @@ def quiet_console() -> None:
 METHOD_HELP = "a method of methods/ (simclr, mae, dino, ...; an unknown name lists them)"
 
 
-class UsageError(ValueError):
-    """A bad argument or config value, found before Ray starts."""
-
-
 def parse_sets(pairs: list[str]) -> dict:
     """`["a.b=1", "c=[1,2]"]` -> `{"a.b": 1, "c": [1, 2]}`; values are parsed as YAML."""
+    from pipelines.config import parse_value
+
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -130,15 +124,20 @@ def cmd_prepare(args) -> dict:
     return prepare(args.src, args.out, config, source)
 
 
-def _config(args):
-    from pipelines.config import build_config
-    from pipelines.weights.checkpoint import build_method
+def run_config(args, **options):
+    """The validated run config of a pretrain or tune command (`--method`, `--preset`, `--config`,
+    `--set`, then the command's own `options` as `{"section.key": value}` with `__` for `.`), and a
+    model built from it once: architecture mismatches (e.g. width vs heads) surface only when the
+    model is built."""
+    from pipelines.config import build_config, build_method
 
+    sets = {**parse_sets(args.set), **{key.replace("__", "."): value for key, value in options.items()
+                                        if value is not None}}
     try:
-        config = build_config(args.method, args.preset, args.config, parse_sets(args.set))
+        config = build_config(args.method, args.preset, args.config, sets)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    try:  # architecture mismatches (e.g. width vs heads) surface only when the model is built
+    try:
         build_method(config)
     except Exception as error:  # noqa: BLE001  (timm raises AssertionError, TypeError, ...)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -146,146 +145,44 @@ def _config(args):
     return config
 
 
-def check_batch_fits(batch_size: int, rows: int, workers: int, data: str) -> None:
-    """Refuse, before Ray starts, a global batch that the training images cannot fill once."""
-    if rows == 0:
-        raise UsageError(f"--data {data}: the shards hold no images")
-    if batch_size > rows:
-        fits = rows - rows % workers
-        fix = f"use --set optim.batch_size={fits} or smaller" if fits else f"use at most {rows} workers"
-        raise UsageError(f"optim.batch_size={batch_size}: larger than the {rows} training images in {data}; {fix}")
-
-
-def check_decode_device(config, gpus_per_worker: float) -> None:
-    """Refuse `data.decode=gpu` where the workers will have no GPU: a run without
-    `--gpus-per-worker`, or a local run on a machine without CUDA (a cluster's driver may sit
-    on a CPU head node; its workers check for themselves when they start)."""
-    if config.data.decode != "gpu":
-        return
-    if not gpus_per_worker:
-        raise UsageError("data.decode=gpu: the workers train on CPU (no --gpus-per-worker); use data.decode=cpu")
-    import torch
-
-    if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
-        raise UsageError("data.decode=gpu: this machine has no CUDA device; use data.decode=cpu")
-
-
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def check_run_place(config, storage: str | None, name: str | None, workers_least: int, num_cpus: int | None) -> None:
-    """What a run needs from this machine, checked before Ray starts (each a one-line refusal):
-    a usable run name, writable local storage, a run of the same method under that name, and
-    (for a local Ray) the CPUs its smallest worker group reserves, which Ray Train would
-    otherwise wait for forever."""
-    import yaml
-
-    from pipelines.train.pretrain import storage_path
-    from pipelines.weights.checkpoint import CONFIG_FILE, forget_missing, move_orphans
-
-    if name is not None and not RUN_NAME.match(name):
-        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names folders and Ray's records)")
-    folder = storage_path(storage)
-    if "://" not in folder:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise UsageError(f"--storage {folder}: not writable ({error.strerror})") from None
-        run = os.path.join(folder, name) if name else None
-        for gone in forget_missing(run) if run else []:
-            log.warning(f"{os.path.join(run, gone)}: gone from the run folder; the run resumes from the newest "
-                        "checkpoint still there (Ray's record of the run before: checkpoint_manager_snapshot.json.bak)")
-        for moved in move_orphans(run) if run else []:
-            log.warning(f"{moved}: moved aside, a checkpoint the run never registered (written as it was "
-                        "interrupted); the run resumes from its last registered one")
-        snapshots = sorted(glob.glob(os.path.join(run, "checkpoint_*", CONFIG_FILE))) if run else []
-        if snapshots:
-            with open(snapshots[-1]) as stream:
-                method = (yaml.safe_load(stream) or {}).get("method")
-            if method != config.method:
-                raise UsageError(f"--name {name}: {run} is a {method} run and this is {config.method}; "
-                                 "resuming it would load the wrong model (choose another --name)")
-    if not os.environ.get("RAY_ADDRESS"):
-        cpus = num_cpus or os.cpu_count() or 1
-        needed = workers_least * config.train.cpus_per_worker
-        if needed > cpus:
-            raise UsageError(f"{workers_least} workers x train.cpus_per_worker {config.train.cpus_per_worker:g} = "
-                             f"{needed:g} CPUs, but this machine's Ray has {cpus}: use fewer --workers (or join a "
-                             "cluster with RAY_ADDRESS)")
-
-
 def cmd_pretrain(args) -> dict:
+    from pipelines.train.preflight import preflight
     from pipelines.train.pretrain import pretrain
-    from pipelines.data.shards import checked_shards
-
-    from pipelines.config import parse_workers
-    from pipelines.train.plan import batch_plan
-
     from pipelines.weights.init_from import initial_weights
 
-    if args.workers is not None:
-        args.set = [*args.set, f"train.workers={args.workers}"]
-    if args.probe:
-        args.set = [*args.set, f"train.probe={args.probe}"]
-    config = _config(args)
-    init = None
-    if args.init_from:
-        config.train.init_from = args.init_from
-        init = initial_weights(config)  # weights that do not fit the backbone are refused before Ray
-    least, most = parse_workers(config.train.workers, "train.workers")
-    try:
-        batch_plan(config.optim.batch_size, most, config.optim.max_worker_batch)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    check_decode_device(config, args.gpus_per_worker)
-    check_run_place(config, args.storage, args.name, least, args.num_cpus)
-    shards = checked_shards(args.data)  # a wrong path, schema or shard fails here, before Ray starts
-    check_batch_fits(config.optim.batch_size, shards.num_rows, most, args.data)
-    if config.optim.warmup_epochs >= config.optim.epochs:
-        log.warning(f"optim.warmup_epochs={config.optim.warmup_epochs:g} >= optim.epochs="
-                    f"{config.optim.epochs}: the learning rate never leaves warm-up")
-    if args.val:
-        checked_shards(args.val)
-    if config.train.probe_size and config.train.probe:
-        checked_shards(config.train.probe)
+    config = run_config(args, train__workers=args.workers, train__probe=args.probe, train__init_from=args.init_from)
+    init = initial_weights(config)  # weights that do not fit the backbone are refused before Ray
+    plan = preflight(config, args.data, args.val, args.storage, args.name, args.gpus_per_worker, args.num_cpus)
     start_ray(args.num_cpus)
-    return pretrain(config, args.data, val=args.val, gpus_per_worker=args.gpus_per_worker,
+    return pretrain(config, args.data, plan, val=args.val, gpus_per_worker=args.gpus_per_worker,
                     storage=args.storage, name=args.name, init=init)
 
 
 def cmd_tune(args) -> dict:
     import time
 
-    from pipelines.train.pretrain import storage_path
-    from pipelines.data.shards import checked_shards
+    from pipelines.train.preflight import preflight, storage_path
     from tune.search import SearchSettings, check_space, run_search
     from tune.space import parse_space
 
-    if args.probe:
-        args.set = [*args.set, f"train.probe={args.probe}"]
-    config = _config(args)
-    settings = SearchSettings(samples=args.samples, workers_per_trial=args.workers_per_trial,
-                              gpus_per_worker=args.gpus_per_worker, scheduler=args.scheduler,
+    config = run_config(args, train__workers=args.workers_per_trial, train__probe=args.probe)
+    settings = SearchSettings(samples=args.samples, gpus_per_worker=args.gpus_per_worker, scheduler=args.scheduler,
                               max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode,
                               grace_epochs=args.grace_epochs)
     try:
-        settings.validate(has_val=bool(args.val), has_probe=config.train.probe_size > 0)
+        settings = settings.resolved(has_val=bool(args.val), has_probe=config.train.probe_size > 0)
         dimensions = parse_space(args.space, config.method)
-        check_space(config.to_dict(), dimensions, settings)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    check_decode_device(config, args.gpus_per_worker)
-    check_run_place(config, args.storage, args.name, args.workers_per_trial, args.num_cpus)
-    checked_shards(args.data)  # every footer, before Ray starts
-    if args.val:
-        checked_shards(args.val)
-    if config.train.probe_size and config.train.probe:
-        checked_shards(config.train.probe)
+    plan = preflight(config, args.data, args.val, args.storage, args.name, args.gpus_per_worker, args.num_cpus)
+    try:
+        check_space(config.to_dict(), dimensions, plan.train_rows, args.data)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     start_ray(args.num_cpus)
     name = args.name or f"tune-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return run_search(config.to_dict(), args.data, args.val, dimensions, settings, storage_path(args.storage), name)
+    return run_search(config.to_dict(), args.data, plan.train_rows, args.val, dimensions, settings,
+                      storage_path(args.storage), name)
 
 
 def cmd_eval(args) -> dict:
@@ -314,30 +211,18 @@ def cmd_viz_augment(args) -> dict:
     return {"out": args.out, "images": len(canvases), "views": recipe.names}
 
 
-# The demo's SimCLR views, measured on MNIST-M (docs/FINDINGS.md, composition): no cropping (at
-# 32 px it cuts the digit away and leaves the photo, which no other image shares, as what two
-# views agree on), strong colour jitter, grayscale and blur; batch 64 and one block per ResNet
-# stage, so that 10 epochs train in about 5 CPU minutes. The LR stays at its peak after the
-# warm-up (min_lr = 0.3 x sqrt(64)): in a run this short, annealing it to 0 cost kNN 0.526 -> 0.398
-# at 10 epochs (docs/BENCHMARKS.md, "The demo's learning rate").
-DEMO_SIMCLR = {
-    "optim.batch_size": 64, "backbone.kwargs.layers": [1, 1, 1, 1], "views.view.flip": 0.0,
-    "views.view.scale": [1.0, 1.0], "views.view.ratio": [1.0, 1.0], "views.view.jitter": [0.8, 0.8, 0.8, 0.2],
-    "views.view.grayscale": 0.5, "views.view.blur": 0.5, "views.view.blur_sigma": [0.1, 1.0], "optim.min_lr": 2.4,
-}
-
-
 def cmd_demo(args) -> dict:
-    """The main job on the bundled sample: prepare it, draw the views, pretrain SimCLR for a few
-    CPU minutes, and compare the encoder's kNN with the random-init floor and raw pixels."""
-    from pipelines.config import build_config
-    from pipelines.evaluate.frozen import evaluate_checkpoint
-    from pipelines.data.prepare import PrepareConfig, prepare
-    from pipelines.train.pretrain import pretrain
-    from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
+    """The main job on the bundled sample: prepare it, draw the views, pretrain SimCLR (its `demo`
+    preset) for a few CPU minutes, and compare the encoder's kNN with the random-init floor and
+    raw pixels."""
     from methods import METHODS
+    from pipelines.config import build_config
+    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
+    from pipelines.train.pretrain import pretrain
 
-    config = build_config("simclr", "tiny", sets={**DEMO_SIMCLR, "optim.epochs": args.epochs, "train.knn_every_epochs": 0})
+    config = build_config("simclr", "demo", sets={} if args.epochs is None else {"optim.epochs": args.epochs})
     data = os.path.join(args.workdir, "data", args.sample)
     pictures = os.path.join(args.workdir, "pictures")
     os.makedirs(pictures, exist_ok=True)
@@ -350,7 +235,7 @@ def cmd_demo(args) -> dict:
         drawn[method] = os.path.join(pictures, f"augment_{method}.png")
         recipe = config.recipe() if method == config.method else default_recipe(method, 32)  # what the demo trains
         augment_picture(canvases, recipe, masking=masking_of(method)).save(drawn[method])
-    log.info(f"demo: views drawn in {pictures}; pretraining SimCLR ({args.epochs} epochs)")
+    log.info(f"demo: views drawn in {pictures}; pretraining SimCLR ({config.optim.epochs} epochs)")
     run = pretrain(config, f"{data}/train", val=f"{data}/test", storage=os.path.join(args.workdir, "runs"),
                    name=f"demo-{args.sample}")
     knn = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "knn", also=("linear",))
@@ -467,7 +352,13 @@ def cmd_embed(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfsup", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_prepare_parser, _viz_parsers, _pretrain_parser, _tune_parser, _eval_parser, _export_parser,
+                _embed_parser, _demo_parser):
+        add(commands)
+    return parser
 
+
+def _prepare_parser(commands) -> None:
     prepare = commands.add_parser("prepare", help="write Parquet image shards from a folder, a Parquet or sample:NAME")
     prepare.add_argument("src", help="image folder (subfolders = classes), image Parquet, or sample:"
                          + "|sample:".join(SAMPLES))
@@ -482,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     prepare.set_defaults(run=cmd_prepare)
 
+
+def _viz_parsers(commands) -> None:
     viz = commands.add_parser("viz", help="draw pictures").add_subparsers(dest="picture", required=True)
     augment = viz.add_parser("augment", help="originals beside their augmented views")
     augment.add_argument("--data", required=True, help="shard folder or URI")
@@ -512,12 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_argument("--out", required=True, help="PNG file to write")
     curves.set_defaults(run=cmd_viz_curves)
 
+
+def _pretrain_parser(commands) -> None:
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     _method_args(pretrain)
     pretrain.add_argument("--data", required=True, help="training shards (folder or URI)")
     pretrain.add_argument("--val", help="labeled shards for online kNN")
     pretrain.add_argument("--probe", help=PROBE_HELP)
-    pretrain.add_argument("--workers", default=None, metavar="N|MIN:MAX",
+    pretrain.add_argument("--workers", default=None, metavar="N|MIN:MAX", type=lambda v: int(v) if v.isdigit() else v,
                           help="training workers; MIN:MAX runs elastically (default: train.workers, 1)")
     pretrain.add_argument("--gpus-per-worker", type=float, default=0)
     pretrain.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
@@ -528,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     pretrain.set_defaults(run=cmd_pretrain)
 
+
+def _tune_parser(commands) -> None:
     search = commands.add_parser("tune", help="hyperparameter search over pretraining runs (Ray Tune)")
     _method_args(search)
     search.add_argument("--data", required=True, help="training shards (folder or URI)")
@@ -551,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     search.set_defaults(run=cmd_tune)
 
+
+def _eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="kNN or linear probe of a checkpoint's frozen encoder")
     evaluate.add_argument("protocol", choices=["knn", "linear"])
     evaluate.add_argument("--checkpoint", required=True)
@@ -560,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-cpus", type=int, default=None)
     evaluate.set_defaults(run=cmd_eval)
 
+
+def _export_parser(commands) -> None:
     export = commands.add_parser("export", help="a checkpoint's encoder as timm-loadable safetensors + config.json")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json to")
@@ -569,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "onnxruntime (pip install 'selfsup[onnx]')")
     export.set_defaults(run=cmd_export)
 
+
+def _embed_parser(commands) -> None:
     embedding = commands.add_parser("embed", help="embeddings of every image in shards, as Parquet (Ray Data)")
     embedding.add_argument("--checkpoint", required=True)
     embedding.add_argument("--data", required=True, help="shard folder or URI")
@@ -583,14 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     embedding.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     embedding.set_defaults(run=cmd_embed)
 
+
+def _demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="the main job on the bundled sample, end to end, on a laptop")
     demo.add_argument("--sample", default="mnist-m", choices=list(SAMPLES),
                       help="mnist-m (default: digits on photo crops, where raw pixels are weak), mnist or digits")
     demo.add_argument("--workdir", default="selfsup-demo", help="where data and pictures go")
-    demo.add_argument("--epochs", type=int, default=15, help="SimCLR epochs on the sample")
+    demo.add_argument("--epochs", type=int, default=None, help="SimCLR epochs on the sample (default: the "
+                      "`demo` preset's)")
     demo.add_argument("--num-cpus", type=int, default=None)
     demo.set_defaults(run=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,21 +518,30 @@ def _run(args) -> int:
     except (UsageError, DataError) as error:
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunInterrupted as error:  # one line; a second Ctrl-C now exits at once
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        print(f"selfsup {args.command}: {error}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as error:  # a clean stop, not a crash: no traceback
+        print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
+        return 1
     except Exception as error:
-        if isinstance(error, RunInterrupted):  # one line; a second Ctrl-C now exits at once
-            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-            print(f"selfsup {args.command}: {error}", file=sys.stderr)
-            return 130
-        if isinstance(error, NonFiniteLossError):  # a clean stop, not a crash: no traceback
-            print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
-            return 1
-        if type(error).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+        if not _training_failed(error):
             raise
         # Ray's message carries every worker's traceback; the user first needs the cause.
-        cause = _root_cause(error)
-        print(f"selfsup {args.command}: error: training failed: {cause}", file=sys.stderr)
+        print(f"selfsup {args.command}: error: training failed: {_root_cause(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _training_failed(error: Exception) -> bool:
+    """Ray Train's error for a run whose workers or controller failed (only a command that ran
+    one has imported Ray Train)."""
+    if "ray.train" not in sys.modules:
+        return False
+    from ray.train import TrainingFailedError
+
+    return isinstance(error, TrainingFailedError)
 
 
 def _root_cause(error: BaseException) -> str:

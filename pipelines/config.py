@@ -11,9 +11,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
-from methods import get_method
+from methods import Method, get_method
 from methods.backbone import BackboneConfig
 from methods.base import hparams_from_dict
 from methods.checks import check_rules
@@ -193,7 +194,11 @@ class TrainConfig:
                                     "probe": (isinstance(self.probe, str), "a path (a string)"),
                                     "compile": (isinstance(self.compile, bool), "true or false"),
                                     "channels_last": (isinstance(self.channels_last, bool), "true or false")})
-        parse_workers(self.workers, "train.workers")  # N or MIN:MAX
+        self.worker_range()
+
+    def worker_range(self) -> tuple[int, int]:
+        """(least, most) training workers: `workers` is N (fixed) or MIN:MAX (elastic)."""
+        return parse_workers(self.workers, "train.workers")
 
 
 
@@ -388,3 +393,9 @@ def config_from_dict(raw: dict) -> RunConfig:
     )
     config.recipe()  # validates the view overrides
     return config
+
+
+def build_method(config: RunConfig) -> Method:
+    """The configured method with freshly initialised weights (seeded by `train.seed`)."""
+    torch.manual_seed(config.train.seed)
+    return get_method(config.method)(config.backbone, config.hparams, config.recipe())

@@ -31,6 +31,11 @@ PROGRESS_EVERY_S = float(os.environ.get("SELFSUP_PROGRESS_EVERY_S", 15))
 log = logging.getLogger("selfsup")
 
 
+class UsageError(ValueError):
+    """A bad argument or config value, found before Ray starts: the command prints its message as
+    one line and exits 2 (`pipelines/cli.py`)."""
+
+
 class _Format(logging.Formatter):
     def __init__(self, prefix: str = ""):
         super().__init__()

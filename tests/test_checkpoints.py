@@ -73,7 +73,7 @@ def test_resuming_from_a_damaged_checkpoint_uses_the_previous_one(run, caplog):
 
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from pipelines.weights.checkpoint import build_method
+    from pipelines.config import build_method
     from runs import tiny_config
 
     config = tiny_config()
@@ -97,7 +97,7 @@ def test_checkpoints_the_run_never_registered_are_moved_aside(run, capsys):
     import json
 
     from pipelines.cli import main
-    from pipelines.weights.checkpoint import ORPHANS, RAY_SNAPSHOT, move_orphans
+    from pipelines.train.run_folder import ORPHANS, RAY_SNAPSHOT, move_orphans
 
     registered = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000"]
     (run / RAY_SNAPSHOT).write_text(json.dumps({
@@ -121,7 +121,7 @@ def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digit
     import json
     import shutil
 
-    from pipelines.weights.checkpoint import RAY_SNAPSHOT
+    from pipelines.train.run_folder import RAY_SNAPSHOT
     from pipelines.cli import main
     from pipelines.train.pretrain import pretrain
     from runs import COMMON, STEPS_PER_EPOCH, TINY, tiny_config

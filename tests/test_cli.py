@@ -70,7 +70,8 @@ def test_prepare_refuses_an_output_holding_shards_before_ray_starts(digits, tmp_
 def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_it(tmp_path, capsys):
     import torch
 
-    from pipelines.weights.checkpoint import build_method, save_checkpoint
+    from pipelines.weights.checkpoint import save_checkpoint
+    from pipelines.config import build_method
     from runs import tiny_config
 
     config = tiny_config("simclr")
@@ -88,12 +89,11 @@ def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_i
 def test_the_demo_holds_its_learning_rate_at_the_peak_after_the_warm_up():
     # Annealing to 0 over the demo's few epochs cost 13 points of kNN (docs/BENCHMARKS.md): a
     # change to its batch or base LR must move optim.min_lr with the peak it derives from.
-    from pipelines.cli import DEMO_SIMCLR
     from pipelines.config import build_config
-    from pipelines.train.plan import plan
+    from pipelines.train.plan import plan_run
 
     for epochs in (10, 15):
-        schedule = plan(build_config("simclr", "tiny", sets={**DEMO_SIMCLR, "optim.epochs": epochs}), 4000)
+        schedule = plan_run(build_config("simclr", "demo", sets={"optim.epochs": epochs}), 4000)
         after_warm_up = range(schedule.warmup_steps, schedule.total_steps)
         assert schedule.warmup_steps > 0
         assert all(abs(schedule.lr_at(step) - schedule.peak_lr) < 1e-9 for step in after_warm_up)

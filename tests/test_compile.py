@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from pipelines.weights.checkpoint import build_method
+from pipelines.config import build_method
 from pipelines.train.worker import as_step_input, wrap_model
 from runs import tiny_config
 

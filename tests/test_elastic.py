@@ -52,8 +52,8 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     import tempfile
 
     from elastic_run import ELASTIC
-    from pipelines.train.plan import plan
-    from pipelines.weights.checkpoint import build_method
+    from pipelines.train.plan import plan_run
+    from pipelines.config import build_method
     from runs import simulated_cluster_environment, tiny_config
     from timing import deadline
 
@@ -69,7 +69,7 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     history, metrics = report["history"], report["metrics"]
 
     config = tiny_config("dino", **ELASTIC)
-    schedule = plan(config, 1438)
+    schedule = plan_run(config, 1438)
     assert metrics["step"] == metrics["total_steps"] == schedule.total_steps
     assert metrics["samples"] == schedule.total_steps * 96  # the planned images, all of them
     sizes = [row["world_size"] for row in history]

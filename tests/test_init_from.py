@@ -9,7 +9,8 @@ import torch
 
 from pipelines.cli import main
 from pipelines.weights.init_from import InitFromError, initial_weights
-from pipelines.weights.checkpoint import build_method, load_state
+from pipelines.weights.checkpoint import load_state
+from pipelines.config import build_method
 from runs import tiny_config
 
 IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))

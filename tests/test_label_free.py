@@ -78,7 +78,7 @@ def test_probe_set_names_records_of_shards_without_ids(tmp_path):
 
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(method_name):
-    from pipelines.weights.checkpoint import build_method
+    from pipelines.config import build_method
 
     config = tiny_config(method_name)
     method = build_method(config)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.train.pretrain import pretrain
-from pipelines.train.plan import plan
+from pipelines.train.plan import plan_run
 from pipelines.train.tracking import read_history
 from runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
@@ -42,7 +42,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digi
     total = STEPS_PER_EPOCH
     assert metrics["step"] == metrics["total_steps"] == total
     assert 4 <= metrics["resumed_from_step"] < total  # it did resume, from a checkpoint
-    schedule = plan(config, 1438)  # what an uninterrupted run plans
+    schedule = plan_run(config, 1438)  # what an uninterrupted run plans
     assert metrics["lr"] == pytest.approx(schedule.lr_at(total - 1))  # same schedule position
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["embedding_std"] > 0 and 0 <= metrics["data_wait_frac"] <= 1
     assert metrics["probe_images"] == 256 and 1 < metrics["rankme"] <= 64 and metrics["collapsed"] == 0

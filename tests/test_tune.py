@@ -44,19 +44,21 @@ def test_space_strings_become_config_keys_and_bad_ones_say_why():
 
 
 def test_space_ends_are_validated_against_the_config_before_ray():
-    base, settings = base_config(), SearchSettings(workers_per_trial=3)
+    base, on_three = base_config(), base_config(**{"train.workers": 3})
     with pytest.raises(ValueError, match=r"--space temperature=20: hparams.temperature=20: must be in \(0, 10\]"):
-        check_space(base, [parse_dimension("temperature=loguniform(0.05, 20)")], SearchSettings())
+        check_space(base, [parse_dimension("temperature=loguniform(0.05, 20)")], 1438, "digits")
     with pytest.raises(ValueError, match="must divide evenly across 3 workers"):
-        check_space(base, [parse_dimension("batch_size=choice(64, 96)")], settings)
+        check_space(on_three, [parse_dimension("batch_size=choice(64, 96)")], 1438, "digits")
+    with pytest.raises(ValueError, match=r"--space batch_size=2048: optim.batch_size=2048: larger than the 1438"):
+        check_space(base, [parse_dimension("batch_size=choice(64, 2048)")], 1438, "digits")
     with pytest.raises(ValueError, match="needs --val"):
-        SearchSettings(metric="knn_top1").validate(has_val=False)
+        SearchSettings(metric="knn_top1").resolved(has_val=False)
     with pytest.raises(ValueError, match="needs the probe set"):
-        SearchSettings().validate(has_val=False, has_probe=False)
+        SearchSettings().resolved(has_val=False, has_probe=False)
     for has_val, objective in ((True, "knn_top1"), (False, "rankme")):
         settings = SearchSettings()
-        settings.validate(has_val=has_val)
-        assert settings.metric == objective
+        assert settings.resolved(has_val=has_val).metric == objective
+        assert settings.metric == ""  # resolving makes a new one: nothing is changed in place
 
 
 def search_command(out, storage, name):

@@ -86,7 +86,8 @@ def test_export_round_trip_without_training(tmp_path, method_name, sets):
     """Checkpoints written directly: a standard-stem ResNet loads with timm's own call, and DINO
     exports its teacher (made to differ from the student here), not the student."""
     from pipelines.outputs.export import export_encoder
-    from pipelines.weights.checkpoint import build_method, save_checkpoint
+    from pipelines.weights.checkpoint import save_checkpoint
+    from pipelines.config import build_method
 
     config = tiny_config(method_name, **sets)
     method = build_method(config)

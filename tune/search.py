@@ -12,15 +12,16 @@ so a search resumed after its driver died restarts an interrupted trial from its
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import yaml
 from ray.tune.stopper import Stopper
 
-from methods.schedules import scaled_lr
 from pipelines.config import RunConfig, with_sets
 from pipelines.console import Relay
+from pipelines.train.plan import peak_lr, plan_run
 from pipelines.train.pretrain import make_trainer, raise_if_stopped
 from pipelines.data.shards import absolute_location
 from tune.space import Dimension
@@ -31,21 +32,22 @@ LABEL_FREE = ("rankme", "rankme_fraction", "alignment", "uniformity")
 ONLINE_METRICS = ("knn_top1", "rankme", "uniformity", "alignment")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSettings:
     """Args:
     samples: trials drawn from the space (each `grid` dimension multiplies them).
-    workers_per_trial, gpus_per_worker: each trial's Ray Train worker group.
+    gpus_per_worker: GPUs of each worker of a trial's Ray Train group (its size is the base
+        config's `train.workers`, which `--workers-per-trial` sets).
     scheduler: `asha` (stop weak trials after any epoch) or `fifo` (run every trial to the end).
     max_concurrent: trials at once; default: as many as fit while leaving each trial
         `data_cpus_per_trial` CPUs for Ray Data decoding.
     metric, mode: the objective: any reported metric; "" = `knn_top1` (max) when the search has
-        a labeled `--val`, else `rankme` (max), the label-free effective rank of the features.
+        a labeled `--val`, else `rankme` (max), the label-free effective rank of the features
+        (`resolved` fills it in).
     grace_epochs, reduction_factor: ASHA's first rung and halving rate.
     """
 
     samples: int = 8
-    workers_per_trial: int = 1
     gpus_per_worker: float = 0
     scheduler: str = "asha"
     max_concurrent: int | None = None
@@ -55,53 +57,53 @@ class SearchSettings:
     reduction_factor: float = 2
     data_cpus_per_trial: float = 1.0
 
-    def validate(self, has_val: bool, has_probe: bool = True) -> None:
-        """Checks the settings and resolves the default objective."""
-        if not self.metric:
-            self.metric = "knn_top1" if has_val else "rankme"
+    def resolved(self, has_val: bool, has_probe: bool = True) -> SearchSettings:
+        """These settings checked, with the default objective filled in; ValueError in one line."""
+        metric = self.metric or ("knn_top1" if has_val else "rankme")
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise ValueError(f"--samples {self.samples}: must be an integer >= 1")
-        if self.workers_per_trial < 1:
-            raise ValueError(f"--workers-per-trial {self.workers_per_trial}: must be >= 1")
         if self.scheduler not in ("asha", "fifo"):
             raise ValueError(f"--scheduler {self.scheduler}: must be asha or fifo")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"--max-concurrent {self.max_concurrent}: must be >= 1")
         if self.mode not in ("max", "min"):
             raise ValueError(f"--mode {self.mode}: must be max or min")
-        if self.metric == "knn_top1" and not has_val:
+        if metric == "knn_top1" and not has_val:
             raise ValueError("--metric knn_top1 needs --val (a labeled validation set)")
-        if self.metric in LABEL_FREE and not has_probe:
-            raise ValueError(f"--metric {self.metric} needs the probe set: train.probe_size must be > 0")
+        if metric in LABEL_FREE and not has_probe:
+            raise ValueError(f"--metric {metric} needs the probe set: train.probe_size must be > 0")
         if self.grace_epochs < 1 or self.reduction_factor <= 1:
             raise ValueError("ASHA needs grace_epochs >= 1 and reduction_factor > 1")
+        return dataclasses.replace(self, metric=metric)
 
 
-def check_space(base: dict, dimensions: list[Dimension], settings: SearchSettings) -> None:
-    """Every end of every dimension makes a valid run config (before Ray starts)."""
+def check_space(base: dict, dimensions: list[Dimension], train_rows: int, data: str) -> None:
+    """Every end of every dimension makes a run config that plans on the `train_rows` images at
+    `data`, with a global batch its trial's workers split evenly (before Ray starts)."""
     for dimension in dimensions:
         for value in dimension.extremes():
             try:
                 config = with_sets(base, {dimension.key: value})
+                split = plan_run(config, train_rows, data).splits[-1]
             except ValueError as error:
                 raise ValueError(f"--space {dimension.name}={value!r}: {error}") from None
-            if config.optim.batch_size % settings.workers_per_trial:
+            if not split.exact:
                 raise ValueError(f"--space {dimension.name}={value!r}: optim.batch_size {config.optim.batch_size} "
-                                 f"must divide evenly across {settings.workers_per_trial} workers")
+                                 f"must divide evenly across {split.world_size} workers")
 
 
-def concurrency(settings: SearchSettings, cpus_per_worker: float) -> int:
+def concurrency(settings: SearchSettings, config: RunConfig) -> int:
     """Trials that fit the cluster's CPUs with `data_cpus_per_trial` left to decode for each."""
     import ray
 
     if settings.max_concurrent:
         return settings.max_concurrent
     cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = settings.workers_per_trial * cpus_per_worker + settings.data_cpus_per_trial
+    per_trial = config.train.worker_range()[1] * config.train.cpus_per_worker + settings.data_cpus_per_trial
     return max(1, int(cpus // per_trial))
 
 
-def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, gpus_per_worker: float,
+def _trial(values: dict, base: dict, data: str, train_rows: int, val: str | None, gpus_per_worker: float,
            train_storage: str, console=None) -> None:
     """One trial: a full pretraining run whose reports reach Tune (and whose lines reach the
     search's console through `console`, a `pipelines.console.Relay` queue)."""
@@ -109,7 +111,7 @@ def _trial(values: dict, base: dict, data: str, val: str | None, workers: int, g
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config = with_sets(base, values)
-    trainer = make_trainer(config, data, val=val, workers=workers, gpus_per_worker=gpus_per_worker,
+    trainer = make_trainer(config, data, plan_run(config, train_rows, data), val=val, gpus_per_worker=gpus_per_worker,
                            storage=train_storage, name=tune.get_context().get_trial_id(),
                            callbacks=[TuneReportCallback()], console=console,
                            console_prefix=f"trial {tune.get_context().get_trial_id()}: ")
@@ -127,9 +129,10 @@ class CollapseStopper(Stopper):
         return False
 
 
-def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimension], settings: SearchSettings,
-               storage: str, name: str) -> dict:
-    """Run (or resume, when `storage/name` holds a search) and write the results beside it."""
+def run_search(base: dict, data: str, train_rows: int, val: str | None, dimensions: list[Dimension],
+               settings: SearchSettings, storage: str, name: str) -> dict:
+    """Run (or resume, when `storage/name` holds a search) and write the results beside it.
+    `settings` are `SearchSettings.resolved`; `train_rows`: the images at `data` (`preflight`'s)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -138,13 +141,14 @@ def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimensio
     base = {**base, "train": {**base.get("train", {}), **{key: absolute_location(base["train"][key])
                                                         for key in ("probe", "init_from") if base.get("train", {}).get(key)}}}
     config = with_sets(base, {})
-    settings.validate(has_val=bool(val), has_probe=config.train.probe_size > 0)  # resolves the default objective
+    if not settings.metric:
+        raise ValueError("run_search: settings without an objective (use SearchSettings.resolved)")
     search_dir = os.path.join(storage, name)
     # Reports inside an epoch (train.checkpoint_every_steps) carry no kNN; ASHA skips them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     relay = Relay()
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, data=data, val=val, workers=settings.workers_per_trial,
+        tune.with_parameters(_trial, base=base, data=data, train_rows=train_rows, val=val,
                              gpus_per_worker=settings.gpus_per_worker,
                              train_storage=os.path.join(search_dir, "train"), console=relay.queue),
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs: it must hold none,
@@ -166,7 +170,7 @@ def run_search(base: dict, data: str, val: str | None, dimensions: list[Dimensio
             trainable,
             param_space={d.key: d.domain() for d in dimensions},
             tune_config=tune.TuneConfig(num_samples=settings.samples, scheduler=scheduler,
-                                        max_concurrent_trials=concurrency(settings, config.train.cpus_per_worker),
+                                        max_concurrent_trials=concurrency(settings, config),
                                         **metric_mode),
             run_config=tune.RunConfig(name=name, storage_path=storage, stop=CollapseStopper(),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
@@ -195,7 +199,6 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
         frame = result.metrics_dataframe
         epochs_run = int(_last(frame, "epoch") or 0)
         config = with_sets(base, values)
-        rule = config.lr_rule()
         if result.error:
             status = "error"
         elif _last(frame, "collapsed"):
@@ -207,7 +210,7 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
         rows.append({
             "trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
             **{d.name: values[d.key] for d in dimensions},
-            "peak_lr": scaled_lr(config.optim.base_lr, config.optim.batch_size, rule),
+            "peak_lr": peak_lr(config),
             **{m: _last(frame, m) for m in (settings.metric, *ONLINE_METRICS)},
             "epochs_run": epochs_run,
             "status": status,

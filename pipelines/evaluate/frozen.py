@@ -7,7 +7,8 @@ from pipelines.console import Progress
 from pipelines.evaluate.features import extract
 from pipelines.evaluate.knn import knn_top1
 from pipelines.evaluate.linear import linear_probe_top1
-from pipelines.weights.checkpoint import build_method, load_checkpoint
+from pipelines.weights.checkpoint import load_checkpoint
+from pipelines.config import build_method
 
 
 def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn", baselines: bool = True,

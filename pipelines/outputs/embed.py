@@ -22,7 +22,8 @@ import ray.data
 import torch
 
 from pipelines.console import Progress
-from pipelines.weights.checkpoint import build_method, load_checkpoint, load_state
+from pipelines.weights.checkpoint import load_checkpoint, load_state
+from pipelines.config import build_method
 from pipelines.config import config_from_dict
 from pipelines.data.ingest import IngestConfig, image_dataset
 from pipelines.data.shards import DataError, check_output_folder, find_shards, resolve_location

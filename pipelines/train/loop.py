@@ -32,7 +32,7 @@ from pipelines.weights.checkpoint import save_checkpoint
 
 
 def train_loop_per_worker(loop_config: dict) -> Stop | None:
-    """One worker's training. `loop_config`: the run config as a dict, its `Schedule`, the
+    """One worker's training. `loop_config`: the run config as a dict, its `RunPlan`, the
     quality log, whether the run has `val` / `probe` sets, the console relay and initial weights."""
     config = config_from_dict(loop_config["config"])
     to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
@@ -58,19 +58,19 @@ def _train(worker: Worker, progress: Progress, passes: EpochStream | None, open_
     """The epochs: steps over each epoch's pass (read ahead by `passes`, else opened here), a
     report with a checkpoint every `train.checkpoint_every_steps` and at each epoch's end."""
     config = worker.config
-    total, recipe_batch = worker.schedule.total_steps, config.optim.batch_size
-    samples_per_epoch = worker.schedule.steps_per_epoch * recipe_batch
+    total, recipe_batch = worker.plan.total_steps, config.optim.batch_size
+    samples_per_epoch = worker.plan.steps_per_epoch * recipe_batch
     online = {}  # the last online evaluation
     ticker = StepProgress(total, config.optim.epochs, progress.step) if worker.rank == 0 else None
     while progress.epoch < config.optim.epochs:
         window, hook_metrics = ReportWindow(), {}
-        lr = worker.schedule.lr_at(progress.position(recipe_batch)) * worker.batches.lr_factor
+        lr = worker.plan.lr_at(progress.position(recipe_batch)) * worker.batches.lr_factor
         stream = iter(passes.next_pass() if passes else open_pass(progress.epoch))
         while progress.samples_in_epoch + worker.batches.global_batch <= samples_per_epoch:
             # The schedules run on images seen, in units of the recipe's steps: a step of another
             # global batch moves them by global / recipe batch.
             at = progress.position(recipe_batch)
-            lr = worker.schedule.lr_at(at) * worker.batches.lr_factor
+            lr = worker.plan.lr_at(at) * worker.batches.lr_factor
             for group in worker.optimizer.param_groups:
                 group["lr"] = lr
             hook_metrics = worker.method.before_step(at, total, progress.epoch, worker.optimizer)
@@ -191,7 +191,7 @@ def _report(worker: Worker, window: ReportWindow, progress: Progress, lr: float,
     metrics = {
         "epoch": progress.epoch,
         "step": progress.step,
-        "total_steps": worker.schedule.total_steps,
+        "total_steps": worker.plan.total_steps,
         "samples": progress.samples,
         "loss": statistics.pop("loss", float("nan")),
         "lr": lr,

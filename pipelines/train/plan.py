@@ -1,12 +1,13 @@
-"""A run's plan: its steps and LR schedule (`plan`), and the batch policy of elastic runs: the
-recipe's global batch, whatever the world size (`batch_plan`).
+"""A run's plan, made once on the driver before anything starts (`plan_run`) and handed to every
+worker: its steps, its learning-rate schedule, and how the recipe's global batch splits at every
+world size its worker group may take.
 
 Ray Train's elastic scaling (`ScalingConfig(num_workers=(min, max))`) restarts the worker group
 from the last checkpoint with as many workers as the cluster holds. For self-supervised methods
 the global batch is part of the recipe: it sets SimCLR's negatives, every method's learning rate
-and DINO's center statistics. So at every (re)start of the group the per-worker batch, and where
-`optim.max_worker_batch` requires it gradient accumulation, are derived again from the recipe's
-global batch and the new world size. When the world size does not divide it, the nearest smaller
+and DINO's center statistics. So the plan holds a `BatchPlan` for each world size from the least
+to the most workers: the per-worker batch and, where `optim.max_worker_batch` requires it,
+gradient accumulation. When a world size does not divide the recipe's batch, the nearest smaller
 global batch is used, said in one log line, and the method's LR-scaling rule is applied to it.
 """
 
@@ -81,32 +82,56 @@ def batch_plan(recipe_batch: int, world_size: int, max_worker_batch: int = 0, ru
     return BatchPlan(world_size, worker_batch, accumulation, global_batch, recipe_batch, lr_factor)
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """A run's plan for the recipe's global batch (`plan`): its steps and its LR schedule, linear
-    warmup from 0 to `peak_lr` (the base LR scaled by `lr_scaling`), then cosine to `min_lr`."""
+def peak_lr(config: RunConfig) -> float:
+    """The recipe's peak LR: `optim.base_lr` scaled to `optim.batch_size` by the LR-scaling rule."""
+    return scaled_lr(config.optim.base_lr, config.optim.batch_size, config.lr_rule())
 
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run does, for the recipe's global batch: its steps, its LR schedule (linear warmup
+    from 0 to `peak_lr`, then cosine to `min_lr`), its worker range and the batch split at each
+    world size in it (`splits[w - workers[0]]` for `w` workers).
+    """
+
+    train_rows: int
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     peak_lr: float
     lr_scaling: str
     min_lr: float
+    workers: tuple[int, int]
+    splits: tuple[BatchPlan, ...]
 
     def lr_at(self, position: float) -> float:
         """The LR at `position` (images seen, in steps of the recipe's global batch)."""
         return warmup_cosine(position, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)
 
+    def batches(self, world_size: int) -> BatchPlan:
+        """The batch split for a group of `world_size` workers (an elastic group's size at its start)."""
+        low, high = self.workers
+        if not low <= world_size <= high:
+            raise ValueError(f"{world_size} workers: outside the run's planned {low}-{high}")
+        return self.splits[world_size - low]
 
-def plan(config: RunConfig, train_rows: int) -> Schedule:
-    """Steps per epoch, total steps, warmup steps and the scaled peak LR for the global batch."""
-    steps_per_epoch = train_rows // config.optim.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"optim.batch_size={config.optim.batch_size}: larger than the {train_rows} training images"
-        )
+
+def plan_run(config: RunConfig, train_rows: int, data: str = "the training shards") -> RunPlan:
+    """The plan of a run of `config` over `train_rows` images (the shards at `data`, named in
+    errors). Raises ValueError, in one line, when the images cannot fill one global batch or a
+    world size of `train.workers` cannot split it."""
+    batch, (low, high) = config.optim.batch_size, config.train.worker_range()
+    if train_rows == 0:
+        raise ValueError(f"--data {data}: the shards hold no images")
+    if batch > train_rows:
+        fits = train_rows - train_rows % high
+        fix = f"use --set optim.batch_size={fits} or smaller" if fits else f"use at most {train_rows} workers"
+        raise ValueError(f"optim.batch_size={batch}: larger than the {train_rows} training images in {data}; {fix}")
     rule = config.lr_rule()
-    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.optim.epochs,
-                    warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
-                    peak_lr=scaled_lr(config.optim.base_lr, config.optim.batch_size, rule), lr_scaling=rule,
-                    min_lr=config.optim.min_lr)
+    splits = tuple(batch_plan(batch, world, config.optim.max_worker_batch, rule) for world in range(low, high + 1))
+    steps_per_epoch = train_rows // batch
+    return RunPlan(train_rows=train_rows, steps_per_epoch=steps_per_epoch,
+                   total_steps=steps_per_epoch * config.optim.epochs,
+                   warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
+                   peak_lr=peak_lr(config), lr_scaling=rule, min_lr=config.optim.min_lr,
+                   workers=(low, high), splits=splits)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import ray
@@ -13,42 +12,31 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.config import RunConfig
 from pipelines.console import Relay, log
-from pipelines.config import parse_workers
-from pipelines.train.plan import batch_plan
 from pipelines.data.ingest import image_dataset
-from pipelines.weights.init_from import initial_weights
 from pipelines.data.probe import probe_dataset, probe_table
 from pipelines.data.quality import BadDataError, new_quality_log
 from pipelines.data.shards import find_shards
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.plan import RunPlan, plan_run
+from pipelines.train.preflight import storage_path
+from pipelines.train.stops import NonFiniteLossError, RunInterrupted, Stop
 from pipelines.train.torch_loopback import torch_config
 from pipelines.train.tracking import RunTracker, flat_params
-from pipelines.train.stops import NonFiniteLossError, RunInterrupted, Stop
-from pipelines.train.loop import train_loop_per_worker
-from pipelines.train.plan import plan
+from pipelines.weights.init_from import initial_weights
 
 
 def default_run_name(config: RunConfig) -> str:
     return f"{config.method}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_path(storage: str | None) -> str:
-    """A local folder (made absolute, as Ray needs) or any URI pyarrow handles (s3://, gs://)."""
-    storage = storage or "runs"
-    return storage if "://" in storage else os.path.abspath(storage)
-
-
-def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: int | None = None,
-                 gpus_per_worker: float = 0, storage: str | None = None, name: str | None = None,
-                 callbacks: list | None = None, console=None, console_prefix: str = "",
-                 init: tuple | None = None) -> TorchTrainer:
-    """The TorchTrainer for one pretraining run; Ray must be initialised. `workers` (default
-    `train.workers`) is a count or an elastic (min, max). Every report goes to the run folder's
-    `metrics.jsonl` and TensorBoard (and MLflow when configured). `console`: the queue of a
-    `pipelines.console.Relay` that carries the workers' lines to the driver's stderr, each line
-    after `console_prefix`. `init`: `initial_weights(config)` when the caller already checked them."""
-    schedule = plan(config, find_shards(data).num_rows)
-    low, high = parse_workers(config.train.workers if workers is None else workers, "workers")
-    batch_plan(config.optim.batch_size, high, config.optim.max_worker_batch, schedule.lr_scaling)  # fits max
+def make_trainer(config: RunConfig, data: str, plan: RunPlan, val: str | None = None, gpus_per_worker: float = 0,
+                 storage: str | None = None, name: str | None = None, callbacks: list | None = None, console=None,
+                 console_prefix: str = "", init: tuple | None = None) -> TorchTrainer:
+    """The TorchTrainer for one pretraining run of `plan` (`plan_run`); Ray must be initialised.
+    Every report goes to the run folder's `metrics.jsonl` and TensorBoard (and MLflow when
+    configured). `console`: the queue of a `pipelines.console.Relay` that carries the workers'
+    lines to the driver's stderr, each line after `console_prefix`. `init`:
+    `initial_weights(config)` when the caller already checked them."""
     init = init or initial_weights(config)  # before anything starts: weights that do not fit are refused
     if init:
         log.info(f"init: {len(init[0])} tensors from {config.train.init_from}"
@@ -69,13 +57,14 @@ def make_trainer(config: RunConfig, data: str, val: str | None = None, workers: 
     tracker = RunTracker(f"{storage.rstrip('/')}/{name}", tensorboard=config.tracking.tensorboard,
                          mlflow_uri=config.tracking.mlflow_uri, mlflow_experiment=config.tracking.mlflow_experiment,
                          params=flat_params(config.to_dict()))
+    low, high = plan.workers
     resources = {"CPU": config.train.cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         torch_config=torch_config(),
-        train_loop_config={"config": config.to_dict(), "schedule": schedule, "quality_log": quality_log,
+        train_loop_config={"config": config.to_dict(), "plan": plan, "quality_log": quality_log,
                            "has_val": bool(val), "has_probe": "probe" in datasets,
                            "console": console, "console_prefix": console_prefix,
                            "init_weights": ray.put(init[0]) if init else None},
@@ -106,11 +95,13 @@ def raise_if_stopped(result) -> None:
     raise NonFiniteLossError(f"{stop.message} ({result.checkpoint.path if result.checkpoint else 'no checkpoint yet'})")
 
 
-def pretrain(config: RunConfig, data: str, **kwargs) -> dict:
-    """Run (or resume, when `name` already exists in `storage`) a pretraining run."""
+def pretrain(config: RunConfig, data: str, plan: RunPlan | None = None, **kwargs) -> dict:
+    """Run (or resume, when `name` already exists in `storage`) a pretraining run of `plan`
+    (`preflight`'s, or planned here from the shards' row count). `kwargs`: `make_trainer`'s."""
+    plan = plan or plan_run(config, find_shards(data).num_rows, data)
     kwargs["name"] = kwargs.get("name") or default_run_name(config)
     with Relay() as relay:
-        trainer = make_trainer(config, data, console=relay.queue, **kwargs)
+        trainer = make_trainer(config, data, plan, console=relay.queue, **kwargs)
         try:
             result = trainer.fit()
         except SystemExit:

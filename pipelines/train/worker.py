@@ -18,8 +18,9 @@ from methods import Method
 from pipelines.config import RunConfig
 from pipelines.console import log
 from pipelines.evaluate.features import autocast_for
-from pipelines.train.plan import BatchPlan, Schedule, batch_plan
-from pipelines.weights.checkpoint import CheckpointDamaged, build_method, load_state, newest_loadable, set_rng_state
+from pipelines.train.plan import BatchPlan, RunPlan
+from pipelines.weights.checkpoint import CheckpointDamaged, load_state, newest_loadable, set_rng_state
+from pipelines.config import build_method
 
 
 @dataclass
@@ -62,8 +63,8 @@ class Worker:
     """One worker's training objects, built at every (re)start of the group."""
 
     config: RunConfig
-    schedule: Schedule
-    batches: BatchPlan  # derived again at every start: an elastic group may come back resized
+    plan: RunPlan
+    batches: BatchPlan  # the plan's split at this start's world size: an elastic group may come back resized
     rank: int
     world: int
     device: torch.device
@@ -112,17 +113,17 @@ def start_worker(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress
     node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
     torch.set_num_threads(step_threads(config.train.torch_threads, config.train.cpus_per_worker,
                                        node["Resources"].get("CPU", 1), context.get_local_world_size()))
-    schedule: Schedule = loop_config["schedule"]
-    batches = batch_plan(config.optim.batch_size, world, config.optim.max_worker_batch, schedule.lr_scaling)
+    plan: RunPlan = loop_config["plan"]
+    batches = plan.batches(world)
     method = build_method(config)
     if loop_config.get("init_weights") is not None:  # a checkpoint, when resuming, overrides it below
         method.init_encoder(ray.get(loop_config["init_weights"]))
     if method.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = wrap_model(method, world, device, config.train.compile, config.train.channels_last)
-    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
+    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), plan.peak_lr, config.optim)
     autocast, use_scaler = autocast_for(config.train.precision, device)
-    worker = Worker(config, schedule, batches, rank, world, device, method, model, optimizer,
+    worker = Worker(config, plan, batches, rank, world, device, method, model, optimizer,
                     torch.amp.GradScaler(device.type, enabled=use_scaler), autocast)
     progress = Progress(world_size=world)
     checkpoint = ray.train.get_checkpoint()

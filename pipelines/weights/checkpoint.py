@@ -1,6 +1,6 @@
 """Checkpoints, in one place: what a run saves for an exact resume, reading it back without
-unpickling code, choosing the newest one that loads, keeping a run folder to what Ray registered,
-and building a method (fresh, or with a checkpoint's weights).
+unpickling code, choosing the newest one that loads, and a method with a checkpoint's weights.
+(What Ray Train keeps beside them in a run folder: pipelines/train/run_folder.py.)
 
 A checkpoint is a folder with `state.pt` (weights, optimizer, scaler, progress, RNG states; loadable
 with `torch.load(weights_only=True)`) and `config.yaml` (the complete run config). Every reader
@@ -9,7 +9,6 @@ goes through `load_state`; a damaged file and a refused one are `DataError`s wit
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -19,19 +18,12 @@ import numpy as np
 import torch
 import yaml
 
-from methods import get_method
-from pipelines.config import RunConfig, config_from_dict
+from pipelines.config import RunConfig, build_method, config_from_dict
 from pipelines.console import log
 from pipelines.data.shards import DataError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
-
-
-def build_method(config: RunConfig):
-    """The configured method with freshly initialised weights (seeded)."""
-    torch.manual_seed(config.train.seed)
-    return get_method(config.method)(config.backbone, config.hparams, config.recipe())
 
 
 def rng_state() -> dict:
@@ -105,72 +97,6 @@ def load_state(folder: str) -> dict:
 
 class CheckpointNotFound(DataError):
     """A `--checkpoint` path that holds no selfsup checkpoint, or none that can be read."""
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
-ORPHANS = "orphaned"
-
-
-def forget_missing(run_folder: str) -> list[str]:
-    """Takes the checkpoints that no longer exist (a damaged one the user deleted) out of Ray's
-    snapshot of `run_folder`, so the run resumes from the newest one that does: Ray Train refuses
-    a whole run folder whose snapshot names a missing checkpoint ("a reference to a checkpoint
-    that does not exist anymore"). The snapshot before the change is kept beside it as `.bak`.
-    Returns the names taken out."""
-    snapshot = os.path.join(run_folder, RAY_SNAPSHOT)
-    if not os.path.exists(snapshot):
-        return []
-    with open(snapshot) as stream:
-        record = json.load(stream)
-    results, indices = record.get("checkpoint_results", []), record.get("checkpoint_report_indices", [])
-    missing = [r["checkpoint_dir_name"] for r in results
-               if not os.path.isdir(os.path.join(run_folder, r["checkpoint_dir_name"]))]
-    if not missing:
-        return []
-    kept = [(r, i) for r, i in zip(results, indices) if r["checkpoint_dir_name"] not in missing]
-    record["checkpoint_results"] = [r for r, _ in kept]
-    record["checkpoint_report_indices"] = [i for _, i in kept]
-    if (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") in missing:
-        record["latest_checkpoint_result"] = kept[-1][0] if kept else None
-    pending = [(r, v) for r, v in zip(record.get("pending_training_results", []),
-                                      record.get("pending_validation_specs", []))
-               if r["checkpoint_dir_name"] not in missing]
-    record["pending_training_results"] = [r for r, _ in pending]
-    record["pending_validation_specs"] = [v for _, v in pending]
-    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
-                "failed_validation_checkpoint_dir_names"):
-        if key in record:
-            record[key] = [name for name in record[key] if name not in missing]
-    os.replace(snapshot, snapshot + ".bak")
-    partial = snapshot + ".partial"
-    with open(partial, "w") as stream:
-        json.dump(record, stream)
-    os.replace(partial, snapshot)
-    return missing
-
-
-def move_orphans(run_folder: str) -> list[str]:
-    """Moves the checkpoint folders of `run_folder` that Ray's snapshot does not list (written by a
-    worker just before the driver died or was interrupted: Ray never deletes or resumes from them)
-    into `run_folder/orphaned/`, so the run folder holds exactly the checkpoints its policy keeps
-    and a `checkpoint_*` glob cannot pick a stray one. Moved, not deleted: nothing is lost.
-    Returns the folders moved."""
-    if not os.path.isdir(run_folder):
-        return []
-    known = set()
-    snapshot = os.path.join(run_folder, RAY_SNAPSHOT)
-    if os.path.exists(snapshot):
-        with open(snapshot) as stream:
-            record = json.load(stream)
-        results = [*record.get("checkpoint_results", []), record.get("latest_checkpoint_result") or {}]
-        known = {r.get("checkpoint_dir_name") for r in results}
-    moved = []
-    for name in sorted(os.listdir(run_folder)):
-        if name.startswith("checkpoint_") and name not in known and os.path.isdir(os.path.join(run_folder, name)):
-            os.makedirs(os.path.join(run_folder, ORPHANS), exist_ok=True)
-            os.replace(os.path.join(run_folder, name), os.path.join(run_folder, ORPHANS, name))
-            moved.append(os.path.join(run_folder, ORPHANS, name))
-    return moved
 
 
 def newest_loadable(run_folder: str, below: str | None = None) -> tuple[str, dict, list[str]] | None:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from pipelines.weights.checkpoint import build_method
+from pipelines.config import build_method
 from pipelines.data.shards import DataError
 
 CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
