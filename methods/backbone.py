@@ -70,13 +70,38 @@ def is_no_decay(name: str, parameter: torch.Tensor) -> bool:
     )
 
 
+DECAY, NO_DECAY = "decay", "no_decay"  # the tags of the two optimizer groups (methods.base.checked_groups)
+
+
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: `decay` (weight decay applies) and `no_decay` (biases, norms)."""
+    """Two optimizer groups: DECAY (weight decay applies) and NO_DECAY (biases, norms)."""
     decay, no_decay = [], []
     for name, parameter in module.named_parameters():
         if parameter.requires_grad:
             (no_decay if is_no_decay(name, parameter) else decay).append(parameter)
     return [
-        {"params": decay, "weight_decay": weight_decay, "group": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
+        {"params": decay, "weight_decay": weight_decay, "group": DECAY},
+        {"params": no_decay, "weight_decay": 0.0, "group": NO_DECAY},
     ]
+
+
+@torch.no_grad()
+def vit_last_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A timm ViT's last-block self-attention of the class token over the patches, per head.
+    `images: (N, 3, H, W)` -> `(N, heads, H / p, W / p)`; each map sums to 1 over patches and
+    prefix tokens together. Rebuilds the last block's attention from its own layers (timm's
+    forward does not return the weights)."""
+    if not hasattr(vit, "blocks"):
+        raise ValueError(f"{type(vit).__name__}: attention maps need a ViT backbone")
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    for block in vit.blocks[:-1]:
+        x = block(x)
+    attention = vit.blocks[-1].attn
+    tokens = vit.blocks[-1].norm1(x)
+    n, length, _ = tokens.shape
+    qkv = attention.qkv(tokens).reshape(n, length, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])
+    weights = ((q * attention.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, L, L)
+    prefix = vit.num_prefix_tokens
+    grid = (images.shape[-2] // vit.patch_embed.patch_size[0], images.shape[-1] // vit.patch_embed.patch_size[1])
+    return weights[:, :, 0, prefix:].reshape(n, attention.num_heads, *grid)

@@ -7,29 +7,102 @@ hyperparameters with validation, its presets and default search space, `features
 evaluation, and the optional capabilities it declares. `register` adds it to the registry, which
 importing the `methods` package fills by importing every module in it: the CLI's choices, Tune's
 default spaces and the tests' fixtures all come from the registry.
+
+The contract is stated in code: the abstract methods every method implements, the attributes the
+pipeline reads (`sync_bn`; the `group` tag of every optimizer group, which weight-decay schedules
+rely on), and what each capability needs. `register` checks the class, so a method that breaks the
+contract fails at import with one line, not on a training worker; `checked_groups` checks the
+groups an instance makes.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import inspect
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbone import BackboneConfig, create_backbone, decay_groups
+from methods.backbone import DECAY, NO_DECAY, BackboneConfig, create_backbone, decay_groups
 from methods.views import ViewMaker, ViewRecipe
 
 METHODS: dict[str, type[Method]] = {}
+# capability -> the methods a class that declares it must implement (beyond the base's refusal)
+CAPABILITIES = {"reconstruct": ("masking", "patch_mask", "reconstruct"), "attention": ("last_attention",)}
+
+
+class MethodContractError(TypeError):
+    """A method class that breaks the `Method` contract; its message is one line naming the class."""
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Adds `cls` to the registry after checking it against the contract (`contract_problems`)."""
+    problems = contract_problems(cls)
+    if problems:
+        raise MethodContractError(f"{cls.__module__}.{cls.__qualname__}: {'; '.join(problems)} "
+                                  "(the Method contract: methods/base.py)")
     METHODS[cls.name] = cls
     return cls
 
 
-class Method(nn.Module):
+def contract_problems(cls: type) -> list[str]:
+    """What `cls` lacks to be a registered method; [] when it keeps the contract."""
+    if not (inspect.isclass(cls) and issubclass(cls, Method)):
+        return ["not a subclass of methods.base.Method"]
+    problems = []
+    if cls.__abstractmethods__:
+        problems.append(f"does not implement {', '.join(sorted(cls.__abstractmethods__))}")
+    name = getattr(cls, "name", None)
+    if not (isinstance(name, str) and name.isidentifier() and name == name.lower()):
+        problems.append(f"name={name!r} must be a lowercase identifier")
+    elif name in METHODS and METHODS[name].__qualname__ != cls.__qualname__:
+        problems.append(f"name {name!r} is already {METHODS[name].__module__}.{METHODS[name].__qualname__}")
+    hparams = getattr(cls, "Hyperparameters", None)
+    if not (dataclasses.is_dataclass(hparams) and callable(getattr(hparams, "validate", None))):
+        problems.append("Hyperparameters must be a dataclass with validate()")
+    if cls.lr_scaling not in ("linear", "sqrt"):
+        problems.append(f"lr_scaling={cls.lr_scaling!r} must be linear or sqrt")
+    if "tiny" not in cls.presets:
+        problems.append("presets must hold `tiny` (the CLI's default and the tests')")
+    if not (isinstance(cls.search_space, list) and all(isinstance(d, str) for d in cls.search_space)):
+        problems.append("search_space must be a list of NAME=DIST(ARGS) strings")
+    if not isinstance(cls.smoke_sets, dict):
+        problems.append("smoke_sets must be a dict of --set overrides")
+    for capability in sorted(cls.capabilities):
+        needs = CAPABILITIES.get(capability)
+        if needs is None:
+            problems.append(f"capability {capability!r} is unknown (known: {', '.join(sorted(CAPABILITIES))})")
+            continue
+        missing = [hook for hook in needs if inspect.getattr_static(cls, hook) is inspect.getattr_static(Method, hook)]
+        if missing:
+            problems.append(f"capability {capability!r} needs {', '.join(missing)}")
+    if not isinstance(inspect.getattr_static(cls, "sync_bn"), property):
+        problems.append("sync_bn is read from the hyperparameters (a `sync_bn` field), not set on the class")
+    return problems
+
+
+def checked_groups(groups: list[dict]) -> list[dict]:
+    """`groups` (a method's `param_groups`), refused in one line unless every group holds
+    `params` and a `group` tag, DECAY or NO_DECAY: weight-decay schedules (DINO's) touch DECAY
+    groups only."""
+    for index, group in enumerate(groups):
+        if "params" not in group or group.get("group") not in (DECAY, NO_DECAY):
+            raise MethodContractError(f"param_groups()[{index}] must hold params and a group tag ({DECAY!r} or "
+                                      f"{NO_DECAY!r}), got keys {sorted(group)} with group={group.get('group')!r}")
+    return groups
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Weight decay on the DECAY groups (biases and norms keep none)."""
+    for group in optimizer.param_groups:
+        if group.get("group") == DECAY:
+            group["weight_decay"] = weight_decay
+
+
+class Method(nn.Module, abc.ABC):
     """Base class. Subclasses set the class attributes and implement the abstract methods.
 
     Class attributes:
@@ -42,8 +115,12 @@ class Method(nn.Module):
             the whole pipeline (16 px views, a network of under a million weights): what the test
             suite trains every registered method with.
         capabilities: optional abilities the CLI may use: "reconstruct" (`viz mae`: the method
-            implements `reconstruct` and `masking`), "attention" (`viz attention`: it implements
-            `last_attention`).
+            implements `masking`, `patch_mask` and `reconstruct`), "attention" (`viz attention`: it
+            implements `last_attention`); `register` checks the implementations are there.
+
+    Abstract (every method implements them): `default_recipe`, `forward`, `make_optimizer`.
+    Read by the pipeline: `sync_bn` (from the hyperparameters), `param_groups` (tagged groups),
+    `eval_size`, and the hooks, whose defaults do nothing.
     """
 
     name: ClassVar[str]
@@ -53,7 +130,6 @@ class Method(nn.Module):
     search_space: ClassVar[list[str]] = []
     smoke_sets: ClassVar[dict[str, Any]] = {}
     capabilities: ClassVar[frozenset[str]] = frozenset()
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when training on several workers
 
     def __init__(self, backbone: BackboneConfig, hparams: Any, recipe: ViewRecipe):
         super().__init__()
@@ -63,12 +139,18 @@ class Method(nn.Module):
         self.view_maker = ViewMaker(recipe)
         self.eval_size = recipe.views[next(iter(recipe.views))].size
 
+    @property
+    def sync_bn(self) -> bool:
+        """BatchNorm becomes SyncBatchNorm on several workers: the hyperparameters' `sync_bn`
+        field, for methods that have one (the global BN of SimCLR and BYOL)."""
+        return bool(getattr(self.hparams, "sync_bn", False))
+
     # --- views -------------------------------------------------------------------------
     @classmethod
+    @abc.abstractmethod
     def default_recipe(cls, size: int = 224) -> ViewRecipe:
         """The paper's views with the main view `size` px square (other views scale with it); a
         config's `views` overrides are applied on top of this."""
-        raise NotImplementedError
 
     @classmethod
     def display_recipe(cls, size: int) -> ViewRecipe:
@@ -98,18 +180,21 @@ class Method(nn.Module):
         return self.view_maker.normalize(images)
 
     # --- training ----------------------------------------------------------------------
+    @abc.abstractmethod
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss over this worker's views (global-batch semantics are the method's job) and
         statistics: `embeddings: (N, d)` for the collapse indicator, plus any detached scalar
         tensors, which the pipeline averages over each report window and passes to `diagnose`."""
-        raise NotImplementedError
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups; by default weight decay on all but biases and norms."""
+        """Optimizer groups, each tagged `group`: DECAY or NO_DECAY (`checked_groups`); by default
+        weight decay on all but biases and norms."""
         return decay_groups(self, weight_decay)
 
+    @abc.abstractmethod
     def make_optimizer(self, groups: list[dict], lr: float, optim: Any) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The method's optimizer over `groups` (`param_groups`) at the peak LR `lr`; `optim` is
+        the run's optimizer config (momentum, betas, ...)."""
 
     def before_step(self, step: float, total_steps: int, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Called before each optimizer step (schedules of temperature, weight decay, ...); returns
@@ -174,9 +259,8 @@ class Method(nn.Module):
 
 def adamw(groups: list[dict], lr: float, betas) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter, 2019) as MAE and DINO train with it, on PyTorch's fused kernel
-    (CUDA and CPU): one kernel updates every parameter instead of a chain of multi-tensor ops.
-    Measured on 2 CPU threads: the optimizer step 4.4-4.8x faster for the `tiny` presets, under
-    1 % of their whole step either way (docs/BENCHMARKS.md); it counts for large models."""
+    (CUDA and CPU): one kernel updates every parameter instead of a chain of multi-tensor ops
+    (docs/BENCHMARKS.md, "Step options": what it saves per step)."""
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 

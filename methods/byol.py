@@ -143,7 +143,6 @@ class BYOL(Method):
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = BYOLLoss()
-        self.sync_bn = hparams.sync_bn
 
     def momentum_at(self, step: float, total_steps: int) -> float:
         """1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 (paper section 3.2)."""

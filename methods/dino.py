@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from methods.base import Method, adamw, ema_update, register
+from methods.backbone import vit_last_attention
+from methods.base import Method, adamw, ema_update, register, set_weight_decay
 from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
 from methods.schedules import warmup_cosine
@@ -218,21 +219,16 @@ class DINOHyperparameters:
         })
 
 
-# Collapse signatures (Caron et al. 2021, section 5.3 and figure 7), as fractions of ln K.
+# Collapse signatures (Caron et al. 2021, section 5.3 and figure 7), as fractions of ln K; the
+# thresholds were set on the runs of docs/FINDINGS.md, "DINO: centering and sharpening".
 DOMINANT_BATCH_ENTROPY = 0.1  # the batch-mean teacher distribution sits on ~1 dimension
 UNIFORM_TEACHER_ENTROPY = 0.95  # every teacher output is (near) uniform: the loss sits at ln K
-# ... and the student matches it. Measured (docs/FINDINGS.md, centering without sharpening): the
-# teacher at 0.966 ln K and the loss at 0.99 ln K from the first epoch while the KL crept from 0.057
-# to 0.021 ln K; 0.01 flagged none of it.
-UNIFORM_KL = 0.03
-# Slow drift, seen before either end state (issue 14: on the MNIST sample the loss climbed from 2.79
-# at epoch 3 back to 5.75 of ln K = 6.93 by epoch 10 while kNN fell): a teacher entropy moving the
-# same way at every one of DRIFT_REPORTS consecutive reports, in all by DRIFT_FRACTION of ln K or
-# DRIFT_RELATIVE of its own value (a sharp teacher drifts from a small entropy: the tiny preset on
-# MNIST-M went 0.043 -> 0.049 ln K over epochs 8-11 while its loss climbed), while the spread of
-# the embeddings falls by DRIFT_SPREAD_FALL of itself. (Early in a healthy run
-# the batch entropy falls from its near-uniform start as the teacher learns, with the spread
-# steady: measured on MNIST-M, -0.23 ln K with the spread 0.722 -> 0.719; that is not drift.)
+UNIFORM_KL = 0.03  # ... and the student matches it (0.01 flagged no run that had collapsed)
+# Slow drift, seen before either end state: a teacher entropy moving the same way at every one of
+# DRIFT_REPORTS reports, in all by DRIFT_FRACTION of ln K or DRIFT_RELATIVE of its own value (a
+# sharp teacher drifts from a small entropy), while the embeddings' spread falls by
+# DRIFT_SPREAD_FALL of itself (a healthy start lowers the entropy with the spread steady). The
+# runs these were set on: docs/BENCHMARKS.md, "DINO at small scale: 30 epochs on MNIST-M".
 DRIFT_REPORTS = 4
 DRIFT_FRACTION = 0.05
 DRIFT_RELATIVE = 0.1
@@ -252,10 +248,9 @@ class DINO(Method):
                   "backbone.kwargs.num_heads": 2, "hparams.out_dim": 256, "hparams.hidden_dim": 64,
                   "hparams.bottleneck_dim": 32, "optim.base_lr": 2e-3}
     presets = {
-        # A ViT of width 96, depth 4, patch 4: 32 px global crops (64 tokens), 16 px locals. At this
-        # scale the paper's head collapsed to a uniform output within ~100 steps on the sample (the
-        # features of a tiny ViT at init barely differ between digits, so centering wins over
-        # sharpening); BatchNorm in the head and a sharper teacher (0.02) keep it learning.
+        # A ViT of width 96, depth 4, patch 4: 32 px global crops (64 tokens), 16 px locals. BatchNorm
+        # in the head and a sharper teacher, because at this scale the paper's head collapses to a
+        # uniform output (docs/BENCHMARKS.md, "DINO pretraining on the sample").
         "tiny": {
             "backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4,
                          "kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3, "dynamic_img_size": True}},
@@ -355,9 +350,7 @@ class DINO(Method):
     def before_step(self, step: float, total_steps: int, epoch: int, optimizer) -> dict[str, float]:
         self.teacher_temp = self.teacher_temp_at(epoch)
         weight_decay = self.weight_decay_at(step, total_steps)
-        for group in optimizer.param_groups:
-            if group.get("group") == "decay":
-                group["weight_decay"] = weight_decay
+        set_weight_decay(optimizer, weight_decay)
         return {"teacher_temp": self.teacher_temp, "weight_decay": weight_decay,
                 "teacher_momentum": self.momentum_at(step, total_steps)}
 
@@ -451,21 +444,5 @@ class DINO(Method):
 
     @torch.no_grad()
     def last_attention(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's last-block self-attention of the class token over the patches, per head.
-        `images: (N, 3, H, W)` -> `(N, heads, H / p, W / p)`; each map sums to 1 over patches and
-        prefix tokens together."""
-        vit = self.teacher_backbone
-        if not hasattr(vit, "blocks"):
-            raise ValueError(f"{type(vit).__name__}: attention maps need a ViT backbone")
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        for block in vit.blocks[:-1]:
-            x = block(x)
-        attention = vit.blocks[-1].attn
-        tokens = vit.blocks[-1].norm1(x)
-        n, length, _ = tokens.shape
-        qkv = attention.qkv(tokens).reshape(n, length, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])
-        weights = ((q * attention.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, L, L)
-        prefix = vit.num_prefix_tokens
-        grid = (images.shape[-2] // vit.patch_embed.patch_size[0], images.shape[-1] // vit.patch_embed.patch_size[1])
-        return weights[:, :, 0, prefix:].reshape(n, attention.num_heads, *grid)
+        """The teacher's last-block class-token attention per head (`backbone.vit_last_attention`)."""
+        return vit_last_attention(self.teacher_backbone, images)

@@ -167,7 +167,6 @@ class SimCLR(Method):
         self.head = projection_head(width, hparams.proj_hidden or width, hparams.proj_out,
                                     hparams.proj_layers, hparams.head_batch_norm)
         self.criterion = NTXentLoss(hparams.temperature)
-        self.sync_bn = hparams.sync_bn
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`views: [(n, 3, s, s)] * 2` -> (NT-Xent over the global batch, {"embeddings": (2n, d)})."""

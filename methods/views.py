@@ -112,8 +112,7 @@ def _blur_kernel(size: int) -> int:
     return kernel + 1 - kernel % 2  # odd
 
 
-# On 2 CPU threads, batched copies made 1.2-1.6x more images/s at 32 px (SimCLR, DINO) and
-# 0.6-0.8x at 224 px (docs/BENCHMARKS.md, issue 16): on a CPU only small views are batched.
+# On a CPU, batching the copies pays for small views only (docs/BENCHMARKS.md, "Views per second").
 BATCHED_CPU_MAX_SIZE = 64
 
 

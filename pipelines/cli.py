@@ -129,6 +129,7 @@ def run_config(args, **options):
     `--set`, then the command's own `options` as `{"section.key": value}` with `__` for `.`), and a
     model built from it once: architecture mismatches (e.g. width vs heads) surface only when the
     model is built."""
+    from methods.base import checked_groups
     from pipelines.config import build_config, build_method
 
     sets = {**parse_sets(args.set), **{key.replace("__", "."): value for key, value in options.items()
@@ -138,10 +139,11 @@ def run_config(args, **options):
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:
-        build_method(config)
+        method = build_method(config)
     except Exception as error:  # noqa: BLE001  (timm raises AssertionError, TypeError, ...)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"model: cannot build {config.method} with this config ({message})") from None
+    checked_groups(method.param_groups(config.optim.weight_decay))  # what the workers will check, before Ray
     return config
 
 

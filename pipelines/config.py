@@ -148,10 +148,10 @@ class TrainConfig:
     init_from: start the encoder from these weights (`--init-from`: a `selfsup export` or timm
         model folder, or a .safetensors/.pth file; pipelines/weights/init_from.py); "" = random init.
     compile: `torch.compile` the method's forward and loss (TorchInductor). Each worker start
-        pays the compile once (tens of seconds, more on CPU) before its first step. Measured
-        on 2 CPU threads: SimCLR 1.9x, BYOL 1.4x, MAE 1.03x, DINO 0.37x (docs/BENCHMARKS.md).
+        pays the compile once before its first step; it pays for ResNets, not for DINO's ViT
+        (docs/BENCHMARKS.md, "Step options").
     channels_last: weights and views in channels-last memory, what convolutions run fastest on
-        (SimCLR 1.7x, BYOL 1.2-1.6x on 2 CPU threads; ViTs unchanged).
+        (ResNets gain, ViTs are unchanged: the same section).
     """
 
     checkpoint_every_steps: int = 0

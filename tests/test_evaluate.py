@@ -51,3 +51,34 @@ def test_schedules():
     with pytest.raises(ValueError, match="lr_scaling"):
         scaled_lr(0.1, 256, "cubic")
     assert math.isfinite(warmup_cosine(0, 1, 1.0))
+
+
+def test_one_feature_extractor_serves_eval_and_embed():
+    """`selfsup eval` and `selfsup embed` share the actor: each encoder's features of a batch,
+    the random init reproducible (the floor), raw pixels on request, and embed's Parquet table."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.config import build_method
+    from pipelines.evaluate.features import PIXELS, Encoder, FeatureExtractor
+    from pipelines.outputs.embed import EMBEDDING, Embedder
+    from runs import tiny_config
+
+    config = tiny_config()
+    trained = build_method(tiny_config(**{"train.seed": 7}))  # other weights than the seed-0 init
+    weights = {k: v.clone() for k, v in trained.state_dict().items()}
+    canvases = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    batch = {"image": canvases, "label": np.arange(5), "key": np.arange(5) * 3, "id": np.array(list("abcde"), object)}
+    extractor = FeatureExtractor(config.to_dict(), (Encoder("top1", weights), Encoder("random_init_top1")), pixels=True)
+    out = extractor(batch)
+    assert sorted(out) == ["key", "label", PIXELS, "random_init_top1", "top1"]
+    assert out["top1"].shape == out["random_init_top1"].shape == (5, trained.backbone.num_features)
+    assert not np.allclose(out["top1"], out["random_init_top1"])  # each encoder its own weights
+    again = FeatureExtractor(config.to_dict(), (Encoder("random_init_top1"),))(batch)
+    assert np.array_equal(again["random_init_top1"], out["random_init_top1"])  # the floor is the same every time
+    assert out[PIXELS].shape == (5, 16 * 16 * 3) and out[PIXELS].max() <= 1
+    table = Embedder(config.to_dict(), weights, "fp32")(batch)
+    assert table.column_names == ["id", EMBEDDING, "label"] and table.column("id").to_pylist() == list("abcde")
+    assert pa.types.is_fixed_size_list(table.schema.field(EMBEDDING).type)
+    assert np.allclose(np.stack(table.column(EMBEDDING).to_numpy(zero_copy_only=False)), out["top1"], atol=1e-5)
+

@@ -222,8 +222,9 @@ class EpochStream:
     """Every epoch's batches, read ahead across epoch boundaries by one background thread.
 
     Ray Data plans and starts each pass anew (file listing, footers, the first read and decode
-    tasks: 2-3 s on 2 CPUs); a loop that asks for the next pass only when its epoch ends waits
-    that long every epoch (issue 16). Here a thread reads pass after pass into a queue of `depth`
+    tasks: seconds, docs/BENCHMARKS.md, "One stream across epochs"); a loop that asks for the next
+    pass only when its epoch ends waits that long every epoch. Here a thread reads pass after pass
+    into a queue of `depth`
     batches: it starts the next pass as soon as the current one is read, while the loop still
     has the queued batches to train on. Passes stay whole: each ends with a marker, so the loop
     sees the same epochs (and the same end-of-pass bad-data checks) as without the thread.

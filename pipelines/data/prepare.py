@@ -257,65 +257,69 @@ def _image_count(src: str, source: Source) -> int:
 def _write_splits(src: str, out: str, source: Source, config: PrepareConfig, summary: dict,
                   validate: dict) -> tuple[dict[str, str], int]:
     """Write the shards of every split: ({split: folder}, non-image files ignored)."""
-    kind = source.kind
-    ignored = 0
-    if kind == "sample":
-        name = src.split(":", 1)[1]
-        tables = sample_tables(name)
-        for split, table in tables.items():
-            mean_bytes = table.column("image").nbytes / table.num_rows
-            rows = max(1, int(config.shard_mb * MB / mean_bytes))
-            blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
-            dataset = ray.data.from_arrow(blocks).map_batches(_to_shard_rows, **validate)
-            _write(dataset, f"{out}/{split}", mean_bytes, config)
-            write_classes(f"{out}/{split}", CLASS_NAMES)
-        summary["classes"] = CLASS_NAMES
-        outputs = {split: f"{out}/{split}" for split in tables}
-    elif kind == "folder":
-        filesystem, root, images, ignored = source.filesystem, source.root, source.images, source.ignored
-        class_names = sorted(
-            {posixpath.relpath(e.path, root).split("/")[0] for e in images if "/" in posixpath.relpath(e.path, root)}
-        )
-        class_index = {name: i for i, name in enumerate(class_names)}
-        # Folders are sorted by class; shards written in that order would feed a bounded shuffle
-        # buffer batches of a few classes. A seeded random order mixes them once, for every pass.
-        paths = [e.path for e in images]
-        random.Random(0).shuffle(paths)
-        outputs = {"all": out}
-        groups = {"all": paths}
-        if config.test_fraction:
-            held_out = held_out_images(source, config.test_fraction)
-            groups = {"train": [p for p in paths if p not in held_out], "test": [p for p in paths if p in held_out]}
-            outputs = {split: f"{out}/{split}" for split in groups}
-        mean_bytes = sum(e.size for e in images) / len(images)
-        for split, members in groups.items():
-            dataset = ray.data.read_binary_files(members, filesystem=filesystem, include_paths=True).map_batches(
-                _with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
-            _write(dataset.map_batches(_to_shard_rows, **validate), outputs[split], mean_bytes, config)
-            if class_names:
-                write_classes(outputs[split], class_names)
+    if source.kind == "sample":
+        return _write_sample(src.split(":", 1)[1], out, config, summary, validate), 0
+    if source.kind == "folder":
+        return _write_folder(source, out, config, summary, validate), source.ignored
+    return _write_parquet(src, out, config, validate), 0
+
+
+def _write_sample(name: str, out: str, config: PrepareConfig, summary: dict, validate: dict) -> dict[str, str]:
+    tables = sample_tables(name)
+    for split, table in tables.items():
+        mean_bytes = table.column("image").nbytes / table.num_rows
+        rows = max(1, int(config.shard_mb * MB / mean_bytes))
+        blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+        dataset = ray.data.from_arrow(blocks).map_batches(_to_shard_rows, **validate)
+        _write(dataset, f"{out}/{split}", mean_bytes, config)
+        write_classes(f"{out}/{split}", CLASS_NAMES)
+    summary["classes"] = CLASS_NAMES
+    return {split: f"{out}/{split}" for split in tables}
+
+
+def _write_folder(source: Source, out: str, config: PrepareConfig, summary: dict, validate: dict) -> dict[str, str]:
+    filesystem, root, images = source.filesystem, source.root, source.images
+    class_names = sorted(
+        {posixpath.relpath(e.path, root).split("/")[0] for e in images if "/" in posixpath.relpath(e.path, root)}
+    )
+    class_index = {name: i for i, name in enumerate(class_names)}
+    # Folders are sorted by class; shards written in that order would feed a bounded shuffle
+    # buffer batches of a few classes. A seeded random order mixes them once, for every pass.
+    paths = [e.path for e in images]
+    random.Random(0).shuffle(paths)
+    outputs, groups = {"all": out}, {"all": paths}
+    if config.test_fraction:
+        held_out = held_out_images(source, config.test_fraction)
+        groups = {"train": [p for p in paths if p not in held_out], "test": [p for p in paths if p in held_out]}
+        outputs = {split: f"{out}/{split}" for split in groups}
+    mean_bytes = sum(e.size for e in images) / len(images)
+    for split, members in groups.items():
+        dataset = ray.data.read_binary_files(members, filesystem=filesystem, include_paths=True).map_batches(
+            _with_folder_labels, fn_kwargs=dict(root=root, class_index=class_index), batch_format="pyarrow")
+        _write(dataset.map_batches(_to_shard_rows, **validate), outputs[split], mean_bytes, config)
         if class_names:
-            summary["classes"] = class_names
-    else:
-        shards = find_shards(src)
-        mean_bytes = sum(
-            shards.filesystem.get_file_info(f).size for f in shards.files
-        ) / max(shards.num_rows, 1)
-        dataset = ray.data.read_parquet(shards.files, filesystem=shards.filesystem, include_paths=not shards.has_id)
-        keep = ["image", "id" if shards.has_id else "path"] + (["label"] if shards.has_label else [])
-        dataset = dataset.select_columns(keep).map_batches(_with_hf_columns, batch_format="pyarrow")
-        dataset = dataset.map_batches(_to_shard_rows, **validate)
-        outputs = {"all": out}
-        if config.test_fraction:  # one pass per split, each keeping its ids
-            held = pa.array(sorted(held_out_ids(src, config.test_fraction)), pa.string())
-            outputs = {"train": f"{out}/train", "test": f"{out}/test"}
-            classes = read_classes(src) if not src.endswith(".parquet") else None
-            for split, folder in outputs.items():
-                part = dataset.map_batches(_in_split, fn_kwargs=dict(held=held, test=split == "test"),
-                                           batch_format="pyarrow")
-                _write(part, folder, mean_bytes, config)
-                if classes:
-                    write_classes(folder, classes)
-        else:
-            _write(dataset, out, mean_bytes, config)
-    return outputs, ignored
+            write_classes(outputs[split], class_names)
+    if class_names:
+        summary["classes"] = class_names
+    return outputs
+
+
+def _write_parquet(src: str, out: str, config: PrepareConfig, validate: dict) -> dict[str, str]:
+    shards = find_shards(src)
+    mean_bytes = sum(shards.filesystem.get_file_info(f).size for f in shards.files) / max(shards.num_rows, 1)
+    dataset = ray.data.read_parquet(shards.files, filesystem=shards.filesystem, include_paths=not shards.has_id)
+    keep = ["image", "id" if shards.has_id else "path"] + (["label"] if shards.has_label else [])
+    dataset = dataset.select_columns(keep).map_batches(_with_hf_columns, batch_format="pyarrow")
+    dataset = dataset.map_batches(_to_shard_rows, **validate)
+    if not config.test_fraction:
+        _write(dataset, out, mean_bytes, config)
+        return {"all": out}
+    held = pa.array(sorted(held_out_ids(src, config.test_fraction)), pa.string())  # one pass per split
+    outputs = {"train": f"{out}/train", "test": f"{out}/test"}
+    classes = read_classes(src) if not src.endswith(".parquet") else None
+    for split, folder in outputs.items():
+        part = dataset.map_batches(_in_split, fn_kwargs=dict(held=held, test=split == "test"), batch_format="pyarrow")
+        _write(part, folder, mean_bytes, config)
+        if classes:
+            write_classes(folder, classes)
+    return outputs

@@ -31,10 +31,8 @@ RANKME_EPS = 1e-7
 ALIGNMENT_ALPHA = 2.0
 UNIFORMITY_T = 2.0
 # Dimensional collapse: an effective rank below this fraction of what the probe can show
-# (min(probe images, feature width)). Measured on MNIST-M (docs/BENCHMARKS.md, "Label-free
-# metrics"): a SimCLR run at learning rate 10 put its features on ~2 of 128 directions (0.015);
-# every other run, healthy or merely weak, stayed above 0.03 (temperature 0.02: 0.032, MAE: 0.037;
-# random init 0.08-0.11).
+# (min(probe images, feature width)); it separates the one collapsed run from every healthy or
+# merely weak one in docs/BENCHMARKS.md, "Label-free metrics".
 RANK_COLLAPSE_FRACTION = 0.02
 # A seed of its own, so the probe's views are the same at every report and drawing them leaves
 # the training RNG (and so a resumed run's views) untouched.

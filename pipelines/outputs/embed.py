@@ -22,38 +22,31 @@ import ray.data
 import torch
 
 from pipelines.console import Progress
-from pipelines.weights.checkpoint import load_checkpoint, load_state
-from pipelines.config import build_method
-from pipelines.config import config_from_dict
 from pipelines.data.ingest import IngestConfig, image_dataset
 from pipelines.data.shards import DataError, check_output_folder, find_shards, resolve_location
-from pipelines.evaluate.features import autocast_for
+from pipelines.evaluate.features import Encoder, FeatureExtractor
+from pipelines.weights.checkpoint import load_checkpoint, load_state
 
 SUMMARY_FILE = "_embeddings.json"
+EMBEDDING = "embedding"  # the column of each row's features
 
 
-class Embedder:
-    """Ray Data actor: builds the method once, then `features(eval_images(canvases))` per batch."""
+class Embedder(FeatureExtractor):
+    """Ray Data actor: the checkpoint's encoder as a `FeatureExtractor`, its output a Parquet-ready
+    table of `id`, `embedding` (`fixed_size_list<float32>[d]`) and `label` when the shards have it."""
 
     def __init__(self, config: dict, method_state: dict, precision: str):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        method = build_method(config_from_dict(config))
-        method.load_state_dict(method_state)
-        self.method = method.to(self.device).eval()
-        self.autocast, _ = autocast_for(precision, self.device)
+        super().__init__(config, (Encoder(EMBEDDING, method_state),), precision, carry=("id", "label"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        # Ray Data's arrays are read-only: copied only then, so that torch may own the memory.
-        canvases = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device, non_blocking=True)
-        with torch.no_grad(), self.autocast:
-            features = self.method.features(self.method.eval_images(canvases))
-        features = features.float().cpu().numpy()
+        out = super().__call__(batch)
+        features = out[EMBEDDING]
         columns = {
-            "id": pa.array(batch["id"].tolist(), pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
+            "id": pa.array(out["id"].tolist(), pa.string()),
+            EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
         }
-        if "label" in batch:
-            columns["label"] = pa.array(batch["label"], pa.int64())
+        if "label" in out:
+            columns["label"] = pa.array(out["label"], pa.int64())
         return pa.table(columns)
 
 

@@ -113,29 +113,8 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     state = load_state(checkpoint)
     method, config = load_checkpoint(checkpoint, state)
     method.eval()
-    encoder = method.encoder()
-    args = timm_model_args(method, config)
-    stem = small_stem(config)
-    model = _bare_model(config, **args)
-    if stem:
-        small_image_stem(model)
-    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ExportError(f"checkpoint {checkpoint}: encoder does not match timm {config.backbone.name} "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    size = method.eval_size
-    recipe = config.recipe()
-    model.pretrained_cfg = {
-        **model.pretrained_cfg,
-        "input_size": (3, size, size),
-        "crop_pct": 1.0,  # evaluation resizes the whole (square) canvas, no centre crop
-        "interpolation": "bilinear",
-        "mean": tuple(recipe.mean),
-        "std": tuple(recipe.std),
-        "num_classes": 0,
-    }
-    for key in ("hf_hub_id", "url", "file", "tag", "license", "origin_url", "paper_ids", "notes"):
-        model.pretrained_cfg.pop(key, None)
+    args, stem = timm_model_args(method, config), small_stem(config)
+    model = _timm_encoder(method, config, args, stem, checkpoint)
     progress = state.get("progress", {})
     info = {
         "method": config.method,
@@ -148,7 +127,47 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     os.makedirs(out, exist_ok=True)
     save_for_hf(model.eval(), out, model_config={"model_args": args, EXPORT_INFO: info}, safe_serialization=True)
     readable_by_umask(out)
+    error = _check_reload(method, out, seed)
+    folder = os.path.abspath(out)
+    load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
+            else f'timm.create_model("local-dir:{folder}", pretrained=True)')
+    result = {"out": out, "architecture": config.backbone.name, "model_args": args, "feature_dim": info["feature_dim"],
+              "max_feature_difference": error, "method": config.method, "checkpoint": checkpoint, "load": load}
+    if onnx:
+        result["onnx"] = export_onnx(load_exported(out), os.path.join(out, ONNX_FILE), method.eval_size,
+                                     config.recipe(), seed)
+    return result
 
+
+def _timm_encoder(method, config, args: dict, stem: bool, checkpoint: str) -> nn.Module:
+    """A bare timm model holding the method's encoder weights, its `pretrained_cfg` saying how
+    evaluation feeds it (the training view size, the whole canvas, the recipe's normalisation)."""
+    model = _bare_model(config, **args)
+    if stem:
+        small_image_stem(model)
+    missing, unexpected = model.load_state_dict(method.encoder().state_dict(), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"checkpoint {checkpoint}: encoder does not match timm {config.backbone.name} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    size, recipe = method.eval_size, config.recipe()
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "input_size": (3, size, size),
+        "crop_pct": 1.0,  # evaluation resizes the whole (square) canvas, no centre crop
+        "interpolation": "bilinear",
+        "mean": tuple(recipe.mean),
+        "std": tuple(recipe.std),
+        "num_classes": 0,
+    }
+    for key in ("hf_hub_id", "url", "file", "tag", "license", "origin_url", "paper_ids", "notes"):
+        model.pretrained_cfg.pop(key, None)
+    return model
+
+
+def _check_reload(method, out: str, seed: int) -> float:
+    """The largest difference between the method's features and those of the folder `out` loaded
+    through timm, on random images; refused above FEATURE_TOLERANCE."""
+    size = method.eval_size
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = method.features(images)
@@ -157,14 +176,7 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     if error > FEATURE_TOLERANCE:
         raise ExportError(f"--out {out}: timm's model gives features {tuple(got.shape)} differing from the "
                           f"checkpoint's {tuple(expected.shape)} by {error:.2e} (> {FEATURE_TOLERANCE})")
-    folder = os.path.abspath(out)
-    load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
-            else f'timm.create_model("local-dir:{folder}", pretrained=True)')
-    result = {"out": out, "architecture": config.backbone.name, "model_args": args, "feature_dim": info["feature_dim"],
-              "max_feature_difference": error, "method": config.method, "checkpoint": checkpoint, "load": load}
-    if onnx:
-        result["onnx"] = export_onnx(load_exported(out), os.path.join(out, ONNX_FILE), size, recipe, seed)
-    return result
+    return error
 
 
 ONNX_FILE = "encoder.onnx"

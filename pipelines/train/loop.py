@@ -154,7 +154,8 @@ def _step(worker: Worker, stream: Iterator[dict], progress: Progress, window: Re
 
 class ReportWindow:
     """Sums over the steps since the last report, kept as tensors on the device (the NaN check is
-    a step's only host sync; measured free on an H200); averaged and all-reduced when reported."""
+    a step's only host sync: docs/BENCHMARKS.md, "The CUDA path"); averaged and all-reduced when
+    reported."""
 
     def __init__(self):
         self.passes, self.steps, self.images, self.wait, self.time = 0, 0, 0, 0.0, 0.0

@@ -15,6 +15,7 @@ import ray.train.torch
 import torch
 
 from methods import Method
+from methods.base import checked_groups
 from pipelines.config import RunConfig
 from pipelines.console import log
 from pipelines.evaluate.features import autocast_for
@@ -95,9 +96,9 @@ def as_step_input(views: list[torch.Tensor], channels_last: bool) -> list[torch.
 def step_threads(torch_threads: int, cpus_per_worker: float, node_cpus: float, workers_on_node: int) -> int:
     """A worker's intra-op threads: `train.torch_threads` when set, else the node's CPUs shared
     among the training workers on it (at least `cpus_per_worker`). The decode tasks share those
-    cores through the OS: at 32 px they need a fraction of one, and SimCLR `tiny` on 2 CPUs trains
-    1.66x faster on 2 threads than on the 1 it reserves, decode tasks and all (docs/BENCHMARKS.md).
-    Set `train.torch_threads` where decoding needs the cores (large images on a CPU node)."""
+    cores through the OS, and at small sizes need a fraction of one (docs/BENCHMARKS.md, "One
+    stream across epochs, and the cores for the step"). Set `train.torch_threads` where decoding
+    needs the cores (large images on a CPU node)."""
     if torch_threads:
         return torch_threads
     return max(1, int(cpus_per_worker), int(node_cpus // max(1, workers_on_node)))
@@ -121,7 +122,8 @@ def start_worker(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress
     if method.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = wrap_model(method, world, device, config.train.compile, config.train.channels_last)
-    optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), plan.peak_lr, config.optim)
+    optimizer = method.make_optimizer(checked_groups(method.param_groups(config.optim.weight_decay)), plan.peak_lr,
+                                      config.optim)
     autocast, use_scaler = autocast_for(config.train.precision, device)
     worker = Worker(config, plan, batches, rank, world, device, method, model, optimizer,
                     torch.amp.GradScaler(device.type, enabled=use_scaler), autocast)
