@@ -1,2 +1,3 @@
 """Cluster configs (Ray cluster launcher for AWS and GCP, KubeRay RayCluster and RayJob), the
-job runtime env, and `python -m cluster.checks`, which validates them offline. See README.md here."""
+job runtime env, `python -m cluster.checks`, which validates them offline, a simulated cluster
+(`simulate.py`) and what a run that lost workers must still show (`recovery.py`). See README.md here."""

@@ -18,6 +18,7 @@ for what they are. Exit 1 with one line per finding.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import ipaddress
 import os
 import re
@@ -420,6 +421,33 @@ def exclude_findings(patterns, where: str, expected: list[str] | None = None) ->
     return []
 
 
+PRODUCT_PACKAGES = ("pipelines", "methods", "tune", "cluster")
+
+
+def excluded_by(path: str, pattern: str) -> bool:
+    """Whether an exclude `pattern` drops the checkout-relative `path`: a pattern without a slash
+    (after an optional `**/`) matches any component, as rsync and gitignore read it."""
+    pattern = _normalise(pattern).removeprefix("**/")
+    if "/" in pattern:
+        return fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/")
+    return any(fnmatch.fnmatch(part, pattern) for part in path.split("/"))
+
+
+def product_findings(patterns: list[str], root: str = ROOT) -> list[str]:
+    """The exclude list must not drop the product's own code: a package named like a pattern
+    (`data`, `runs`) would be missing from every job upload, node and image."""
+    found = []
+    for package in PRODUCT_PACKAGES:
+        for folder, _, names in os.walk(os.path.join(root, package)):
+            for name in names:
+                path = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+                dropped = [p for p in patterns if "__pycache__" not in path and excluded_by(path, p)]
+                if dropped and name.endswith((".py", ".yaml", ".txt")):
+                    found.append(f"cluster/exclude.txt: {dropped[0]!r} drops {path}, the product's own code "
+                                 "(rename the folder, or anchor the pattern)")
+    return found
+
+
 def dockerignore_lines(patterns: list[str]) -> list[str]:
     """.dockerignore matches from the context root, so each pattern also gets a `**/` twin to
     match at any depth as rsync and gitignore do."""
@@ -508,7 +536,7 @@ def default_files(folder: str = FOLDER) -> list[str]:
 
 def check_all(files: list[str] | None = None) -> list[str]:
     """Validate every config in `files` (default: the ones in cluster/); the findings (empty = safe)."""
-    findings = []
+    findings = product_findings(exclude_patterns())
     for path in files or default_files():
         findings += check_file(path)
     return findings

@@ -142,7 +142,6 @@ class SimCLR(Method):
             "data": {"canvas_size": 32},
             "optim": {"epochs": 15, "batch_size": 64, "base_lr": 0.3, "lr_scaling": "sqrt", "min_lr": 2.4,
                       "warmup_epochs": 1, "weight_decay": 1e-4, "momentum": 0.9},
-            "train": {"knn_every_epochs": 0},
         },
         # The paper: ResNet-50, batch 4096, tau 0.1, LARS lr 0.3 x B/256, wd 1e-6, 10 warmup epochs.
         "imagenet": {

@@ -167,7 +167,7 @@ class ViewMaker(nn.Module):
             photometric ops once over all of them (`_ViewKind`), instead of the whole
             augmentation once per copy. None (the default) decides per view kind: batched on a
             GPU and for views of at most BATCHED_CPU_MAX_SIZE px on a CPU, where it was measured
-            to pay (benchmarks/view_rates.py); True or False forces one path.
+            to pay (benchmarks/performance/view_rates.py); True or False forces one path.
 
     Call with `canvases: (N, H, W, 3) uint8` (as streamed by the ingest) and get a list of
     `(N, 3, size, size) float32` tensors, one per entry of `recipe.names`.

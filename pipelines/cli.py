@@ -15,16 +15,15 @@ from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_addres
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
 from pipelines.console import UsageError, log, to_stderr  # noqa: E402
-from pipelines.data.samples import SAMPLES  # noqa: E402
-from pipelines.data.shards import DataError  # noqa: E402
+from pipelines.images.samples import SAMPLES  # noqa: E402
+from pipelines.images.shards import DataError  # noqa: E402
 from pipelines.train.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
 
-
-# Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
-# "execution finished") stay in the session's ray-data.log.
 PROBE_HELP = ("shards to draw the probe set from (the unlabeled images the label-free metrics are measured on; "
               "default: the training shards; train.probe_size sets its size, 0 turns it off)")
-RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ray_data_logging.yaml")
+# Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
+# "execution finished") stay in the session's ray-data.log.
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images", "ray_data_logging.yaml")
 
 
 def quiet_console() -> None:
@@ -94,8 +93,8 @@ def emit(result: dict) -> None:
 
 
 def cmd_prepare(args) -> dict:
-    from pipelines.data.prepare import PrepareConfig, held_out_ids, held_out_images, plan_source, prepare
-    from pipelines.data.shards import check_output_folder
+    from pipelines.images.prepare import PrepareConfig, held_out_ids, held_out_images, plan_source, prepare
+    from pipelines.images.shards import check_output_folder
 
     config = PrepareConfig(
         shard_mb=args.shard_mb,
@@ -188,9 +187,9 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from pipelines.weights.checkpoint import find_checkpoint
     from pipelines.evaluate.frozen import evaluate_checkpoint
-    from pipelines.data.shards import checked_shards
+    from pipelines.images.shards import checked_shards
+    from pipelines.weights.checkpoint import find_checkpoint
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     for location in (args.train, args.test):
@@ -219,12 +218,14 @@ def cmd_demo(args) -> dict:
     raw pixels."""
     from methods import METHODS
     from pipelines.config import build_config
-    from pipelines.data.prepare import PrepareConfig, prepare
     from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.images.prepare import PrepareConfig, prepare
     from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
     from pipelines.train.pretrain import pretrain
 
-    config = build_config("simclr", "demo", sets={} if args.epochs is None else {"optim.epochs": args.epochs})
+    # The demo scores the encoder once at the end (below), so no online kNN during training.
+    sets = {"train.knn_every_epochs": 0, **({} if args.epochs is None else {"optim.epochs": args.epochs})}
+    config = build_config("simclr", "demo", sets=sets)
     data = os.path.join(args.workdir, "data", args.sample)
     pictures = os.path.join(args.workdir, "pictures")
     os.makedirs(pictures, exist_ok=True)
@@ -257,8 +258,8 @@ def _method_args(parser) -> None:
 
 
 def cmd_viz_mae(args) -> dict:
-    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
     from pipelines.outputs.viz import first_canvases, mae_picture
+    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
 
     try:
         ratios = [float(r) for r in args.mask_ratios.split(",")]
@@ -278,9 +279,9 @@ def cmd_viz_mae(args) -> dict:
 
 
 def cmd_viz_attention(args) -> dict:
-    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
-    from pipelines.data.decode import BadImage, decode_canvas
+    from pipelines.images.decode import BadImage, decode_canvas
     from pipelines.outputs.viz import attention_picture
+    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     method, config = load_checkpoint(args.checkpoint)
@@ -309,8 +310,8 @@ def cmd_viz_attention(args) -> dict:
 
 
 def cmd_viz_curves(args) -> dict:
-    from pipelines.train.tracking import METRICS_FILE, read_history
     from pipelines.outputs.viz import curves_picture
+    from pipelines.train.tracking import METRICS_FILE, read_history
 
     try:
         history = read_history(args.run_folder)
@@ -324,8 +325,8 @@ def cmd_viz_curves(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from pipelines.weights.checkpoint import find_checkpoint
     from pipelines.outputs.export import export_encoder
+    from pipelines.weights.checkpoint import find_checkpoint
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     result = export_encoder(args.checkpoint, args.out, overwrite=args.overwrite, onnx=args.format == "onnx")
@@ -334,9 +335,9 @@ def cmd_export(args) -> dict:
 
 
 def cmd_embed(args) -> dict:
-    from pipelines.weights.checkpoint import find_checkpoint
+    from pipelines.images.shards import check_output_folder
     from pipelines.outputs.embed import embed, embeddable_shards
-    from pipelines.data.shards import check_output_folder
+    from pipelines.weights.checkpoint import find_checkpoint
 
     args.checkpoint = find_checkpoint(args.checkpoint)
     if args.batch_size < 1:

@@ -19,7 +19,7 @@ from methods.backbone import BackboneConfig
 from methods.base import hparams_from_dict
 from methods.checks import check_rules
 from methods.views import ViewRecipe
-from pipelines.data.ingest import IngestConfig
+from pipelines.images.ingest import IngestConfig
 
 
 class ConfigLoader(yaml.SafeLoader):

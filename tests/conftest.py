@@ -1,9 +1,7 @@
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/corpus.py
 from pipelines.train.local_ray import keep_local_ray_on_loopback  # noqa: E402
 
 # The tests' own Rays listen on loopback only, as `selfsup`'s do (set before anything imports Ray).
@@ -37,7 +35,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def digits(ray_session, tmp_path_factory):
     """sample:digits prepared once, in small shards so streaming spans many files."""
-    from pipelines.data.prepare import PrepareConfig, prepare
+    from pipelines.images.prepare import PrepareConfig, prepare
 
     out = str(tmp_path_factory.mktemp("digits"))
     summary = prepare("sample:digits", out, PrepareConfig(shard_mb=0.02, row_group_mb=0.005))
@@ -55,7 +53,7 @@ def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
     """SimCLR (small-image ResNet), one epoch, tracked to TensorBoard and MLflow; test_pretrain
     resumes it to two epochs under the same name."""
     from pipelines.train.pretrain import pretrain
-    from runs import tiny_config
+    from tests.helpers.runs import tiny_config
 
     out, _ = digits
     storage = str(tmp_path_factory.mktemp("runs"))
@@ -67,7 +65,7 @@ def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
 def mae_run(digits, tmp_path_factory):
     """MAE (ViT), one epoch with online kNN."""
     from pipelines.train.pretrain import pretrain
-    from runs import tiny_config
+    from tests.helpers.runs import tiny_config
 
     out, _ = digits
     storage = str(tmp_path_factory.mktemp("mae_runs"))

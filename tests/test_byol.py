@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from methods.backbone import BackboneConfig
 from methods.byol import BYOL, BYOLHyperparameters, BYOLLoss, byol_recipe
-from runs import tiny_config
+from tests.helpers.runs import tiny_config
 
 
 def tiny_byol(**values) -> BYOL:

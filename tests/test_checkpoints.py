@@ -7,9 +7,16 @@ import os
 import pytest
 import torch
 
-from pipelines.weights.checkpoint import (STATE_FILE, CheckpointDamaged, CheckpointNotFound, find_checkpoint, load_state,
-                                  save_checkpoint)
 from pipelines.train.worker import resume_state
+from pipelines.weights.checkpoint import (
+    STATE_FILE,
+    CheckpointDamaged,
+    CheckpointNotFound,
+    find_checkpoint,
+    load_state,
+    save_checkpoint,
+)
+from tests.helpers.cli import set_args
 
 
 def write(folder, step):
@@ -74,7 +81,7 @@ def test_resuming_from_a_damaged_checkpoint_uses_the_previous_one(run, caplog):
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     from pipelines.config import build_method
-    from runs import tiny_config
+    from tests.helpers.runs import tiny_config
 
     config = tiny_config()
     method = build_method(config)
@@ -121,16 +128,16 @@ def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digit
     import json
     import shutil
 
-    from pipelines.train.run_folder import RAY_SNAPSHOT
     from pipelines.cli import main
     from pipelines.train.pretrain import pretrain
-    from runs import COMMON, STEPS_PER_EPOCH, TINY, tiny_config
+    from pipelines.train.run_folder import RAY_SNAPSHOT
+    from tests.helpers.runs import COMMON, STEPS_PER_EPOCH, TINY, tiny_config
 
     out, _ = digits
     sets = {**COMMON, **TINY["simclr"], "train.keep_checkpoints": 2, "train.probe_size": 0}
     first = pretrain(tiny_config(**{**sets, "optim.epochs": 2}), f"{out}/train", storage=str(tmp_path), name="run")
     shutil.rmtree(first["checkpoint"])  # the damaged newest one, deleted by its user
-    arguments = [a for key, value in {**sets, "optim.epochs": 3}.items() for a in ("--set", f"{key}={json.dumps(value)}")]
+    arguments = set_args({**sets, "optim.epochs": 3})
     assert main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
                  "--name", "run", *arguments]) == 0
     captured = capsys.readouterr()

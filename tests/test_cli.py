@@ -70,9 +70,9 @@ def test_prepare_refuses_an_output_holding_shards_before_ray_starts(digits, tmp_
 def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_it(tmp_path, capsys):
     import torch
 
-    from pipelines.weights.checkpoint import save_checkpoint
     from pipelines.config import build_method
-    from runs import tiny_config
+    from pipelines.weights.checkpoint import save_checkpoint
+    from tests.helpers.runs import tiny_config
 
     config = tiny_config("simclr")
     method = build_method(config)

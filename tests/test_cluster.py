@@ -11,7 +11,15 @@ import tempfile
 import pytest
 import torch
 
-from cluster.checks import FOLDER, KUBERAY_MANIFESTS, LAUNCHER_CONFIGS, ConfigError, load, validate_kuberay, validate_launcher
+from cluster.checks import (
+    FOLDER,
+    KUBERAY_MANIFESTS,
+    LAUNCHER_CONFIGS,
+    ConfigError,
+    load,
+    validate_kuberay,
+    validate_launcher,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,11 +82,11 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, monkeypatch, caps
 @pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_losing_a_node_mid_run_resumes_from_the_checkpoint_and_completes(tmp_path):
     # Its own Ray temp folder, short: Ray's socket paths must stay under 108 bytes.
-    from runs import simulated_cluster_environment
-    from timing import deadline
+    from tests.helpers.runs import simulated_cluster_environment
+    from tests.helpers.timing import deadline
 
     env = simulated_cluster_environment(RAY_TMPDIR=tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp"))
-    process = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_loss_run.py"), str(tmp_path)],
+    process = subprocess.run([sys.executable, "-m", "tests.helpers.node_loss_run", str(tmp_path)],
                              capture_output=True, text=True, timeout=deadline("node_loss"), env=env, cwd=ROOT)
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(process.stdout.strip().splitlines()[-1])

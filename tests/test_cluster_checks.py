@@ -1,7 +1,6 @@
 """`python -m cluster.checks`: ours pass; each altered config that would expose Ray, ship secrets or
 run unpinned code is refused with a line that names it."""
 
-import copy
 import os
 import shutil
 import subprocess
@@ -10,8 +9,17 @@ import sys
 import pytest
 import yaml
 
-from cluster.checks import (FOLDER, check_all, check_file, default_files, dockerignore_lines, exclude_patterns,
-                            main, ray_start_options, shell_commands)
+from cluster.checks import (
+    FOLDER,
+    check_all,
+    check_file,
+    default_files,
+    dockerignore_lines,
+    exclude_patterns,
+    main,
+    ray_start_options,
+    shell_commands,
+)
 
 ROOT = os.path.dirname(FOLDER)
 HEAD = "RAY_AUTH_MODE=token ray start --head --port=6379 --dashboard-host=127.0.0.1"
@@ -214,3 +222,18 @@ def test_a_network_policy_may_admit_the_operator_on_the_dashboard_port_only(tmp_
     documents[1]["spec"]["ingress"].append({"from": [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": "kuberay-operator"}}}], "ports": [{"port": 8265, "protocol": "TCP"}]})
     assert findings_for(tmp_path, "kuberay-raycluster.yaml", documents) == ""
+
+
+def test_no_exclude_pattern_drops_the_products_own_code(tmp_path):
+    """A package named like an exclude pattern (`pipelines/data/` against `data`) would be left
+    out of every job upload, node and image: the check names it; ours has none."""
+    from cluster.checks import excluded_by, product_findings
+
+    assert product_findings(exclude_patterns()) == []
+    (tmp_path / "pipelines" / "data").mkdir(parents=True)
+    (tmp_path / "pipelines" / "data" / "ingest.py").write_text("")
+    (tmp_path / "pipelines" / "dataset.py").write_text("")  # a name is matched whole
+    assert product_findings(exclude_patterns(), str(tmp_path)) == [
+        "cluster/exclude.txt: 'data' drops pipelines/data/ingest.py, the product's own code (rename the folder, "
+        "or anchor the pattern)"]
+    assert excluded_by("a/b/x.pem", "*.pem") and excluded_by("a/runs/x", "**/runs") and not excluded_by("a/x.py", "*.pem")

@@ -6,7 +6,7 @@ import torch
 
 from pipelines.config import build_method
 from pipelines.train.worker import as_step_input, wrap_model
-from runs import tiny_config
+from tests.helpers.runs import tiny_config
 
 
 def compare_with_plain_step(method_name: str, compile: bool = False, channels_last: bool = False,

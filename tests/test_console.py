@@ -3,10 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 
 from pipelines import console
 from pipelines.console import Progress, StepProgress, log, to_stderr
+from tests.helpers.cli import selfsup_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,11 +75,11 @@ def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_li
     out, _ = digits
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     environ["SELFSUP_PROGRESS_EVERY_S"] = "1"
-    command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", f"{out}/train",
-               "--val", f"{out}/test", "--storage", str(tmp_path), "--name", "console", "--num-cpus", "2",
-               "--set", "optim.epochs=2", "--set", "optim.batch_size=128", "--set", "optim.warmup_epochs=0",
-               "--set", "data.canvas_size=16", "--set", "views.view.size=16",
-               "--set", "backbone.kwargs.channels=[8,16,32,64]", "--set", "backbone.kwargs.stem_width=8"]
+    command = selfsup_command("pretrain", "--method", "simclr", "--data", f"{out}/train", "--val", f"{out}/test",
+                              "--storage", str(tmp_path), "--name", "console", "--num-cpus", "2",
+                              sets={"optim.epochs": 2, "optim.batch_size": 128, "optim.warmup_epochs": 0,
+                                    "data.canvas_size": 16, "views.view.size": 16,
+                                    "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8})
     done = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.splitlines()) == 1, done.stdout

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corpus import bad_images, encode, good_images
-from pipelines.data.decode import BadImage, decode_batch, decode_canvas
+from pipelines.images.decode import BadImage, decode_batch, decode_canvas
+from tests.helpers.corpus import bad_images, encode, good_images
 
 
 @pytest.mark.parametrize("name", sorted(good_images()))

@@ -1,6 +1,6 @@
 """`data.decode: gpu` on CPU: the routing in the decode tasks, the device decode and its Pillow
 fallback, the bad-image accounting and the refusal without CUDA. The same functions run with
-device="cuda" on a GPU worker (benchmarks/gpu_check.py)."""
+device="cuda" on a GPU worker (benchmarks/performance/gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ import ray
 import torch
 from PIL import Image
 
-import pipelines.data.device_decode as device_decode
+import pipelines.images.device_decode as device_decode
 from pipelines.cli import main
-from pipelines.data.decode import decode_canvas
-from pipelines.data.device_decode import (ROUTE_CANVAS, ROUTE_JPEG, decode_jpegs, device_canvases, jpeg_orientation,
-                                     route_records)
-from pipelines.data.ingest import IngestConfig, image_dataset, iter_canvas_batches
-from corpus import bad_images, encode, good_images, rgb_image, write_shards
+from pipelines.images.decode import decode_canvas
+from pipelines.images.device_decode import (
+    ROUTE_CANVAS,
+    ROUTE_JPEG,
+    decode_jpegs,
+    device_canvases,
+    jpeg_orientation,
+    route_records,
+)
+from pipelines.images.ingest import IngestConfig, image_dataset, iter_canvas_batches
+from tests.helpers.corpus import bad_images, encode, good_images, rgb_image, write_shards
 
 CPU = torch.device("cpu")
 

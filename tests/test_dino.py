@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from methods.backbone import BackboneConfig
-from methods.dino import DINO, DINOHyperparameters, DINOLoss
+from methods.dino import DINO, DINOHyperparameters, DINOLoss, dino_recipe
 from pipelines.config import OptimConfig
 from pipelines.console import to_stderr
-from methods.dino import dino_recipe
-from twoworkers import run_two_workers, same, single_worker
+from tests.helpers.twoworkers import run_two_workers, same, single_worker
 
 IMAGES = 8  # global batch
 VIT = BackboneConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4,

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from runs import tiny_config
 from pipelines.train.pretrain import pretrain
+from tests.helpers.runs import tiny_config
 
 COLLAPSE_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm",
                     "embedding_std", "collapsed")

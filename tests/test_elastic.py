@@ -42,7 +42,7 @@ def test_bad_worker_counts_are_refused(value):
 
 @pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
 def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(tmp_path):
-    """`train.workers=1:3` on a simulated 3-node spot cluster (tests/elastic_run.py): a worker's
+    """`train.workers=1:3` on a simulated 3-node spot cluster (tests/helpers/elastic_run.py): a worker's
     node is preempted, the group goes on from the checkpoint with 1 worker, a node comes back,
     the group grows to 2; the run completes its planned images and every schedule stays on plan."""
     import json
@@ -51,18 +51,18 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     import sys
     import tempfile
 
-    from elastic_run import ELASTIC
-    from pipelines.train.plan import plan_run
     from pipelines.config import build_method
-    from runs import simulated_cluster_environment, tiny_config
-    from timing import deadline
+    from pipelines.train.plan import plan_run
+    from tests.helpers.elastic_run import ELASTIC
+    from tests.helpers.runs import simulated_cluster_environment, tiny_config
+    from tests.helpers.timing import deadline
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Its own short Ray temp folder (socket paths < 108 bytes); a lost node's resources can still
     # look reserved for a while: a worker group that cannot start is given up on after 20 s.
     env = simulated_cluster_environment(RAY_TMPDIR=tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp"),
                                         RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
-    process = subprocess.run([sys.executable, os.path.join(root, "tests", "elastic_run.py"), str(tmp_path)],
+    process = subprocess.run([sys.executable, "-m", "tests.helpers.elastic_run", str(tmp_path)],
                              capture_output=True, text=True, timeout=deadline("elastic"), env=env, cwd=root)
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(process.stdout.strip().splitlines()[-1])

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from pipelines.data.ingest import EpochStream
-from pipelines.data.quality import BadDataError
+from pipelines.images.ingest import EpochStream
+from pipelines.images.quality import BadDataError
 
 
 def passes_of(lengths: dict[int, int], opened: list, fail_at: tuple[int, int] | None = None):

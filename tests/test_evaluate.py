@@ -62,7 +62,7 @@ def test_one_feature_extractor_serves_eval_and_embed():
     from pipelines.config import build_method
     from pipelines.evaluate.features import PIXELS, Encoder, FeatureExtractor
     from pipelines.outputs.embed import EMBEDDING, Embedder
-    from runs import tiny_config
+    from tests.helpers.runs import tiny_config
 
     config = tiny_config()
     trained = build_method(tiny_config(**{"train.seed": 7}))  # other weights than the seed-0 init

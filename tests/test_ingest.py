@@ -3,9 +3,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from corpus import bad_images, encode, good_images, rgb_image, write_shards
-from pipelines.data.ingest import IngestConfig, image_dataset, iter_canvas_batches
-from pipelines.data.quality import BadDataError
+from pipelines.images.ingest import IngestConfig, image_dataset, iter_canvas_batches
+from pipelines.images.quality import BadDataError
+from tests.helpers.corpus import bad_images, encode, good_images, rgb_image, write_shards
 
 
 def one_pass(location, config, epoch=0, batch_size=64, with_labels=True):

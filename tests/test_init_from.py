@@ -8,10 +8,10 @@ import timm
 import torch
 
 from pipelines.cli import main
-from pipelines.weights.init_from import InitFromError, initial_weights
-from pipelines.weights.checkpoint import load_state
 from pipelines.config import build_method
-from runs import tiny_config
+from pipelines.weights.checkpoint import load_state
+from pipelines.weights.init_from import InitFromError, initial_weights
+from tests.helpers.runs import tiny_config
 
 IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from methods import METHODS
 from pipelines.evaluate.label_free import alignment, check_rank, probe_metrics, rankme, uniformity
-from pipelines.data.probe import probe_table
-from runs import tiny_config
+from pipelines.images.probe import probe_table
+from tests.helpers.runs import tiny_config
 
 
 def test_rankme_of_known_spectra():
@@ -45,8 +45,9 @@ def test_alignment_and_uniformity_match_their_formulas():
 
 
 def _shard(path, rows, with_id=True, start=0):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     images = []
     for i in range(rows):

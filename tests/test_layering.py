@@ -14,7 +14,7 @@ PACKAGES = ("methods", "pipelines", "tune", "cluster")
 # package -> first-party packages it may not import
 FORBIDDEN = {"methods": {"pipelines", "tune", "cluster"}, "pipelines": {"tune", "cluster"}}
 # The rooms of pipelines/, bottom first: each may import those before it, never one after it.
-PIPELINE_LAYERS = ("pipelines.console", "pipelines.data", "pipelines.config", "pipelines.weights",
+PIPELINE_LAYERS = ("pipelines.console", "pipelines.images", "pipelines.config", "pipelines.weights",
                    "pipelines.evaluate", "pipelines.train", "pipelines.outputs", "pipelines.cli")
 LAZY_IMPORTS_ALLOWED = {os.path.join("pipelines", "cli.py")}
 
@@ -72,6 +72,6 @@ def test_the_checker_sees_a_forbidden_and_a_hidden_import(tmp_path):
 
 
 def test_the_checker_sees_a_room_importing_one_above_it():
-    assert layer("pipelines.data.ingest") < layer("pipelines.train.loop")
+    assert layer("pipelines.images.ingest") < layer("pipelines.train.loop")
     assert layer("pipelines.evaluate") < layer("pipelines.train") < layer("pipelines.outputs")
     assert layer("pipelines.datax") is None  # a room's name is matched whole

@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from methods.backbone import BackboneConfig
-from methods.mae import MAE, MAEHyperparameters
+from methods.mae import MAE, MAEHyperparameters, mae_recipe
 from pipelines.config import build_config
-from methods.mae import mae_recipe
-from twoworkers import run_two_workers, same, single_worker
+from tests.helpers.twoworkers import run_two_workers, same, single_worker
 
 
 def make_mae(norm_pix=True, seed=0):

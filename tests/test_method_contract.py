@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from methods import METHODS
-from methods.base import (Method, MethodContractError, checked_groups, contract_problems, register,
-                          set_weight_decay)
+from methods.base import Method, MethodContractError, checked_groups, contract_problems, register, set_weight_decay
 from methods.simclr import SimCLR
 from methods.views import ViewRecipe, ViewSpec
 

@@ -1,14 +1,12 @@
-import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpus import bad_images, encode, good_images, rgb_image
-from pipelines.data.prepare import PrepareConfig, prepare
-from pipelines.data.shards import SHARD_SCHEMA, DataError, find_shards, read_classes
+from pipelines.images.prepare import PrepareConfig, prepare
+from pipelines.images.shards import SHARD_SCHEMA, DataError, find_shards, read_classes
+from tests.helpers.corpus import bad_images, encode, good_images, rgb_image
 
 
 def read_all(location):
@@ -120,7 +118,7 @@ def test_bad_sources_fail_with_one_line(ray_session, tmp_path, setup, message):
 
 
 def test_split_by_record_id_is_exact_per_class_and_independent_of_order():
-    from pipelines.data.prepare import split_by_record_id
+    from pipelines.images.prepare import split_by_record_id
 
     ids = [f"{c}/{i}.png" for c in ("a", "b", "c") for i in range(40 if c != "c" else 7)]
     classes = [i.split("/")[0] for i in ids]
@@ -151,7 +149,7 @@ def test_own_folder_gets_train_and_test_splits(ray_session, tmp_path):
 def test_shards_with_ids_get_train_and_test_splits(ray_session, tmp_path):
     """Shards (here written by prepare) split by record id: exact per label, the same as the
     rank rule picks, and shards without ids refused with the two-step recipe."""
-    from pipelines.data.prepare import held_out_ids
+    from pipelines.images.prepare import held_out_ids
 
     root = tmp_path / "src"
     for index in range(30):

@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
-from pipelines.train.pretrain import pretrain
 from pipelines.train.plan import plan_run
+from pipelines.train.pretrain import pretrain
 from pipelines.train.tracking import read_history
-from runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
+from tests.helpers.cli import selfsup_command
+from tests.helpers.runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path):
@@ -193,11 +194,8 @@ def test_a_warmup_as_long_as_the_run_is_said_before_ray_starts(digits, capsys, m
 def test_all_bad_data_fails_once_with_one_attempts_count(ray_session, tmp_path):
     """Every image undecodable: the run stops on its first pass (not retried as a lost worker
     would be, so the count is one attempt's) and says so in one error."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from corpus import write_shards
-    from pipelines.data.quality import BadDataError
+    from pipelines.images.quality import BadDataError
+    from tests.helpers.corpus import write_shards
 
     write_shards(tmp_path / "bad", [b"not an image"] * 200, rows_per_shard=50)
     config = tiny_config(**{"optim.epochs": 2, "optim.batch_size": 16, "train.max_failures": 2,
@@ -213,12 +211,10 @@ def test_a_pass_where_nothing_decodes_stops_in_its_first_decode_tasks(ray_sessio
     they have seen enough (no batch ever reaches the worker to check), so the error counts a
     part of the data, not the whole pass."""
     import re
-    import sys
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from corpus import write_shards
-    from pipelines.data.ingest import MIN_SEEN_FOR_EARLY_STOP
-    from pipelines.data.quality import BadDataError
+    from pipelines.images.ingest import MIN_SEEN_FOR_EARLY_STOP
+    from pipelines.images.quality import BadDataError
+    from tests.helpers.corpus import write_shards
 
     total = 8 * MIN_SEEN_FOR_EARLY_STOP
     write_shards(tmp_path / "bad", [b"not an image"] * total, rows_per_shard=250)
@@ -232,19 +228,16 @@ def test_a_pass_where_nothing_decodes_stops_in_its_first_decode_tasks(ray_sessio
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(digits, tmp_path):
-    import json
     import subprocess
-    import sys
 
     import ray
 
-    from runs import COMMON, TINY
+    from tests.helpers.runs import COMMON, TINY
 
     out, _ = digits
     sets = {**COMMON, **TINY["simclr"], "optim.epochs": 3}
-    command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", f"{out}/train",
-               "--storage", str(tmp_path), "--name", "interrupted",
-               *[arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+    command = selfsup_command("pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
+                              "--name", "interrupted", sets=sets)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)

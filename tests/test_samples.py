@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data.samples import MNIST_M_SIZE, background_photos, blend_into_photos, sample_tables
+from pipelines.images.samples import MNIST_M_SIZE, background_photos, blend_into_photos, sample_tables
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from listening import descendants, is_loopback, listening_sockets
 from pipelines.train.local_ray import RAY_SWITCH, keep_local_ray_on_loopback, loopback_only
+from tests.helpers.cli import selfsup_command
+from tests.helpers.listening import descendants, is_loopback, listening_sockets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,11 +44,11 @@ def test_local_pretrain_listens_on_loopback_only(digits, tmp_path):
     out, _ = digits
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", f"{out}/train",
-               "--storage", str(tmp_path), "--name", "listen", "--num-cpus", "2",
-               "--set", "optim.epochs=1", "--set", "optim.batch_size=256", "--set", "data.canvas_size=16",
-               "--set", "views.view.size=16", "--set", "backbone.kwargs.channels=[8,16,32,64]",
-               "--set", "backbone.kwargs.stem_width=8", "--set", "train.knn_every_epochs=0"]
+    command = selfsup_command("pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
+                              "--name", "listen", "--num-cpus", "2",
+                              sets={"optim.epochs": 1, "optim.batch_size": 256, "data.canvas_size": 16,
+                                    "views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64],
+                                    "backbone.kwargs.stem_width": 8, "train.knn_every_epochs": 0})
     process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     seen: set = set()

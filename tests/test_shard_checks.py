@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpus import encode, rgb_image, write_shards
 from pipelines.cli import main
-from pipelines.data.shards import SHARD_SCHEMA, DataError, checked_shards
+from pipelines.images.shards import SHARD_SCHEMA, DataError, checked_shards
+from tests.helpers.corpus import encode, rgb_image, write_shards
 
 
 @pytest.fixture

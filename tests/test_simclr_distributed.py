@@ -9,9 +9,8 @@ import torch
 import torch.distributed as dist
 
 from methods.backbone import BackboneConfig
-from methods.simclr import NTXentLoss, SimCLR, SimCLRHyperparameters
-from methods.simclr import simclr_recipe
-from twoworkers import run_two_workers, same, single_worker
+from methods.simclr import NTXentLoss, SimCLR, SimCLRHyperparameters, simclr_recipe
+from tests.helpers.twoworkers import run_two_workers, same, single_worker
 
 IMAGES = 12  # global batch
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pipelines.train.tracking import RunTracker, read_history
-from runs import tensorboard_scalars
+from tests.helpers.runs import tensorboard_scalars
 
 
 def report(tracker, step, loss, total=40):
@@ -43,7 +43,7 @@ def test_restarts_and_resumes_read_as_one_history(tmp_path, mlflow_uri):
 
 
 def test_a_bad_tracking_config_is_refused_before_ray_starts():
-    from runs import tiny_config
+    from tests.helpers.runs import tiny_config
 
     with pytest.raises(ValueError, match="tracking.mlflow_uri=''"):
         tiny_config(**{"tracking.mlflow_uri": ""})

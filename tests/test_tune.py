@@ -6,16 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
-from pipelines.config import build_config
-from runs import COMMON, TINY
-from tune.search import SearchSettings, check_space
 from methods import METHODS
+from pipelines.config import build_config
+from tests.helpers.cli import selfsup_command
+from tests.helpers.runs import COMMON, TINY
+from tune.search import SearchSettings, check_space
 from tune.space import parse_dimension, parse_space
 
 SIMCLR_DIGITS = {**COMMON, **TINY["simclr"]}
@@ -63,11 +63,10 @@ def test_space_ends_are_validated_against_the_config_before_ray():
 
 def search_command(out, storage, name):
     sets = {**SIMCLR_DIGITS, "optim.epochs": 2, "train.checkpoint_every_steps": 5}
-    return [sys.executable, "-m", "pipelines.cli", "tune", "--method", "simclr", "--data", f"{out}/train",
-            "--val", f"{out}/test", "--space", "lr=grid(0.6, 0.3, 1e-9)", "--samples", "1", "--scheduler", "asha",
-            "--metric", "loss", "--mode", "min", "--max-concurrent", "1", "--storage", str(storage),
-            "--name", name, "--num-cpus", "2",
-            *[arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+    return selfsup_command("tune", "--method", "simclr", "--data", f"{out}/train", "--val", f"{out}/test",
+                           "--space", "lr=grid(0.6, 0.3, 1e-9)", "--samples", "1", "--scheduler", "asha",
+                           "--metric", "loss", "--mode", "min", "--max-concurrent", "1", "--storage", str(storage),
+                           "--name", name, "--num-cpus", "2", sets=sets)
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +164,8 @@ def test_search_without_labels_ranks_by_rankme(digits, tmp_path):
     out, _ = digits
     sets = {**SIMCLR_DIGITS, "optim.epochs": 1}
     # --data relative to where the command runs: the trials, which run in their own folders, still find it.
-    command = [sys.executable, "-m", "pipelines.cli", "tune", "--method", "simclr", "--data", "train",
-               "--samples", "3", "--scheduler", "fifo", "--max-concurrent", "1", "--storage", str(tmp_path),
-               "--name", "unlabeled", *[arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+    command = selfsup_command("tune", "--method", "simclr", "--data", "train", "--samples", "3", "--scheduler", "fifo",
+                              "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "unlabeled", sets=sets)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=out)

@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
-from runs import COMMON, TINY
-from timing import deadline
+from tests.helpers.cli import selfsup_command, set_args
+from tests.helpers.runs import COMMON, TINY
+from tests.helpers.timing import deadline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def own_ray_command(args: list[str], ray_tmp: str, cwd) -> subprocess.Popen:
     """A selfsup command that starts its own Ray, with that Ray's files (and logs) under `ray_tmp`."""
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp, "PYTHONPATH": REPO}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, cwd=cwd, text=True,
+    return subprocess.Popen(selfsup_command(*args), env=env, cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -46,8 +46,7 @@ def worker_logs_saying(ray_tmp: str, text: str) -> list[str]:
 @pytest.mark.slow
 def test_two_runs_and_a_search_at_once_all_finish_quietly(digits, tmp_path):
     out, _ = digits
-    sets = [arg for key, value in {**COMMON, **TINY["simclr"], "optim.epochs": 1}.items()
-            for arg in ("--set", f"{key}={json.dumps(value)}")]
+    sets = set_args({**COMMON, **TINY["simclr"], "optim.epochs": 1})
     # Short folders: Ray's socket paths live under RAY_TMPDIR and must stay under ~107 characters.
     ray_tmps = [tempfile.mkdtemp(prefix="ss-") for _ in range(3)]
     try:

@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-from corpus import bad_images, good_images, write_shards
 from pipelines.cli import main
-from pipelines.weights.checkpoint import load_checkpoint
-from pipelines.data.shards import find_shards
+from pipelines.images.shards import find_shards
 from pipelines.outputs.viz import first_canvases
-from runs import tiny_config
+from pipelines.weights.checkpoint import load_checkpoint
+from tests.helpers.corpus import bad_images, good_images, write_shards
+from tests.helpers.runs import tiny_config
 
 
 def last_json(capsys) -> dict:
@@ -85,9 +85,9 @@ def test_exported_small_image_resnet_loads_with_the_printed_recipe(digits, one_e
 def test_export_round_trip_without_training(tmp_path, method_name, sets):
     """Checkpoints written directly: a standard-stem ResNet loads with timm's own call, and DINO
     exports its teacher (made to differ from the student here), not the student."""
+    from pipelines.config import build_method
     from pipelines.outputs.export import export_encoder
     from pipelines.weights.checkpoint import save_checkpoint
-    from pipelines.config import build_method
 
     config = tiny_config(method_name, **sets)
     method = build_method(config)
@@ -139,7 +139,7 @@ def test_embed_writes_one_row_per_image_with_its_id(digits, one_epoch_run, tmp_p
     # The embedding of a record is its checkpoint features, whatever actor or batch it went through.
     method, config = load_checkpoint(result["checkpoint"])
     method.eval()
-    from pipelines.data.decode import decode_canvas, image_bytes
+    from pipelines.images.decode import decode_canvas, image_bytes
 
     rows = pq.read_table(shard_files[0], columns=["id", "image", "label"]).slice(0, 5).to_pylist()
     canvases = np.stack([decode_canvas(image_bytes(r["image"]), config.data.canvas_size) for r in rows])

@@ -21,9 +21,9 @@ from ray.tune.stopper import Stopper
 
 from pipelines.config import RunConfig, with_sets
 from pipelines.console import Relay
+from pipelines.images.shards import absolute_location
 from pipelines.train.plan import peak_lr, plan_run
 from pipelines.train.pretrain import make_trainer, raise_if_stopped
-from pipelines.data.shards import absolute_location
 from tune.space import Dimension
 
 STATUSES = ("finished", "stopped early", "collapsed", "error")

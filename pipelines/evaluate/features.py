@@ -13,8 +13,8 @@ import torch
 
 from pipelines.config import RunConfig, build_method, config_from_dict
 from pipelines.console import Progress
-from pipelines.data.ingest import IngestConfig, image_dataset
-from pipelines.data.shards import find_shards
+from pipelines.images.ingest import IngestConfig, image_dataset
+from pipelines.images.shards import find_shards
 
 
 def autocast_for(precision: str, device: torch.device):

@@ -12,7 +12,7 @@ loss cannot rank temperatures or mask ratios against each other. These metrics n
   image land, and how evenly the images spread over the unit sphere.
 
 All three are computed on the encoder's frozen features (what kNN, linear probes and users get),
-in eval mode, on the same probe images at every report (`pipelines/data/probe.py`).
+in eval mode, on the same probe images at every report (`pipelines/images/probe.py`).
 """
 
 from __future__ import annotations

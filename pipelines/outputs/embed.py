@@ -22,9 +22,9 @@ import ray.data
 import torch
 
 from pipelines.console import Progress
-from pipelines.data.ingest import IngestConfig, image_dataset
-from pipelines.data.shards import DataError, check_output_folder, find_shards, resolve_location
 from pipelines.evaluate.features import Encoder, FeatureExtractor
+from pipelines.images.ingest import IngestConfig, image_dataset
+from pipelines.images.shards import DataError, check_output_folder, find_shards, resolve_location
 from pipelines.weights.checkpoint import load_checkpoint, load_state
 
 SUMMARY_FILE = "_embeddings.json"

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from methods.backbone import small_image_stem
+from pipelines.images.shards import DataError
 from pipelines.weights.checkpoint import load_checkpoint, load_state
-from pipelines.data.shards import DataError
 
 EXPORT_INFO = "selfsup"  # the config.json key where the export records where it came from
 SMALL_STEM_RECIPE = (  # str.format(arch=..., folder=...)

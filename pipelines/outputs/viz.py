@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 from methods import Method, get_method
 from methods.views import ViewMaker, ViewRecipe
 from pipelines.config import build_config
-from pipelines.data.decode import BadImage, decode_canvas, image_bytes
-from pipelines.data.shards import find_shards
+from pipelines.images.decode import BadImage, decode_canvas, image_bytes
+from pipelines.images.shards import find_shards
 
 CELL = 96
 HEADER = 14

@@ -21,11 +21,11 @@ import torch.distributed as dist
 from methods.distributed import all_reduce_mean
 from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
-from pipelines.data.ingest import EpochStream, iter_canvas_batches
-from pipelines.data.quality import BadDataError
 from pipelines.evaluate.features import collect_features
 from pipelines.evaluate.knn import knn_top1, split_bank_queries
 from pipelines.evaluate.label_free import check_rank, embedding_spread, probe_metrics
+from pipelines.images.ingest import EpochStream, iter_canvas_batches
+from pipelines.images.quality import BadDataError
 from pipelines.train.stops import Stop
 from pipelines.train.worker import Progress, Worker, as_step_input, start_worker
 from pipelines.weights.checkpoint import save_checkpoint

@@ -14,7 +14,7 @@ import torch
 
 from pipelines.config import RunConfig
 from pipelines.console import UsageError, log
-from pipelines.data.shards import checked_shards
+from pipelines.images.shards import checked_shards
 from pipelines.train.plan import RunPlan, plan_run
 from pipelines.train.run_folder import repair_run_folder, run_method
 

@@ -12,10 +12,10 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.config import RunConfig
 from pipelines.console import Relay, log
-from pipelines.data.ingest import image_dataset
-from pipelines.data.probe import probe_dataset, probe_table
-from pipelines.data.quality import BadDataError, new_quality_log
-from pipelines.data.shards import find_shards
+from pipelines.images.ingest import image_dataset
+from pipelines.images.probe import probe_dataset, probe_table
+from pipelines.images.quality import BadDataError, new_quality_log
+from pipelines.images.shards import find_shards
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.plan import RunPlan, plan_run
 from pipelines.train.preflight import storage_path

@@ -23,7 +23,7 @@ import uuid
 import pyarrow.fs as pafs
 from ray.train import UserCallback
 
-from pipelines.data.shards import resolve_location
+from pipelines.images.shards import resolve_location
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

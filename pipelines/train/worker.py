@@ -16,12 +16,11 @@ import torch
 
 from methods import Method
 from methods.base import checked_groups
-from pipelines.config import RunConfig
+from pipelines.config import RunConfig, build_method
 from pipelines.console import log
 from pipelines.evaluate.features import autocast_for
 from pipelines.train.plan import BatchPlan, RunPlan
 from pipelines.weights.checkpoint import CheckpointDamaged, load_state, newest_loadable, set_rng_state
-from pipelines.config import build_method
 
 
 @dataclass

@@ -20,7 +20,7 @@ import yaml
 
 from pipelines.config import RunConfig, build_method, config_from_dict
 from pipelines.console import log
-from pipelines.data.shards import DataError
+from pipelines.images.shards import DataError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"

@@ -16,7 +16,7 @@ import os
 import torch
 
 from pipelines.config import build_method
-from pipelines.data.shards import DataError
+from pipelines.images.shards import DataError
 
 CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
