@@ -9,38 +9,39 @@ and GCS ports execute tasks. So a config must keep them on the private network (
 IPs; an SSH/IAP tunnel or `kubectl port-forward` to reach them), turn token auth on, ship none of
 the checkout's secrets or data, and run the same pinned code on every node.
 
-Commands are read as a shell reads them (shell words, quotes, `;`/`&&`/newlines, `export` and
-`NAME=value` prefixes, the last assignment winning), and `ray start` options in both `--opt=value`
-and `--opt value` forms, so `--dashboard-host="::"` or a token setting inside an `echo` are seen
-for what they are. Exit 1 with one line per finding.
+Commands are read as a shell reads them (`cluster/commands.py`); what ships and what is pinned is
+`cluster/shipping.py`'s. Exit 1 with one line per finding.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import ipaddress
 import os
-import re
-import shlex
 import sys
-from dataclasses import dataclass, field
 
 import yaml
 
-FOLDER = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(FOLDER)
+from cluster.commands import is_loopback_host, ray_start_findings, shell_commands
+from cluster.shipping import (
+    CONSTRAINTS_FILE,
+    DIGEST,
+    FOLDER,
+    ROOT,
+    dockerfile_findings,
+    dockerignore_lines,
+    exclude_findings,
+    exclude_patterns,
+    product_findings,
+    read_constraints,
+    runtime_env_findings,
+)
+
 LAUNCHER_CONFIGS = ("aws.yaml", "gcp.yaml")
 KUBERAY_MANIFESTS = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")
 RUNTIME_ENV = "runtime_env.yaml"
 DOCKERFILE = "Dockerfile"
-EXCLUDE_FILE = os.path.join(FOLDER, "exclude.txt")
-CONSTRAINTS_FILE = "cluster/constraints.txt"  # relative to the checkout, as node setup reads it
 WORLD = ("0.0.0.0/0", "::/0")
-# What no exclude list may miss: secrets, data, runs and checkpoints (cluster/exclude.txt has more).
-REQUIRED_EXCLUDES = (".env*", "*.pem", "*.key", "*credentials*", ".aws", ".ssh", "data", "runs",
-                     "checkpoint_*", "*.pt", "*.ckpt", "*.safetensors", ".venv", ".git")
-DIGEST = re.compile(r"@sha256:([0-9a-f]{64}|REPLACE[\w.-]*)$")
 
 
 class ConfigError(ValueError):
@@ -55,120 +56,6 @@ def load(path: str) -> dict:
 def load_all(path: str) -> list[dict]:
     with open(path) as stream:
         return [d for d in yaml.safe_load_all(stream) if d is not None]
-
-
-# --- shell commands ---------------------------------------------------------------------------
-@dataclass
-class Command:
-    """One simple command: its words and the environment it runs with."""
-
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-
-
-_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
-
-
-def shell_commands(text: str, environment: dict[str, str] | None = None) -> list[Command]:
-    """The simple commands of a shell command line, each with the environment it sees: the
-    exported variables so far plus its own `NAME=value` prefixes (later ones win)."""
-    exported = dict(environment or {})
-    variables: dict[str, str] = {}
-    lexer = shlex.shlex(text.replace("\\\n", " ").replace("\n", " ; "), posix=True, punctuation_chars=";&|()")
-    lexer.whitespace_split = True
-    commands: list[Command] = []
-    words: list[str] = []
-
-    def finish() -> None:
-        prefix: dict[str, str] = {}
-        rest = list(words)
-        while rest and _ASSIGNMENT.match(rest[0]):
-            name, value = _ASSIGNMENT.match(rest.pop(0)).groups()
-            prefix[name] = value
-        if rest[:1] == ["env"]:  # env NAME=value ... command
-            rest.pop(0)
-            while rest and (_ASSIGNMENT.match(rest[0]) or rest[0].startswith("-")):
-                match = _ASSIGNMENT.match(rest.pop(0))
-                if match:
-                    prefix[match.group(1)] = match.group(2)
-        if not rest:  # a bare assignment: a shell variable, exported only if already exported
-            variables.update(prefix)
-            exported.update({k: v for k, v in prefix.items() if k in exported})
-        elif rest[0] == "export":
-            for word in rest[1:]:
-                match = _ASSIGNMENT.match(word)
-                if match:
-                    exported[match.group(1)] = variables[match.group(1)] = match.group(2)
-                elif word in variables:
-                    exported[word] = variables[word]
-        elif rest[0] == "unset":
-            for word in rest[1:]:
-                exported.pop(word, None)
-                variables.pop(word, None)
-        else:
-            commands.append(Command(rest, {**exported, **prefix}))
-        words.clear()
-
-    for token in lexer:
-        if token and set(token) <= set(";&|()"):
-            if words:
-                finish()
-        else:
-            words.append(token)
-    if words:
-        finish()
-    return commands
-
-
-def ray_start_options(argv: list[str]) -> dict[str, str] | None:
-    """`{option: value}` of a `ray start` command (`--opt=value` or `--opt value`; flags -> ""),
-    or None for any other command."""
-    if len(argv) < 2 or os.path.basename(argv[0]) != "ray" or argv[1] != "start":
-        return None
-    options: dict[str, str] = {}
-    index = 2
-    while index < len(argv):
-        word = argv[index]
-        if word.startswith("--"):
-            name, sep, value = word[2:].partition("=")
-            if not sep and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
-                value, index = argv[index + 1], index + 1
-            options[name] = value
-        index += 1
-    return options
-
-
-def is_loopback_host(host: str) -> bool:
-    host = host.strip().strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def ray_start_findings(commands: list[str], where: str, key: str) -> list[str]:
-    """Each `ray start` in a launcher command list: token auth in the environment it runs with,
-    the dashboard on loopback. Every list item runs in its own shell (the launcher's way)."""
-    found, starts = [], 0
-    for index, line in enumerate(commands):
-        for command in shell_commands(line):
-            options = ray_start_options(command.argv)
-            if options is None:
-                continue
-            starts += 1
-            mode = command.env.get("RAY_AUTH_MODE")
-            if mode != "token":
-                found.append(f"{where}: {key}[{index}]: ray start runs with RAY_AUTH_MODE={mode or 'unset'} "
-                             "(token auth must be on)")
-            host = options.get("dashboard-host")
-            if host is not None and not is_loopback_host(host):
-                found.append(f"{where}: {key}[{index}]: ray start binds the dashboard to {host!r} "
-                             "(keep --dashboard-host=127.0.0.1 and tunnel to it)")
-    if commands and not starts:
-        found.append(f"{where}: {key}: no `ray start` found")
-    return found
 
 
 # --- cluster-launcher configs -----------------------------------------------------------------
@@ -396,105 +283,6 @@ def network_policy_findings(manifest: dict, others: list[dict], where: str) -> l
                 f"the cluster's own pods (beyond the dashboard port 8265)"]
     return [f"{where}: no NetworkPolicy admits Ray's ports only from the cluster's own pods "
             f"(podSelector {selector}, policyTypes [Ingress])"]
-
-
-# --- what ships, what is pinned -----------------------------------------------------------------
-def exclude_patterns(path: str = EXCLUDE_FILE) -> list[str]:
-    with open(path) as stream:
-        return [line.strip() for line in stream if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _normalise(pattern: str) -> str:
-    return pattern.strip().rstrip("/")
-
-
-def exclude_findings(patterns, where: str, expected: list[str] | None = None) -> list[str]:
-    """An exclude list must be cluster/exclude.txt (which has every REQUIRED_EXCLUDES pattern)."""
-    expected = expected if expected is not None else exclude_patterns()
-    given = {_normalise(p) for p in patterns or []}
-    missing = [p for p in REQUIRED_EXCLUDES if p not in given]
-    if missing:
-        return [f"{where} would ship {', '.join(missing)} (use the list in cluster/exclude.txt)"]
-    if given != {_normalise(p) for p in expected}:
-        differs = sorted(given ^ {_normalise(p) for p in expected})
-        return [f"{where} differs from cluster/exclude.txt in {', '.join(differs)}"]
-    return []
-
-
-PRODUCT_PACKAGES = ("pipelines", "methods", "tune", "cluster")
-
-
-def excluded_by(path: str, pattern: str) -> bool:
-    """Whether an exclude `pattern` drops the checkout-relative `path`: a pattern without a slash
-    (after an optional `**/`) matches any component, as rsync and gitignore read it."""
-    pattern = _normalise(pattern).removeprefix("**/")
-    if "/" in pattern:
-        return fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/")
-    return any(fnmatch.fnmatch(part, pattern) for part in path.split("/"))
-
-
-def product_findings(patterns: list[str], root: str = ROOT) -> list[str]:
-    """The exclude list must not drop the product's own code: a package named like a pattern
-    (`data`, `runs`) would be missing from every job upload, node and image."""
-    found = []
-    for package in PRODUCT_PACKAGES:
-        for folder, _, names in os.walk(os.path.join(root, package)):
-            for name in names:
-                path = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-                dropped = [p for p in patterns if "__pycache__" not in path and excluded_by(path, p)]
-                if dropped and name.endswith((".py", ".yaml", ".txt")):
-                    found.append(f"cluster/exclude.txt: {dropped[0]!r} drops {path}, the product's own code "
-                                 "(rename the folder, or anchor the pattern)")
-    return found
-
-
-def dockerignore_lines(patterns: list[str]) -> list[str]:
-    """.dockerignore matches from the context root, so each pattern also gets a `**/` twin to
-    match at any depth as rsync and gitignore do."""
-    lines = []
-    for pattern in patterns:
-        lines.append(pattern)
-        if not pattern.startswith("**/") and "/" not in pattern.rstrip("/"):
-            lines.append(f"**/{pattern}")
-    return lines
-
-
-def runtime_env_findings(runtime_env: dict, where: str, constraints: dict[str, str]) -> list[str]:
-    found = exclude_findings(runtime_env.get("excludes"), f"{where}: excludes")
-    packages = runtime_env.get("pip") or []
-    packages = packages.get("packages", []) if isinstance(packages, dict) else packages
-    for requirement in packages:
-        name, sep, version = str(requirement).partition("==")
-        key = name.strip().lower().replace("_", "-")
-        if not sep:
-            found.append(f"{where}: pip {requirement!r} is not pinned (==, as in {CONSTRAINTS_FILE})")
-        elif constraints and constraints.get(key) != version.strip():
-            found.append(f"{where}: pip {requirement!r} differs from {CONSTRAINTS_FILE} ({constraints.get(key)})")
-    return found
-
-
-def dockerfile_findings(text: str, where: str) -> list[str]:
-    found = []
-    for line in text.splitlines():
-        words = line.split()
-        if words[:1] == ["FROM"] and len(words) > 1 and not DIGEST.search(words[1]):
-            found.append(f"{where}: FROM {words[1]} is a tag, not a digest (cluster/pin_images.sh)")
-        if words[:1] == ["RUN"] and "pip" in line and "install" in line:
-            if "--upgrade" in words or "-U" in words:
-                found.append(f"{where}: RUN pip install --upgrade takes whatever is newest")
-            if "-c" not in words and "--constraint" not in words:
-                found.append(f"{where}: RUN pip install without -c {CONSTRAINTS_FILE}")
-    return found
-
-
-def read_constraints(path: str) -> dict[str, str]:
-    pins = {}
-    with open(path) as stream:
-        for line in stream:
-            name, sep, version = line.split("#")[0].strip().partition("==")
-            if sep:
-                pins[name.strip().lower().replace("_", "-")] = version.strip()
-    return pins
 
 
 # --- entry points -------------------------------------------------------------------------------

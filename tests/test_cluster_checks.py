@@ -9,17 +9,9 @@ import sys
 import pytest
 import yaml
 
-from cluster.checks import (
-    FOLDER,
-    check_all,
-    check_file,
-    default_files,
-    dockerignore_lines,
-    exclude_patterns,
-    main,
-    ray_start_options,
-    shell_commands,
-)
+from cluster.checks import check_all, check_file, default_files, main
+from cluster.commands import ray_start_options, shell_commands
+from cluster.shipping import FOLDER, dockerignore_lines, exclude_patterns
 
 ROOT = os.path.dirname(FOLDER)
 HEAD = "RAY_AUTH_MODE=token ray start --head --port=6379 --dashboard-host=127.0.0.1"
@@ -227,7 +219,7 @@ def test_a_network_policy_may_admit_the_operator_on_the_dashboard_port_only(tmp_
 def test_no_exclude_pattern_drops_the_products_own_code(tmp_path):
     """A package named like an exclude pattern (`pipelines/data/` against `data`) would be left
     out of every job upload, node and image: the check names it; ours has none."""
-    from cluster.checks import excluded_by, product_findings
+    from cluster.shipping import excluded_by, product_findings
 
     assert product_findings(exclude_patterns()) == []
     (tmp_path / "pipelines" / "data").mkdir(parents=True)
