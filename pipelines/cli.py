@@ -123,16 +123,15 @@ def cmd_prepare(args) -> dict:
     return prepare(args.src, args.out, config, source)
 
 
-def run_config(args, **options):
+def run_config(args, options: dict):
     """The validated run config of a pretrain or tune command (`--method`, `--preset`, `--config`,
-    `--set`, then the command's own `options` as `{"section.key": value}` with `__` for `.`), and a
+    `--set`, then the command's own `options`, `{"section.key": value}`, those not None), and a
     model built from it once: architecture mismatches (e.g. width vs heads) surface only when the
     model is built."""
     from methods.base import checked_groups
     from pipelines.config import build_config, build_method
 
-    sets = {**parse_sets(args.set), **{key.replace("__", "."): value for key, value in options.items()
-                                        if value is not None}}
+    sets = {**parse_sets(args.set), **{key: value for key, value in options.items() if value is not None}}
     try:
         config = build_config(args.method, args.preset, args.config, sets)
     except ValueError as error:
@@ -151,7 +150,8 @@ def cmd_pretrain(args) -> dict:
     from pipelines.train.pretrain import pretrain
     from pipelines.weights.init_from import initial_weights
 
-    config = run_config(args, train__workers=args.workers, train__probe=args.probe, train__init_from=args.init_from)
+    config = run_config(args, {"train.workers": args.workers, "train.probe": args.probe,
+                               "train.init_from": args.init_from})
     init = initial_weights(config)  # weights that do not fit the backbone are refused before Ray
     plan = preflight(config, args.data, args.val, args.storage, args.name, args.gpus_per_worker, args.num_cpus)
     start_ray(args.num_cpus)
@@ -166,7 +166,7 @@ def cmd_tune(args) -> dict:
     from tune.search import SearchSettings, check_space, run_search
     from tune.space import parse_space
 
-    config = run_config(args, train__workers=args.workers_per_trial, train__probe=args.probe)
+    config = run_config(args, {"train.workers": args.workers_per_trial, "train.probe": args.probe})
     settings = SearchSettings(samples=args.samples, gpus_per_worker=args.gpus_per_worker, scheduler=args.scheduler,
                               max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode,
                               grace_epochs=args.grace_epochs)
@@ -252,7 +252,8 @@ def cmd_demo(args) -> dict:
 
 def _method_args(parser) -> None:
     parser.add_argument("--method", required=True, help=METHOD_HELP)
-    parser.add_argument("--preset", default="tiny", help="tiny (CPU sample; the default) or imagenet")
+    parser.add_argument("--preset", default="tiny", help="tiny (CPU sample; the default), imagenet (the paper's); "
+                        "simclr also has demo (the demo's recipe)")
     parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
 
