@@ -75,3 +75,35 @@ def test_the_checker_sees_a_room_importing_one_above_it():
     assert layer("pipelines.images.ingest") < layer("pipelines.train.loop")
     assert layer("pipelines.evaluate") < layer("pipelines.train") < layer("pipelines.outputs")
     assert layer("pipelines.datax") is None  # a room's name is matched whole
+
+
+def test_rooms_stay_small_enough_to_read():
+    """A module of pipelines/, methods/, tune/ or cluster/ holds at most 450 lines (the CLI
+    excepted), and a function of pipelines/ or methods/ at most 60 unless its docstring says why
+    it must be one piece."""
+    too_long = []
+    for module in modules():
+        source = open(os.path.join(ROOT, module)).read()
+        if module != os.path.join("pipelines", "cli.py") and source.count("\n") > 450:
+            too_long.append(f"{module}: {source.count(chr(10))} lines")
+        if module.split(os.sep)[0] not in ("pipelines", "methods"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                if "one piece" not in (ast.get_docstring(node) or ""):
+                    too_long.append(f"{module}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
+
+
+def test_nothing_edits_the_import_path():
+    """Scripts run with `python -m` from the checkout and tests import `tests.helpers`: no file
+    of the repository inserts into sys.path."""
+    found = []
+    for folder, names, files in os.walk(ROOT):
+        names[:] = [n for n in names if not n.startswith(".") and n not in ("__pycache__", "venv")]
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and path != os.path.abspath(__file__):
+                if "sys.path.insert" in open(path).read():
+                    found.append(os.path.relpath(path, ROOT))
+    assert not found, found
