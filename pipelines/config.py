@@ -243,13 +243,17 @@ class RunConfig:
     train: TrainConfig
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     preset: str = "tiny"
+    method_class: type[Method] = field(init=False, repr=False, compare=False)  # from the registry, once
+
+    def __post_init__(self) -> None:
+        self.method_class = get_method(self.method)
 
     def lr_rule(self) -> str:
         """How the base LR scales with the global batch: `optim.lr_scaling`, else the method's rule."""
-        return self.optim.lr_scaling or get_method(self.method).lr_scaling
+        return self.optim.lr_scaling or self.method_class.lr_scaling
 
     def recipe(self) -> ViewRecipe:
-        return get_method(self.method).default_recipe().with_overrides(self.views)
+        return self.method_class.default_recipe().with_overrides(self.views)
 
     def to_dict(self) -> dict:
         """The complete config as plain YAML values, built from the sections themselves (what
@@ -398,4 +402,4 @@ def config_from_dict(raw: dict) -> RunConfig:
 def build_method(config: RunConfig) -> Method:
     """The configured method with freshly initialised weights (seeded by `train.seed`)."""
     torch.manual_seed(config.train.seed)
-    return get_method(config.method)(config.backbone, config.hparams, config.recipe())
+    return config.method_class(config.backbone, config.hparams, config.recipe())
