@@ -163,10 +163,12 @@ def cmd_tune(args) -> dict:
     import time
 
     from pipelines.train.preflight import preflight, storage_path
+    from pipelines.weights.init_from import initial_weights
     from tune.search import SearchSettings, check_space, run_search
     from tune.space import parse_space
 
     config = run_config(args, {"train.workers": args.workers_per_trial, "train.probe": args.probe})
+    initial_weights(config)  # `--set train.init_from` weights that do not fit: refused here, not in every trial
     settings = SearchSettings(samples=args.samples, gpus_per_worker=args.gpus_per_worker, scheduler=args.scheduler,
                               max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode,
                               grace_epochs=args.grace_epochs)

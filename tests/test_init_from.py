@@ -84,6 +84,10 @@ def test_cli_refuses_misfitting_weights_in_one_line_before_ray(digits, tmp_path,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"selfsup pretrain: error: --init-from {tmp_path / 'vit.pth'}: does not fit")
+    # A search refuses them once, before Ray, not in each of its trials.
+    code = main(["tune", "--method", "simclr", "--data", f"{out}/train", "--set", f"train.init_from={tmp_path / 'vit.pth'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"selfsup tune: error: --init-from {tmp_path / 'vit.pth'}: does not fit")
 
 
 def test_pretraining_continues_from_an_export(digits, one_epoch_run, tmp_path, capsys):
