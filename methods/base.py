@@ -76,7 +76,8 @@ def contract_problems(cls: type) -> list[str]:
         if needs is None:
             problems.append(f"capability {capability!r} is unknown (known: {', '.join(sorted(CAPABILITIES))})")
             continue
-        missing = [hook for hook in needs if inspect.getattr_static(cls, hook) is inspect.getattr_static(Method, hook)]
+        missing = [hook for hook in needs
+                   if inspect.getattr_static(cls, hook) is inspect.getattr_static(Method, hook)]
         if missing:
             problems.append(f"capability {capability!r} needs {', '.join(missing)}")
     if not isinstance(inspect.getattr_static(cls, "sync_bn"), property):
