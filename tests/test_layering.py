@@ -95,15 +95,25 @@ def test_rooms_stay_small_enough_to_read():
     assert not too_long, too_long
 
 
-def test_nothing_edits_the_import_path():
+def edits_the_import_path(path: str) -> bool:
+    """Whether the file calls a method of `sys.path` that changes it (insert, append, extend)."""
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+        if (isinstance(target, ast.Attribute) and target.attr == "path" and isinstance(target.value, ast.Name)
+                and target.value.id == "sys" and node.func.attr in ("insert", "append", "extend")):
+            return True
+    return False
+
+
+def test_nothing_edits_the_import_path(tmp_path):
     """Scripts run with `python -m` from the checkout and tests import `tests.helpers`: no file
-    of the repository inserts into sys.path."""
+    of the repository changes its import path."""
     found = []
     for folder, names, files in os.walk(ROOT):
         names[:] = [n for n in names if not n.startswith(".") and n not in ("__pycache__", "venv")]
-        for name in files:
-            path = os.path.join(folder, name)
-            if name.endswith(".py") and path != os.path.abspath(__file__):
-                if "sys.path.insert" in open(path).read():
-                    found.append(os.path.relpath(path, ROOT))
+        found += [os.path.relpath(os.path.join(folder, name), ROOT) for name in files
+                  if name.endswith(".py") and edits_the_import_path(os.path.join(folder, name))]
     assert not found, found
+    planted = tmp_path / "script.py"
+    planted.write_text("import os\nimport sys\n\nsys.path.append(os.getcwd())\n")
+    assert edits_the_import_path(str(planted))
