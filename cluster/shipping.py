@@ -58,11 +58,12 @@ def product_findings(patterns: list[str], root: str = ROOT) -> list[str]:
     (`data`, `runs`) would be missing from every job upload, node and image."""
     found = []
     for package in PRODUCT_PACKAGES:
-        for folder, _, names in os.walk(os.path.join(root, package)):
-            for name in names:
+        for folder, folders, names in os.walk(os.path.join(root, package)):
+            folders[:] = [f for f in folders if f != "__pycache__"]
+            for name in (n for n in names if n.endswith((".py", ".yaml", ".txt"))):
                 path = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-                dropped = [p for p in patterns if "__pycache__" not in path and excluded_by(path, p)]
-                if dropped and name.endswith((".py", ".yaml", ".txt")):
+                dropped = [p for p in patterns if excluded_by(path, p)]
+                if dropped:
                     found.append(f"cluster/exclude.txt: {dropped[0]!r} drops {path}, the product's own code "
                                  "(rename the folder, or anchor the pattern)")
     return found

@@ -64,9 +64,9 @@ class FeatureExtractor:
     def __init__(self, config: dict, encoders: tuple[Encoder, ...], precision: str = "fp32", pixels: bool = False,
                  carry: tuple[str, ...] = ("label", "key")):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.methods = {}
+        self.methods, run_config = {}, config_from_dict(config)
         for encoder in encoders:
-            method = build_method(config_from_dict(config))  # seeded: the same random init every time
+            method = build_method(run_config)  # seeded: the same random init every time
             if encoder.weights is not None:
                 method.load_state_dict(encoder.weights)
             self.methods[encoder.name] = method.to(self.device).eval()
