@@ -162,6 +162,11 @@ class Method(nn.Module, abc.ABC):
         """`canvases: (N, H, W, 3) uint8` on the device -> the recipe's views, on the device."""
         return self.view_maker(canvases)
 
+    def step_input(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """What a training step passes to `forward` from a batch `{"image": (N, H, W, 3) uint8, ...}`:
+        the views of its images."""
+        return self.views(batch["image"])
+
     def view_pair(self, canvases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views of every image by the method's own recipe, for the alignment metric: the
         recipe's first two views when they share a shape (SimCLR's pair, DINO's global crops),

@@ -200,6 +200,55 @@ def cmd_eval(args) -> dict:
     return evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
 
 
+def cmd_finetune(args) -> dict:
+    from pipelines.config import build_config
+    from pipelines.images.labeled import check_test_classes, labeled_subset
+    from pipelines.images.shards import check_output_folder
+    from pipelines.outputs.export import export_classifier
+    from pipelines.train.finetune import finetune, load_classifier, plan_finetune
+    from pipelines.train.preflight import check_local_cpus
+    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
+    from pipelines.weights.init_from import initial_weights
+
+    if bool(args.checkpoint) == bool(args.init_from):
+        raise UsageError("give --checkpoint (a pretraining run's) or --init-from (weights, with --method)")
+    if args.labels_per_class is not None and args.labels_per_class < 1:
+        raise UsageError(f"--labels-per-class {args.labels_per_class}: must be >= 1")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise UsageError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
+    if args.checkpoint:
+        source = find_checkpoint(args.checkpoint)
+        method, base = load_checkpoint(source)
+        weights = {key: value.cpu() for key, value in method.encoder().state_dict().items()}
+    else:
+        if not args.method:
+            raise UsageError("--init-from: name the architecture with --method (and --method-preset)")
+        try:
+            base = build_config(args.method, args.method_preset, None, {"train.init_from": args.init_from})
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        source, weights = args.init_from, initial_weights(base)[0]
+    labeled = labeled_subset(args.data, args.labels_per_class, args.label_fraction)
+    check_test_classes(args.test, labeled)
+    if args.out and not args.overwrite:
+        check_output_folder(args.out, overwrite=False)
+    sets = {**parse_sets(args.set), **({"train.workers": args.workers} if args.workers else {})}
+    try:
+        run = plan_finetune(base, labeled, args.preset, sets)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    check_local_cpus(run.config, args.num_cpus)
+    start_ray(args.num_cpus)
+    result = finetune(run, args.test, weights, scratch=not args.no_scratch, storage=args.storage, name=args.name,
+                      gpus_per_worker=args.gpus_per_worker)
+    result.update(labels_per_class=args.labels_per_class, label_fraction=args.label_fraction, init=source)
+    if args.out:
+        classifier = load_classifier(result["checkpoints"]["top1"], run)
+        result["export"] = export_classifier(classifier, run.config, labeled.num_classes, args.out,
+                                             {"finetuned_from": source, "top1": result["top1"]}, args.overwrite)
+    return result
+
+
 def cmd_viz_augment(args) -> dict:
     from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
 
@@ -358,8 +407,8 @@ def cmd_embed(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfsup", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare_parser, _viz_parsers, _pretrain_parser, _tune_parser, _eval_parser, _export_parser,
-                _embed_parser, _demo_parser):
+    for add in (_prepare_parser, _viz_parsers, _pretrain_parser, _tune_parser, _eval_parser, _finetune_parser,
+                _export_parser, _embed_parser, _demo_parser):
         add(commands)
     return parser
 
@@ -464,6 +513,35 @@ def _eval_parser(commands) -> None:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel floors")
     evaluate.add_argument("--num-cpus", type=int, default=None)
     evaluate.set_defaults(run=cmd_eval)
+
+
+def _finetune_parser(commands) -> None:
+    tune = commands.add_parser("finetune", help="fine-tune an encoder with a linear head on labels, beside scratch")
+    tune.add_argument("--checkpoint", help="a pretraining run's checkpoint (or its run folder)")
+    tune.add_argument("--init-from", metavar="PATH", help="or encoder weights: a `selfsup export` or timm folder, "
+                                                          ".safetensors or .pth (with --method)")
+    tune.add_argument("--method", help="with --init-from: the method whose architecture the weights have")
+    tune.add_argument("--method-preset", default="tiny", help="with --init-from: that method's preset")
+    tune.add_argument("--data", required=True, help="labeled training shards")
+    tune.add_argument("--test", required=True, help="labeled shards to score top-1 on")
+    few = tune.add_mutually_exclusive_group()
+    few.add_argument("--labels-per-class", type=int, default=None, metavar="N",
+                     help="train on N images per class, chosen by the CRC-32 of their ids (default: all)")
+    few.add_argument("--label-fraction", type=float, default=None, metavar="F",
+                     help="train on this fraction of each class, chosen the same way")
+    tune.add_argument("--preset", default=None, help="fine-tuning recipe: vit, resnet, vit-small-images, "
+                                                     "resnet-small-images (default: the encoder's family and size)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override optim.*, train.*, data.* or finetune.* (e.g. optim.epochs=30)")
+    tune.add_argument("--no-scratch", action="store_true", help="skip the same recipe from random init")
+    tune.add_argument("--out", help="write the fine-tuned classifier here as a timm model folder")
+    tune.add_argument("--overwrite", action="store_true")
+    tune.add_argument("--workers", type=int, default=None)
+    tune.add_argument("--gpus-per-worker", type=float, default=0)
+    tune.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
+    tune.add_argument("--name", help="run name (the scratch run adds -scratch)")
+    tune.add_argument("--num-cpus", type=int, default=None)
+    tune.set_defaults(run=cmd_finetune)
 
 
 def _export_parser(commands) -> None:

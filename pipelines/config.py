@@ -309,7 +309,7 @@ def _is_number_type(hint) -> bool:
     return any(o in (int, float) for o in options) and all(o in (int, float, type(None)) for o in options)
 
 
-def _build(cls, values: dict, section: str):
+def build_section(cls, values: dict, section: str):
     """A section's dataclass from its dict: unknown keys refused, YAML lists made tuples and
     integers made floats where the field says so, strings refused for number fields, then the
     section's own `validate()` (rule tables, `methods.checks.check_rules`)."""
@@ -387,13 +387,13 @@ def config_from_dict(raw: dict) -> RunConfig:
     config = RunConfig(
         method=raw["method"],
         preset=raw.get("preset", "tiny"),
-        backbone=_build(BackboneConfig, raw["backbone"], "backbone"),
+        backbone=build_section(BackboneConfig, raw["backbone"], "backbone"),
         hparams=hparams_from_dict(method_cls.Hyperparameters, raw["hparams"]),
         views=raw["views"],
-        data=_build(IngestConfig, raw["data"], "data"),
-        optim=_build(OptimConfig, raw["optim"], "optim"),
-        train=_build(TrainConfig, raw["train"], "train"),
-        tracking=_build(TrackingConfig, raw.get("tracking", {}), "tracking"),
+        data=build_section(IngestConfig, raw["data"], "data"),
+        optim=build_section(OptimConfig, raw["optim"], "optim"),
+        train=build_section(TrainConfig, raw["train"], "train"),
+        tracking=build_section(TrackingConfig, raw.get("tracking", {}), "tracking"),
     )
     config.recipe()  # validates the view overrides
     return config

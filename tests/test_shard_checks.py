@@ -72,6 +72,8 @@ def test_what_a_run_needs_from_the_machine_is_refused_before_ray(good, tmp_path,
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     line = run_line(capsys, "--workers", str((os.cpu_count() or 1) + 2), data=good)
     assert "CPUs, but this machine's Ray has" in line  # Ray Train would wait for them forever
+    # one worker's CPU leaves no room for a decode task: Ray Data would wait forever (it did)
+    assert "+ one decode task's data.decode_num_cpus 0.5 = 1.5 CPUs" in run_line(capsys, "--num-cpus", "1", data=good)
     assert "--name 'ré-run': use letters" in run_line(capsys, "--name", "ré-run", data=good)
     blocked = tmp_path / "a-file"  # a folder under a file cannot be made, even by root
     blocked.write_text("")

@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 import ray.data
 import torch
+from ray.data.expressions import col
 
 from methods.checks import check_rules
 from pipelines.images.decode import DEFAULT_MAX_PIXELS, decode_batch
@@ -103,7 +104,7 @@ def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, wit
         else:
             out["label"] = np.full(len(kept), -1, dtype=np.int64)
         # A stable integer per record (string ids cannot travel as tensors): splits eval sets.
-        out["key"] = np.array([zlib.crc32(str(ids[i]).encode()) for i in kept], dtype=np.int64)
+        out["key"] = np.array([record_key(str(ids[i])) for i in kept], dtype=np.int64)
     if with_ids:
         out["id"] = np.array([str(ids[i]) for i in kept], dtype=object)
     return out
@@ -117,6 +118,12 @@ def route_for_device(batch: pa.Table, size: int, max_pixels: int, quality_log,
     table, bad = route_records(batch.column("image").to_pylist(), record_ids(batch), size, max_pixels)
     report_bad(quality_log, batch.num_rows, bad, stop_over)
     return table
+
+
+def record_key(record: str) -> int:
+    """The int64 `key` labeled batches carry for a record id: its CRC-32 (string ids cannot travel
+    as tensors; `images.labeled` ranks records by the same number)."""
+    return zlib.crc32(record.encode())
 
 
 def record_ids(batch: pa.Table) -> list:
@@ -135,7 +142,7 @@ def report_bad(quality_log, seen: int, bad: list[tuple[str, str]], stop_over: fl
 
 def image_dataset(
     location: str, config: IngestConfig, quality_log=None, with_labels: bool = False, with_ids: bool = False,
-    stop_early: bool = False, jpeg_on_device: bool = False,
+    stop_early: bool = False, jpeg_on_device: bool = False, only_ids: tuple[str, ...] | None = None,
 ) -> tuple[ray.data.Dataset, object]:
     """A lazy, streaming dataset of `{"image": (S, S, 3) uint8}` rows; `with_labels` adds
     `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id); `with_ids` adds
@@ -144,6 +151,8 @@ def image_dataset(
     enough records are seen (for a consumer that reads it with `iter_canvas_batches`).
     `jpeg_on_device`: rows are `route_for_device`'s instead, for `iter_canvas_batches` with
     `config.decode == "gpu"` to decode on the training device (no labels or ids).
+    `only_ids`: only the records with these ids (filtered in the read tasks' blocks, so the
+    others are never decoded; the shards need an `id` column).
 
     Returns the dataset and the `QualityLog` actor that counts skipped records.
     """
@@ -151,6 +160,8 @@ def image_dataset(
     shards = find_shards(location)
     quality_log = quality_log or new_quality_log()
     shuffle = ray.data.FileShuffleConfig(seed=config.seed) if config.shuffle_files else None
+    if only_ids is not None and not shards.has_id:
+        raise ValueError(f"{location}: the shards have no `id` column to select records by")
     dataset = ray.data.read_parquet(
         shards.files,
         filesystem=shards.filesystem,
@@ -158,6 +169,8 @@ def image_dataset(
         include_paths=not shards.has_id,
         num_cpus=config.decode_num_cpus,
     )
+    if only_ids is not None:  # before decoding, in the read tasks' blocks
+        dataset = dataset.filter(expr=col("id").is_in(list(only_ids)), num_cpus=config.decode_num_cpus)
     columns = ["image", "id" if shards.has_id else "path"]
     if with_labels and shards.has_label:
         columns.append("label")

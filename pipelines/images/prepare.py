@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import random
-import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,6 +20,7 @@ import ray.data
 
 from pipelines.console import Progress
 from pipelines.images.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
+from pipelines.images.labeled import rank_by_record_id
 from pipelines.images.quality import check_bad_fraction, new_quality_log
 from pipelines.images.samples import CLASS_NAMES, sample_tables
 from pipelines.images.shards import (
@@ -147,8 +147,7 @@ def split_by_record_id(ids: list[str], classes: list[str], test_fraction: float)
         by_class.setdefault(label, []).append(record)
     held_out = set()
     for members in by_class.values():
-        ranked = sorted(members, key=lambda record: (zlib.crc32(record.encode()), record))
-        held_out.update(ranked[:int(round(test_fraction * len(members)))])
+        held_out.update(rank_by_record_id(members)[:int(round(test_fraction * len(members)))])
     return held_out
 
 

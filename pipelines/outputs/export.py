@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from methods.backbone import small_image_stem
+from pipelines.config import build_method
 from pipelines.images.shards import DataError
 from pipelines.weights.checkpoint import load_checkpoint, load_state
+from pipelines.weights.timm_model import timm_model
 
 EXPORT_INFO = "selfsup"  # the config.json key where the export records where it came from
 SMALL_STEM_RECIPE = (  # str.format(arch=..., folder=...)
@@ -42,20 +44,6 @@ class ExportError(DataError):
     """An export that would not load in timm as the checkpoint's encoder."""
 
 
-def timm_model_args(method, config) -> dict:
-    """The `timm.create_model` arguments that rebuild the encoder so that its `forward` gives the
-    method's evaluation features (classifier removed, the method's pooling)."""
-    args = dict(config.backbone.kwargs)
-    for key in ("img_size", "patch_size"):
-        if getattr(config.backbone, key) is not None:
-            args[key] = getattr(config.backbone, key)
-    if "channels" in args:
-        args["channels"] = list(args["channels"])
-    args.update(method.encoder_model_args())
-    args["num_classes"] = 0
-    return args
-
-
 def readable_by_umask(folder: str) -> None:
     """safetensors writes its files with mode 0600; an export is for sharing, so its files get the
     mode any new file gets here (0644 under the usual umask 022)."""
@@ -65,18 +53,6 @@ def readable_by_umask(folder: str) -> None:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             os.chmod(path, 0o666 & ~umask)
-
-
-def small_stem(config) -> bool:
-    from timm.models.resnet import ResNet
-
-    return bool(config.backbone.small_images) and isinstance(_bare_model(config), ResNet)
-
-
-def _bare_model(config, **extra) -> nn.Module:
-    import timm
-
-    return timm.create_model(config.backbone.name, pretrained=False, **extra)
 
 
 def load_exported(folder: str) -> nn.Module:
@@ -93,7 +69,9 @@ def load_exported(folder: str) -> nn.Module:
     else:
         model = timm.create_model(
             exported["architecture"], pretrained=True,
-            pretrained_cfg_overlay=dict(file=os.path.join(folder, "model.safetensors")),
+            # the head's size too: timm drops a classifier whose size differs from the cfg's (1000)
+            pretrained_cfg_overlay=dict(file=os.path.join(folder, "model.safetensors"),
+                                        num_classes=exported["model_args"].get("num_classes", 0)),
             **exported["model_args"],
         )
     return model.eval()
@@ -113,8 +91,7 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     state = load_state(checkpoint)
     method, config = load_checkpoint(checkpoint, state)
     method.eval()
-    args, stem = timm_model_args(method, config), small_stem(config)
-    model = _timm_encoder(method, config, args, stem, checkpoint)
+    model, args, stem = _timm_encoder(method, config, checkpoint)
     progress = state.get("progress", {})
     info = {
         "method": config.method,
@@ -139,17 +116,22 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     return result
 
 
-def _timm_encoder(method, config, args: dict, stem: bool, checkpoint: str) -> nn.Module:
-    """A bare timm model holding the method's encoder weights, its `pretrained_cfg` saying how
-    evaluation feeds it (the training view size, the whole canvas, the recipe's normalisation)."""
-    model = _bare_model(config, **args)
-    if stem:
-        small_image_stem(model)
+def _timm_encoder(method, config, checkpoint: str) -> tuple[nn.Module, dict, bool]:
+    """(a bare timm model holding the method's encoder weights, its `pretrained_cfg` saying how
+    evaluation feeds it (the training view size, the whole canvas, the recipe's normalisation);
+    its arguments; whether it has the small-image stem)."""
+    model, args, stem = timm_model(method, config)
     missing, unexpected = model.load_state_dict(method.encoder().state_dict(), strict=False)
     if missing or unexpected:
         raise ExportError(f"checkpoint {checkpoint}: encoder does not match timm {config.backbone.name} "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    size, recipe = method.eval_size, config.recipe()
+    set_evaluation_cfg(model, method.eval_size, config.recipe(), 0)
+    return model, args, stem
+
+
+def set_evaluation_cfg(model: nn.Module, size: int, recipe, num_classes: int) -> None:
+    """`model.pretrained_cfg` saying how evaluation feeds it: the training view size, the whole
+    canvas, the recipe's normalisation; no download location."""
     model.pretrained_cfg = {
         **model.pretrained_cfg,
         "input_size": (3, size, size),
@@ -157,16 +139,40 @@ def _timm_encoder(method, config, args: dict, stem: bool, checkpoint: str) -> nn
         "interpolation": "bilinear",
         "mean": tuple(recipe.mean),
         "std": tuple(recipe.std),
-        "num_classes": 0,
+        "num_classes": num_classes,
     }
     for key in ("hf_hub_id", "url", "file", "tag", "license", "origin_url", "paper_ids", "notes"):
         model.pretrained_cfg.pop(key, None)
-    return model
+
+
+def export_classifier(classifier, config, num_classes: int, out: str, info: dict, overwrite: bool = False,
+                      seed: int = 0) -> dict:
+    """Write a fine-tuned `classifier` (`train.classifier.Classifier` of a run of `config`) to
+    `out` as a timm model folder, backbone and head, loaded back through timm and checked to give
+    its class scores. `info` is recorded under `config.json`'s `selfsup` key."""
+    from timm.models import save_for_hf
+
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise ExportError(f"--out {out}: not empty (pass --overwrite to replace its files)")
+    _, args, stem = timm_model(build_method(config), config, num_classes)
+    model = classifier.model.eval()
+    set_evaluation_cfg(model, classifier.eval_size, config.recipe(), num_classes)
+    os.makedirs(out, exist_ok=True)
+    save_for_hf(model, out, model_config={"model_args": args, EXPORT_INFO: {**info, "small_images_stem": stem}},
+                safe_serialization=True)
+    readable_by_umask(out)
+    error = _check_reload(classifier, out, seed)
+    folder = os.path.abspath(out)
+    load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
+            else f'timm.create_model("local-dir:{folder}", pretrained=True)')
+    return {"out": out, "architecture": config.backbone.name, "model_args": args, "max_score_difference": error,
+            "load": load}
 
 
 def _check_reload(method, out: str, seed: int) -> float:
-    """The largest difference between the method's features and those of the folder `out` loaded
-    through timm, on random images; refused above FEATURE_TOLERANCE."""
+    """The largest difference between the method's features (a classifier's: its class scores)
+    and those of the folder `out` loaded through timm, on random images; refused above
+    FEATURE_TOLERANCE."""
     size = method.eval_size
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

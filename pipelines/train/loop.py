@@ -71,8 +71,8 @@ def _train(worker: Worker, progress: Progress, passes: EpochStream | None, open_
             # global batch moves them by global / recipe batch.
             at = progress.position(recipe_batch)
             lr = worker.plan.lr_at(at) * worker.batches.lr_factor
-            for group in worker.optimizer.param_groups:
-                group["lr"] = lr
+            for group in worker.optimizer.param_groups:  # `lr_scale`: layer-wise decay (fine-tuning's)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             hook_metrics = worker.method.before_step(at, total, progress.epoch, worker.optimizer)
             started = time.perf_counter()
             outcome, waited = _step(worker, stream, progress, window)
@@ -128,7 +128,7 @@ def _step(worker: Worker, stream: Iterator[dict], progress: Progress, window: Re
         if bad_data:  # joins the step's all-reduce with a NaN, so every rank stops at this step
             loss_and_flag = all_reduce_mean(torch.tensor([float("nan"), 1.0], device=worker.device))
         else:
-            views = as_step_input(method.views(batch["image"]), worker.config.train.channels_last)
+            views = as_step_input(method.step_input(batch), worker.config.train.channels_last)
             # Gradients are all-reduced once per optimizer step, on its last micro-batch.
             last = micro == batches.accumulation - 1
             with (worker.model.no_sync() if worker.world > 1 and not last else contextlib.nullcontext()), worker.autocast:

@@ -91,14 +91,15 @@ def check_same_method(run: str, name: str, config: RunConfig) -> None:
 
 
 def check_local_cpus(config: RunConfig, num_cpus: int | None) -> None:
-    """For a local Ray: the CPUs the smallest worker group reserves, which Ray Train would
-    otherwise wait for forever."""
+    """For a local Ray: the CPUs the smallest worker group reserves plus one decode task's, which
+    Ray Train and Ray Data would otherwise wait for forever."""
     if os.environ.get("RAY_ADDRESS"):
         return
     cpus = num_cpus or os.cpu_count() or 1
     least = config.train.worker_range()[0]
-    needed = least * config.train.cpus_per_worker
+    needed = least * config.train.cpus_per_worker + config.data.decode_num_cpus
     if needed > cpus:
-        raise UsageError(f"{least} workers x train.cpus_per_worker {config.train.cpus_per_worker:g} = "
-                         f"{needed:g} CPUs, but this machine's Ray has {cpus}: use fewer --workers (or join a "
+        raise UsageError(f"{least} workers x train.cpus_per_worker {config.train.cpus_per_worker:g} + one decode "
+                         f"task's data.decode_num_cpus {config.data.decode_num_cpus:g} = {needed:g} CPUs, but this "
+                         f"machine's Ray has {cpus}: use fewer --workers or lower train.cpus_per_worker (or join a "
                          "cluster with RAY_ADDRESS)")

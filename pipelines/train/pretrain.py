@@ -13,6 +13,7 @@ from ray.train.torch import TorchTrainer
 from pipelines.config import RunConfig
 from pipelines.console import Relay, log
 from pipelines.images.ingest import image_dataset
+from pipelines.images.labeled import LabeledSet, labeled_dataset
 from pipelines.images.probe import probe_dataset, probe_table
 from pipelines.images.quality import BadDataError, new_quality_log
 from pipelines.images.shards import find_shards
@@ -31,21 +32,27 @@ def default_run_name(config: RunConfig) -> str:
 
 def make_trainer(config: RunConfig, data: str, plan: RunPlan, val: str | None = None, gpus_per_worker: float = 0,
                  storage: str | None = None, name: str | None = None, callbacks: list | None = None, console=None,
-                 console_prefix: str = "", init: tuple | None = None) -> TorchTrainer:
+                 console_prefix: str = "", init: tuple | None = None, labeled: LabeledSet | None = None,
+                 build=None) -> TorchTrainer:
     """The TorchTrainer for one pretraining run of `plan` (`plan_run`); Ray must be initialised.
     Every report goes to the run folder's `metrics.jsonl` and TensorBoard (and MLflow when
     configured). `console`: the queue of a `pipelines.console.Relay` that carries the workers'
     lines to the driver's stderr, each line after `console_prefix`. `init`:
-    `initial_weights(config)` when the caller already checked them."""
+    `initial_weights(config)` when the caller already checked them. Fine-tuning passes
+    `labeled` (the training records, whose labels the batches then carry) and `build` (what each
+    worker builds instead of the config's method: `train.classifier.ClassifierBuild`)."""
     init = init or initial_weights(config)  # before anything starts: weights that do not fit are refused
     if init:
-        log.info(f"init: {len(init[0])} tensors from {config.train.init_from}"
+        log.info(f"init: {len(init[0])} tensors from {config.train.init_from or 'the given encoder'}"
                  + (f" (classifier left out: {', '.join(init[1])})" if init[1] else ""))
     quality_log = new_quality_log()
     # Training reports one line per epoch; per-operator progress bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": image_dataset(data, config.data, quality_log, stop_early=True,
-                                       jpeg_on_device=config.data.decode == "gpu")[0]}
+    if labeled:
+        datasets = {"train": labeled_dataset(labeled, config.data, quality_log)}
+    else:
+        datasets = {"train": image_dataset(data, config.data, quality_log, stop_early=True,
+                                           jpeg_on_device=config.data.decode == "gpu")[0]}
     if val:
         val_config = dataclasses.replace(config.data, shuffle_files=False, shuffle_buffer=0, decode="cpu")
         datasets["val"] = image_dataset(val, val_config, new_quality_log(), with_labels=True)[0]
@@ -67,7 +74,7 @@ def make_trainer(config: RunConfig, data: str, plan: RunPlan, val: str | None = 
         train_loop_config={"config": config.to_dict(), "plan": plan, "quality_log": quality_log,
                            "has_val": bool(val), "has_probe": "probe" in datasets,
                            "console": console, "console_prefix": console_prefix,
-                           "init_weights": ray.put(init[0]) if init else None},
+                           "init_weights": ray.put(init[0]) if init else None, "build": build},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=config.train.placement_strategy,
                                      elastic_resize_monitor_interval_s=config.train.resize_interval_s),

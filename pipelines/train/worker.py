@@ -89,7 +89,10 @@ def wrap_model(method: torch.nn.Module, world: int, device: torch.device, compil
 
 
 def as_step_input(views: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
-    return [view.contiguous(memory_format=torch.channels_last) for view in views] if channels_last else views
+    """The step's input, views in channels-last memory when asked (other tensors, labels, as they are)."""
+    if not channels_last:
+        return views
+    return [view.contiguous(memory_format=torch.channels_last) if view.dim() == 4 else view for view in views]
 
 
 def step_threads(torch_threads: int, cpus_per_worker: float, node_cpus: float, workers_on_node: int) -> int:
@@ -115,7 +118,7 @@ def start_worker(config: RunConfig, loop_config: dict) -> tuple[Worker, Progress
                                        node["Resources"].get("CPU", 1), context.get_local_world_size()))
     plan: RunPlan = loop_config["plan"]
     batches = plan.batches(world)
-    method = build_method(config)
+    method = (loop_config.get("build") or build_method)(config)  # fine-tuning builds its classifier
     if loop_config.get("init_weights") is not None:  # a checkpoint, when resuming, overrides it below
         method.init_encoder(ray.get(loop_config["init_weights"]))
     if method.sync_bn and world > 1:

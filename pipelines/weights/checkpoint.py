@@ -142,5 +142,10 @@ def load_checkpoint(path: str, state: dict | None = None):
     with open(os.path.join(path, CONFIG_FILE)) as stream:
         config = config_from_dict(yaml.safe_load(stream))
     method = build_method(config)
-    method.load_state_dict((state or load_state(path))["method"])
+    try:
+        method.load_state_dict((state or load_state(path))["method"])
+    except RuntimeError:  # torch lists every key; the cause is the kind of checkpoint
+        raise CheckpointRefused(f"--checkpoint {path}: its weights are not a {config.method} pretraining run's "
+                                "(a `selfsup finetune` checkpoint? `selfsup finetune --out` exports the classifier)"
+                                ) from None
     return method, config
