@@ -66,7 +66,9 @@ def contract_problems(cls: type) -> list[str]:
     if cls.lr_scaling not in ("linear", "sqrt"):
         problems.append(f"lr_scaling={cls.lr_scaling!r} must be linear or sqrt")
     if "tiny" not in cls.presets:
-        problems.append("presets must hold `tiny` (the CLI's default and the tests')")
+        problems.append("presets must hold `tiny` (the tests' and the smoke runs')")
+    if cls.default_preset not in cls.presets:
+        problems.append(f"default_preset={cls.default_preset!r} is not one of its presets")
     if not (isinstance(cls.search_space, list) and all(isinstance(d, str) for d in cls.search_space)):
         problems.append("search_space must be a list of NAME=DIST(ARGS) strings")
     if not isinstance(cls.smoke_sets, dict):
@@ -111,6 +113,8 @@ class Method(nn.Module, abc.ABC):
         Hyperparameters: a dataclass of the method's hyperparameters with `validate()`.
         lr_scaling: `linear` (base x B/256) or `sqrt` (base x sqrt(B)), in the global batch.
         presets: partial run configs by preset name (`tiny` for the CPU sample, `imagenet`).
+        default_preset: the preset a run gets when it names none: the recipe that measured best
+            on the bundled sample (`tiny` unless a method's file says why another).
         search_space: the `selfsup tune --space` dimensions searched when the user names none.
         smoke_sets: `--set` overrides on the `tiny` preset for the smallest run that goes through
             the whole pipeline (16 px views, a network of under a million weights): what the test
@@ -128,6 +132,7 @@ class Method(nn.Module, abc.ABC):
     Hyperparameters: ClassVar[type]
     lr_scaling: ClassVar[str] = "linear"
     presets: ClassVar[dict[str, dict]] = {}
+    default_preset: ClassVar[str] = "tiny"
     search_space: ClassVar[list[str]] = []
     smoke_sets: ClassVar[dict[str, Any]] = {}
     capabilities: ClassVar[frozenset[str]] = frozenset()

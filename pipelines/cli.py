@@ -303,8 +303,8 @@ def cmd_demo(args) -> dict:
 
 def _method_args(parser) -> None:
     parser.add_argument("--method", required=True, help=METHOD_HELP)
-    parser.add_argument("--preset", default="tiny", help="tiny (CPU sample; the default), imagenet (the paper's); "
-                        "simclr also has demo (the demo's recipe)")
+    parser.add_argument("--preset", default=None, help="the method's best recipe on the CPU sample when not given "
+                        "(tiny; simclr: demo), or tiny, imagenet (the paper's); simclr also has demo")
     parser.add_argument("--config", help="YAML config (sections: backbone, hparams, views, data, optim, train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
 
@@ -521,7 +521,7 @@ def _finetune_parser(commands) -> None:
     tune.add_argument("--init-from", metavar="PATH", help="or encoder weights: a `selfsup export` or timm folder, "
                                                           ".safetensors or .pth (with --method)")
     tune.add_argument("--method", help="with --init-from: the method whose architecture the weights have")
-    tune.add_argument("--method-preset", default="tiny", help="with --init-from: that method's preset")
+    tune.add_argument("--method-preset", default=None, help="with --init-from: that method's preset")
     tune.add_argument("--data", required=True, help="labeled training shards")
     tune.add_argument("--test", required=True, help="labeled shards to score top-1 on")
     few = tune.add_mutually_exclusive_group()

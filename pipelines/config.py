@@ -336,8 +336,9 @@ def build_section(cls, values: dict, section: str):
     return built
 
 
-def build_config(method: str, preset: str = "tiny", file: str | None = None, sets: dict | None = None) -> RunConfig:
-    """The validated run config. Raises ValueError with a one-line message on any bad input."""
+def build_config(method: str, preset: str | None = None, file: str | None = None, sets: dict | None = None) -> RunConfig:
+    """The validated run config (`preset` None: the method's `default_preset`). Raises ValueError
+    with a one-line message on any bad input."""
     file_values: dict = {}
     if file:
         try:
@@ -355,6 +356,7 @@ def build_config(method: str, preset: str = "tiny", file: str | None = None, set
     method = sets.pop("method", method)
     preset = sets.pop("preset", preset)
     method_cls = get_method(method)
+    preset = preset or method_cls.default_preset
     if preset not in method_cls.presets:
         raise ValueError(f"preset={preset!r}: unknown for {method} (available: {', '.join(method_cls.presets)})")
     raw = _merge({section: {} for section in SECTIONS}, method_cls.presets[preset])

@@ -138,7 +138,7 @@ def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digit
     first = pretrain(tiny_config(**{**sets, "optim.epochs": 2}), f"{out}/train", storage=str(tmp_path), name="run")
     shutil.rmtree(first["checkpoint"])  # the damaged newest one, deleted by its user
     arguments = set_args({**sets, "optim.epochs": 3})
-    assert main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
+    assert main(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--storage", str(tmp_path),
                  "--name", "run", *arguments]) == 0
     captured = capsys.readouterr()
     metrics = json.loads(captured.out.strip().splitlines()[-1])["metrics"]

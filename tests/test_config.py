@@ -61,3 +61,8 @@ def test_to_dict_is_built_from_the_sections_and_round_trips(method):
         assert config_from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
     changed = dataclasses.replace(config, optim=dataclasses.replace(config.optim, epochs=7))
     assert changed.to_dict()["optim"]["epochs"] == 7  # no second copy of the config to go stale
+
+
+def test_a_run_that_names_no_preset_gets_the_methods_best_measured_one():
+    assert build_config("simclr").preset == "demo"  # docs/BENCHMARKS.md: kNN 0.51-0.61 against tiny's 0.18-0.40
+    assert build_config("mae").preset == "tiny"

@@ -75,7 +75,7 @@ def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_li
     out, _ = digits
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     environ["SELFSUP_PROGRESS_EVERY_S"] = "1"
-    command = selfsup_command("pretrain", "--method", "simclr", "--data", f"{out}/train", "--val", f"{out}/test",
+    command = selfsup_command("pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--val", f"{out}/test",
                               "--storage", str(tmp_path), "--name", "console", "--num-cpus", "2",
                               sets={"optim.epochs": 2, "optim.batch_size": 128, "optim.warmup_epochs": 0,
                                     "data.canvas_size": 16, "views.view.size": 16,

@@ -51,6 +51,7 @@ def test_a_method_that_keeps_the_contract_registers():
     ({"Hyperparameters": dict}, "Hyperparameters must be a dataclass with validate()"),
     ({"lr_scaling": "cubic"}, "lr_scaling='cubic' must be linear or sqrt"),
     ({"presets": {"imagenet": {}}}, "presets must hold `tiny`"),
+    ({"default_preset": "best"}, "default_preset='best' is not one of its presets"),
     ({"capabilities": frozenset({"reconstruct"})}, "capability 'reconstruct' needs masking, patch_mask, reconstruct"),
     ({"capabilities": frozenset({"telepathy"})}, "capability 'telepathy' is unknown"),
     ({"sync_bn": True}, "sync_bn is read from the hyperparameters"),

@@ -186,7 +186,7 @@ def test_a_warmup_as_long_as_the_run_is_said_before_ray_starts(digits, capsys, m
     out, _ = digits
     monkeypatch.setattr(cli, "start_ray", refuse)
     with pytest.raises(RayWouldStart):
-        cli.main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--set", "optim.epochs=2",
+        cli.main(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--set", "optim.epochs=2",
                   "--set", "optim.warmup_epochs=2"])
     assert "optim.warmup_epochs=2 >= optim.epochs=2: the learning rate never leaves warm-up" in capsys.readouterr().err
 
@@ -236,7 +236,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(digits, tmp_path):
 
     out, _ = digits
     sets = {**COMMON, **TINY["simclr"], "optim.epochs": 3}
-    command = selfsup_command("pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
+    command = selfsup_command("pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--storage", str(tmp_path),
                               "--name", "interrupted", sets=sets)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

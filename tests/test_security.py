@@ -44,7 +44,7 @@ def test_local_pretrain_listens_on_loopback_only(digits, tmp_path):
     out, _ = digits
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    command = selfsup_command("pretrain", "--method", "simclr", "--data", f"{out}/train", "--storage", str(tmp_path),
+    command = selfsup_command("pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--storage", str(tmp_path),
                               "--name", "listen", "--num-cpus", "2",
                               sets={"optim.epochs": 1, "optim.batch_size": 256, "data.canvas_size": 16,
                                     "views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64],

@@ -63,7 +63,7 @@ def test_space_ends_are_validated_against_the_config_before_ray():
 
 def search_command(out, storage, name):
     sets = {**SIMCLR_DIGITS, "optim.epochs": 2, "train.checkpoint_every_steps": 5}
-    return selfsup_command("tune", "--method", "simclr", "--data", f"{out}/train", "--val", f"{out}/test",
+    return selfsup_command("tune", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--val", f"{out}/test",
                            "--space", "lr=grid(0.6, 0.3, 1e-9)", "--samples", "1", "--scheduler", "asha",
                            "--metric", "loss", "--mode", "min", "--max-concurrent", "1", "--storage", str(storage),
                            "--name", name, "--num-cpus", "2", sets=sets)
@@ -164,7 +164,7 @@ def test_search_without_labels_ranks_by_rankme(digits, tmp_path):
     out, _ = digits
     sets = {**SIMCLR_DIGITS, "optim.epochs": 1}
     # --data relative to where the command runs: the trials, which run in their own folders, still find it.
-    command = selfsup_command("tune", "--method", "simclr", "--data", "train", "--samples", "3", "--scheduler", "fifo",
+    command = selfsup_command("tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "3", "--scheduler", "fifo",
                               "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "unlabeled", sets=sets)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}

@@ -59,11 +59,11 @@ def test_two_runs_and_a_search_at_once_all_finish_quietly(digits, tmp_path):
 def run_three_at_once(out, tmp_path, sets, ray_tmps):
     started = time.time()
     commands = {
-        "run a": own_ray_command(["pretrain", "--method", "simclr", "--data", "train", "--storage", str(tmp_path),
+        "run a": own_ray_command(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", "train", "--storage", str(tmp_path),
                                   "--name", "a", *sets], ray_tmps[0], out),
-        "run b": own_ray_command(["pretrain", "--method", "simclr", "--data", "train", "--storage", str(tmp_path),
+        "run b": own_ray_command(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", "train", "--storage", str(tmp_path),
                                   "--name", "b", *sets], ray_tmps[1], out),
-        "search": own_ray_command(["tune", "--method", "simclr", "--data", "train", "--samples", "3", "--scheduler",
+        "search": own_ray_command(["tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "3", "--scheduler",
                                    "fifo", "--storage", str(tmp_path), "--name", "search", *sets], ray_tmps[2], out),
     }
     results = {}
