@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.backbone import DECAY, NO_DECAY, BackboneConfig, create_backbone, decay_groups
+from methods.checks import typed_values
 from methods.views import ViewMaker, ViewRecipe
 
 METHODS: dict[str, type[Method]] = {}
@@ -290,6 +291,6 @@ def hparams_from_dict(cls: type, values: dict, section: str = "hparams"):
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{section}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
-    hparams = cls(**values)
+    hparams = cls(**typed_values(section, cls, values))
     hparams.validate()
     return hparams

@@ -18,7 +18,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from methods.checks import check_rules
+from methods.checks import check_rules, typed_values
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,8 +94,7 @@ class ViewRecipe:
                 raise ValueError(
                     f"views.{key}: unknown; views are {sorted(views)} with fields {sorted(fields)}"
                 )
-            current = getattr(views[name], attribute)
-            setattr(views[name], attribute, tuple(value) if isinstance(current, tuple) else value)
+            setattr(views[name], attribute, typed_values(f"views.{name}", ViewSpec, {attribute: value})[attribute])
         recipe = ViewRecipe(views=views, mean=mean, std=std)
         recipe.validate()
         return recipe

@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +15,9 @@ import yaml
 from methods import Method, get_method
 from methods.backbone import BackboneConfig
 from methods.base import hparams_from_dict
-from methods.checks import check_rules
+from methods.checks import check_rules, typed_values
 from methods.views import ViewRecipe
+from pipelines.console import log
 from pipelines.images.ingest import IngestConfig
 
 
@@ -303,40 +302,21 @@ def _apply_set(config: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _is_number_type(hint) -> bool:
-    """`int`, `float`, or a union of them (with None): a field a string can never be."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return any(o in (int, float) for o in options) and all(o in (int, float, type(None)) for o in options)
-
-
 def build_section(cls, values: dict, section: str):
-    """A section's dataclass from its dict: unknown keys refused, YAML lists made tuples and
-    integers made floats where the field says so, strings refused for number fields, then the
-    section's own `validate()` (rule tables, `methods.checks.check_rules`)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    """A section's dataclass from its dict: unknown keys refused, every value checked against its
+    field's type (`methods.checks.typed_values`: lists made tuples and integers made floats where
+    the field says so), then the section's own `validate()` (its rule table)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{section}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
-    hints = typing.get_type_hints(cls)
-    coerced = {}
-    for key, value in values.items():
-        hint = hints[key]
-        if typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, str) and _is_number_type(hint):
-            raise ValueError(f"{section}.{key}={value!r}: must be a number")
-        coerced[key] = value
-    built = cls(**coerced)
-    try:
-        built.validate()
-    except TypeError as error:
-        raise ValueError(f"{section}: {error}") from None
+    built = cls(**typed_values(section, cls, values))
+    built.validate()
     return built
 
 
-def build_config(method: str, preset: str | None = None, file: str | None = None, sets: dict | None = None) -> RunConfig:
+def build_config(method: str, preset: str | None = None, file: str | None = None,
+                 sets: dict | None = None) -> RunConfig:
     """The validated run config (`preset` None: the method's `default_preset`). Raises ValueError
     with a one-line message on any bad input."""
     file_values: dict = {}
@@ -363,6 +343,7 @@ def build_config(method: str, preset: str | None = None, file: str | None = None
     unknown = sorted(set(file_values) - set(SECTIONS) - {"method", "preset"})
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown config section (allowed: {', '.join(SECTIONS)})")
+    preset_optim = dict(raw["optim"])
     raw = _merge(raw, {k: v for k, v in file_values.items() if k in SECTIONS})
     for key, value in sets.items():
         _apply_set(raw, key, value)
@@ -370,8 +351,26 @@ def build_config(method: str, preset: str | None = None, file: str | None = None
     for section in SECTIONS:
         if not isinstance(raw.get(section), dict):
             raise ValueError(f"{section}: must be a mapping, got {raw.get(section)!r}")
-
+    from_file = file_values.get("optim") if isinstance(file_values.get("optim"), dict) else {}
+    raw["optim"] = fit_warmup(preset_optim, raw["optim"], {*sets, *(f"optim.{key}" for key in from_file)})
     return config_from_dict(raw)
+
+
+def fit_warmup(preset_optim: dict, optim: dict, user_keys: set[str]) -> dict:
+    """`optim` with a preset's warm-up that outlasts the epochs the user set (and the warm-up they
+    did not) scaled to the share of the run it has in the preset, said in one warning line; as it
+    is otherwise (a warm-up the user set too is theirs: `validate` refuses the pair)."""
+    epochs = optim.get("epochs")
+    warmup = optim.get("warmup_epochs", OptimConfig.warmup_epochs)
+    if "optim.epochs" not in user_keys or "optim.warmup_epochs" in user_keys:
+        return optim
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1 or isinstance(warmup, bool) \
+            or not isinstance(warmup, (int, float)) or warmup <= epochs:
+        return optim  # fits, or a wrong value the section's checks refuse in one line
+    fitted = round(warmup / preset_optim.get("epochs", OptimConfig.epochs) * epochs, 3)
+    log.warning(f"optim.warmup_epochs: the preset's {warmup:g} is longer than the {epochs} epochs set; "
+                f"warming up for {fitted:g} (the same share of the run)")
+    return {**optim, "warmup_epochs": fitted}
 
 
 def with_sets(raw: dict, sets: dict) -> RunConfig:

@@ -25,7 +25,7 @@ def test_imagenet_preset_is_the_papers():
     "sets, message",
     [
         ({"optim.epochs": 0}, "optim.epochs=0: must be an integer >= 1"),
-        ({"optim.batch_size": "big"}, "optim.batch_size='big': must be a number"),
+        ({"optim.batch_size": "big"}, "optim.batch_size='big': must be an integer"),
         ({"train.precision": "fp8"}, "train.precision='fp8': must be auto, bf16, fp16 or fp32"),
         ({"data.canvas_size": 2}, "data.canvas_size=2: must be an integer >= 4"),
         ({"nonsense.key": 1}, "unknown section 'nonsense'"),
@@ -66,3 +66,12 @@ def test_to_dict_is_built_from_the_sections_and_round_trips(method):
 def test_a_run_that_names_no_preset_gets_the_methods_best_measured_one():
     assert build_config("simclr").preset == "demo"  # docs/BENCHMARKS.md: kNN 0.51-0.61 against tiny's 0.18-0.40
     assert build_config("mae").preset == "tiny"
+
+
+def test_a_preset_warm_up_longer_than_the_epochs_set_is_fitted_and_said(caplog):
+    config = build_config("mae", "tiny", sets={"optim.epochs": 1})  # the preset: 2 of 20 epochs
+    assert config.optim.warmup_epochs == pytest.approx(0.1)
+    assert "optim.warmup_epochs: the preset's 2 is longer than the 1 epochs set; warming up for 0.1" in caplog.text
+    with pytest.raises(ValueError, match="optim.warmup_epochs=3.0: must be in"):  # both the user's: refused
+        build_config("mae", "tiny", sets={"optim.epochs": 1, "optim.warmup_epochs": 3})
+    assert build_config("mae", "tiny", sets={"optim.epochs": 30}).optim.warmup_epochs == 2  # fits: kept

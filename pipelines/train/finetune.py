@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import time
 
-from pipelines.config import RunConfig, build_method, build_section, with_sets
+from pipelines.config import RunConfig, build_method, build_section, fit_warmup, with_sets
 from pipelines.console import log
 from pipelines.evaluate.classify import classifier_top1
 from pipelines.images.labeled import LabeledSet
@@ -68,13 +68,8 @@ def plan_finetune(base: RunConfig, labeled: LabeledSet, preset: str | None = Non
             settings["views"] = {**settings["views"], view_key: sets.pop(key)}
         else:
             settings[field] = sets.pop(key)
-    preset_warmup, epochs = raw["optim"]["warmup_epochs"], sets.get("optim.epochs")
-    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1 and preset_warmup > epochs \
-            and "optim.warmup_epochs" not in sets:
-        fitted = preset_warmup * epochs / raw["optim"]["epochs"]
-        log.warning(f"optim.warmup_epochs: the preset's {preset_warmup:g} is longer than the {epochs} epochs set; "
-                    f"warming up for {fitted:g} (the preset's share)")
-        raw["optim"]["warmup_epochs"] = fitted
+    user_optim = {key.removeprefix("optim."): value for key, value in sets.items() if key.startswith("optim.")}
+    raw["optim"] = fit_warmup(chosen["optim"], {**chosen["optim"], **user_optim}, set(sets))
     config = with_sets(raw, sets)
     workers = config.train.worker_range()[1]
     if "optim.batch_size" not in sets and config.optim.batch_size > labeled.rows:
