@@ -24,8 +24,8 @@ def typed_values(section: str, cls: type, values: dict) -> dict:
     rule table sees them, so a wrong type is one line naming the key instead of a TypeError
     inside a rule: a bool is not a number nor a number a bool (YAML reads `true` as both in lax
     parsers), a string is not a number, nan and infinity are not numbers a config means, a tuple
-    field needs a list of its length. Returns the values with an integer for a float field made
-    a float and a list for a tuple field made a tuple."""
+    field needs a list of its length. Returns the values with a list for a tuple field made a
+    tuple."""
     hints = typing.get_type_hints(cls)
     return {key: _typed(f"{section}.{key}", hints[key], value) if key in hints else value
             for key, value in values.items()}
@@ -55,7 +55,7 @@ def _typed(key: str, hint, value):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{key}={value!r}: must be {_KINDS[float]}")
-        return float(value)
+        return value  # an integer stays one, so that messages show the value as it was typed
     if hint in _KINDS and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise ValueError(f"{key}={value!r}: must be {_KINDS[hint]}")
     return value

@@ -304,8 +304,8 @@ def _apply_set(config: dict, key: str, value: Any) -> None:
 
 def build_section(cls, values: dict, section: str):
     """A section's dataclass from its dict: unknown keys refused, every value checked against its
-    field's type (`methods.checks.typed_values`: lists made tuples and integers made floats where
-    the field says so), then the section's own `validate()` (its rule table)."""
+    field's type (`methods.checks.typed_values`: lists made tuples where the field says so), then
+    the section's own `validate()` (its rule table)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:

@@ -68,7 +68,7 @@ def test_two_workers_equal_one_worker(tmp_path):
 
 @pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1])
 def test_mask_ratio_outside_zero_one_is_refused(ratio):
-    with pytest.raises(ValueError, match=rf"hparams.mask_ratio={float(ratio)}: must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=rf"hparams.mask_ratio={ratio}: must be in \(0, 1\)"):
         build_config("mae", "tiny", sets={"hparams.mask_ratio": ratio})
 
 

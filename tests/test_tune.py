@@ -45,7 +45,7 @@ def test_space_strings_become_config_keys_and_bad_ones_say_why():
 
 def test_space_ends_are_validated_against_the_config_before_ray():
     base, on_three = base_config(), base_config(**{"train.workers": 3})
-    with pytest.raises(ValueError, match=r"--space temperature=20: hparams.temperature=20.0: must be in \(0, 10\]"):
+    with pytest.raises(ValueError, match=r"--space temperature=20: hparams.temperature=20: must be in \(0, 10\]"):
         check_space(base, [parse_dimension("temperature=loguniform(0.05, 20)")], 1438, "digits")
     with pytest.raises(ValueError, match="must divide evenly across 3 workers"):
         check_space(on_three, [parse_dimension("batch_size=choice(64, 96)")], 1438, "digits")
