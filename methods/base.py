@@ -23,7 +23,6 @@ import inspect
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods.backbone import DECAY, NO_DECAY, BackboneConfig, create_backbone, decay_groups
@@ -185,11 +184,7 @@ class Method(nn.Module, abc.ABC):
     def eval_images(self, canvases: torch.Tensor) -> torch.Tensor:
         """Deterministic input for evaluation: the whole canvas resized to the training view size
         and normalised like the views. `(N, H, W, 3) uint8 -> (N, 3, s, s) float`."""
-        images = canvases.permute(0, 3, 1, 2).float().div_(255)
-        if images.shape[-1] != self.eval_size:
-            images = F.interpolate(images, size=(self.eval_size, self.eval_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return self.view_maker.normalize(images)
+        return self.view_maker.whole_canvas(canvases, self.eval_size)
 
     # --- training ----------------------------------------------------------------------
     @abc.abstractmethod

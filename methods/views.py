@@ -194,6 +194,15 @@ class ViewMaker(nn.Module):
             views.extend(self.normalize(view) for view in self.augmentations[name].make(images, spec.copies, batched))
         return views
 
+    def whole_canvas(self, canvases: torch.Tensor, size: int) -> torch.Tensor:
+        """Deterministic input for evaluation: the whole canvas resized to `size` and normalised
+        like the views. `(N, H, W, 3) uint8 -> (N, 3, size, size) float`."""
+        images = canvases.permute(0, 3, 1, 2).float().div_(255)
+        if images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                                     align_corners=False)
+        return self.normalize(images)
+
     def denormalize(self, view: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] RGB for display. `view: (N, 3, h, w)`."""
         return self._denormalize(view).clamp(0, 1)

@@ -58,7 +58,7 @@ def read_labels(location: str, flag: str) -> tuple[list[str], list[int]]:
         known = pc.is_valid(table.column("label"))
         table = table.filter(known)
         labels.extend(int(v) for v in table.column("label").to_pylist())
-        ids.extend(str(v) for v in table.column("id").to_pylist()) if shards.has_id else ids.extend([""] * len(table))
+        ids.extend([str(v) for v in table.column("id").to_pylist()] if shards.has_id else [""] * len(table))
     if not labels:
         raise DataError(f"{flag} {location}: no record has a label")
     if min(labels) < 0:

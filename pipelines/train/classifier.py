@@ -136,11 +136,7 @@ class Classifier(nn.Module):
 
     def eval_images(self, canvases: torch.Tensor) -> torch.Tensor:
         """The whole canvas at the view size, normalised: `(N, H, W, 3) uint8 -> (N, 3, s, s)`."""
-        images = canvases.permute(0, 3, 1, 2).float().div_(255)
-        if images.shape[-1] != self.eval_size:
-            images = F.interpolate(images, size=(self.eval_size, self.eval_size), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        return self.view_maker.normalize(images)
+        return self.view_maker.whole_canvas(canvases, self.eval_size)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
