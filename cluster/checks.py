@@ -36,6 +36,7 @@ from cluster.shipping import (
     read_constraints,
     runtime_env_findings,
 )
+from methods.versions import UntestedVersion, require
 
 LAUNCHER_CONFIGS = ("aws.yaml", "gcp.yaml")
 KUBERAY_MANIFESTS = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")
@@ -62,6 +63,7 @@ def load_all(path: str) -> list[dict]:
 def validate_launcher(config: dict, where: str) -> dict:
     """Ray's own validation of a cluster-launcher config (defaults filled as `ray up` fills them,
     then the JSON schema in `ray/autoscaler/ray-schema.json` and Ray's consistency checks)."""
+    require("ray", "validates cluster-launcher configs (ray.autoscaler._private.util)")
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:
@@ -341,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, yaml.YAMLError) as error:
         print(f"cluster.checks: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
+    except UntestedVersion as error:
+        print(f"cluster.checks: error: {error}", file=sys.stderr)
+        return 2
     for finding in findings:
         print(f"cluster.checks: {finding}", file=sys.stderr)
     if not findings:

@@ -10,6 +10,7 @@ from timm.models.resnet import ResNet
 from torch import nn
 
 from methods.checks import check_rules
+from methods.versions import require
 
 
 @dataclass
@@ -93,6 +94,7 @@ def vit_last_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     forward does not return the weights)."""
     if not hasattr(vit, "blocks"):
         raise ValueError(f"{type(vit).__name__}: attention maps need a ViT backbone")
+    require("timm", "draws ViT attention maps (VisionTransformer._pos_embed)")
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
     for block in vit.blocks[:-1]:
         x = block(x)

@@ -14,6 +14,7 @@ from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_addres
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
+from methods.versions import UntestedVersion  # noqa: E402
 from pipelines.console import UsageError, log, to_stderr  # noqa: E402
 from pipelines.images.samples import SAMPLES  # noqa: E402
 from pipelines.images.shards import DataError  # noqa: E402
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         emit(args.run(args))
-    except (UsageError, DataError) as error:
+    except (UsageError, DataError, UntestedVersion) as error:
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as error:  # one line; a second Ctrl-C now exits at once

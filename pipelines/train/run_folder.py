@@ -13,8 +13,11 @@ import os
 
 import yaml
 
+from methods.versions import require
 from pipelines.console import log
 from pipelines.weights.checkpoint import CONFIG_FILE
+
+require("ray", "repairs a run folder before a resume (Ray Train's checkpoint_manager_snapshot.json)")
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 ORPHANS = "orphaned"  # where checkpoints Ray never registered are moved

@@ -20,7 +20,10 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
+from methods.versions import require
 from pipelines.train.local_ray import loopback_only
+
+require("ray", "binds PyTorch's process group to loopback (Ray Train's _TorchBackend)")
 
 _store = None  # rank 0's TCPStore server, alive as long as the process group
 
