@@ -24,6 +24,11 @@ from pipelines.images.shards import DataError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+# The layout of state.pt and config.yaml. Raise it when a change would make older code misread a
+# new checkpoint, keep reading every older format (tests/fixtures/checkpoint-format-1 is one), and
+# add that format's fixture (tests/fixtures/make_checkpoint.py). Checkpoints from before the
+# number was written have the layout of format 1.
+CHECKPOINT_FORMAT = 1
 
 
 def rng_state() -> dict:
@@ -60,6 +65,7 @@ def save_checkpoint(folder: str, method, optimizer, scaler, progress: dict, conf
             "scaler": scaler.state_dict(),
             "progress": progress,
             "rng": rng_state(),
+            "format": CHECKPOINT_FORMAT,
         },
         partial,
     )
@@ -85,7 +91,7 @@ def load_state(folder: str) -> dict:
     if os.path.exists(path) and not zipfile.is_zipfile(path):
         raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read (truncated or not a torch file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0][:200]
         raise CheckpointRefused(f"checkpoint {path}: refused: it holds pickled objects, not only weights "
@@ -93,6 +99,13 @@ def load_state(folder: str) -> dict:
     except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader reports truncation as RuntimeError
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointDamaged(f"checkpoint {path}: damaged, cannot be read ({reason})") from None
+    if not isinstance(state, dict) or "method" not in state:
+        raise CheckpointDamaged(f"checkpoint {path}: not a selfsup checkpoint (no weights under 'method')")
+    written = state.get("format", 1)
+    if not isinstance(written, int) or written > CHECKPOINT_FORMAT:
+        raise CheckpointRefused(f"checkpoint {path}: format {written!r}, written by a newer selfsup (this one reads "
+                                f"formats up to {CHECKPOINT_FORMAT}); upgrade selfsup to load it")
+    return state
 
 
 class CheckpointNotFound(DataError):
