@@ -5,17 +5,20 @@
 #                                               cluster/Dockerfile and the KubeRay manifests, and the
 #                                               GCP Deep Learning VM images of the families we use
 #                                               into cluster/gcp.yaml (needs docker with buildx, gcloud)
-#   cluster/pin_images.sh --constraints         rewrite cluster/constraints.txt from .venv (after the
-#                                               tests passed in it)
+#   cluster/pin_images.sh --constraints         rewrite cluster/constraints.txt (the tested set: README,
+#                                               CI and nodes install with it) from .venv, after the tests
+#                                               passed in it
 # Run from the repository root; review the diff, run `python -m cluster.checks`, commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--constraints" ]]; then
   {
-    echo "# The environment the test suite passed in (pip freeze of '.[test,sample]', Python 3.11, Linux x86_64)."
-    echo "# Node setup and the image install with -c this file, so every node runs the same versions."
-    echo "# Refresh after a dependency change: cluster/pin_images.sh --constraints (writes this file from .venv)."
+    echo "# The tested set: the environment the test suite passed in (pip freeze of '.[test]', which holds every"
+    echo "# extra; Python 3.11, Linux x86_64). The README's install commands, CI (.ci/run), node setup and the"
+    echo "# image install with -c this file, so every install runs these versions; tests/test_lockfile.py checks"
+    echo "# it against pyproject.toml. Refresh after a dependency change: cluster/pin_images.sh --constraints"
+    echo "# (writes this file from .venv), then run the suite in a venv installed with it."
     .venv/bin/pip freeze --exclude-editable | grep -v '^selfsup'
   } > cluster/constraints.txt
   echo "cluster/constraints.txt: $(grep -c '==' cluster/constraints.txt) pins"
