@@ -17,6 +17,13 @@ def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn",
     pixels (`raw_pixels_top1`). Each protocol in `also` is scored on the same features too, under
     its own key (`{"linear": {...}}`)."""
     method, config = load_checkpoint(path)
+    return {"checkpoint": path, **evaluate_method(method, config, train, test, protocol, baselines, also)}
+
+
+def evaluate_method(method, config, train: str, test: str, protocol: str = "knn", baselines: bool = True,
+                    also: tuple[str, ...] = ()) -> dict:
+    """`evaluate_checkpoint` of a method already built (e.g. encoder weights trained elsewhere,
+    loaded with `method.init_encoder`), with `config` its run config."""
     encoders = (Encoder("top1", {k: v.cpu() for k, v in method.state_dict().items()}),
                 *((Encoder("random_init_top1"),) if baselines else ()))
     train_set, test_set = (extract(location, config, encoders, pixels=baselines) for location in (train, test))
@@ -36,5 +43,5 @@ def evaluate_checkpoint(path: str, train: str, test: str, protocol: str = "knn",
             for key, column in columns.items():
                 results[name][key] = score(name, column)
                 done += 1
-    return {"protocol": protocol, "checkpoint": path, "method": config.method, **results[protocol],
+    return {"protocol": protocol, "method": config.method, **results[protocol],
             **{other: results[other] for other in also}}
