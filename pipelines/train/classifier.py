@@ -49,25 +49,27 @@ class FineTuneConfig:
 
 SMALL_IMAGES = 64  # a view this size or smaller takes the `-small-images` preset of its family
 
-# Partial configs: `finetune` (FineTuneConfig) and `optim` (pipelines.config.OptimConfig). The
-# base LR scales linearly with the batch, as in MAE's fine-tuning (lr = base x B / 256), whatever
+# The base LR scales linearly with the batch, as in MAE's fine-tuning (lr = base x B / 256), whatever
 # the pretraining method's own rule (SimCLR's sqrt rule gave its fine-tunes 45x the LR).
+FINETUNE_LR_SCALING = "linear"
+
+# Partial configs: `finetune` (FineTuneConfig) and `optim` (pipelines.config.OptimConfig).
 FINETUNE_PRESETS = {
     # MAE's ViT-B fine-tuning: batch 1024, base LR 5e-4, layer decay 0.65, 5 warm-up epochs of 100.
     "vit": {"finetune": {"layer_decay": 0.65, "label_smoothing": 0.1, "views": {"view.scale": [0.08, 1.0]}},
-            "optim": {"lr_scaling": "linear", "epochs": 100, "batch_size": 1024, "base_lr": 5e-4, "warmup_epochs": 5, "weight_decay": 0.05,
+            "optim": {"epochs": 100, "batch_size": 1024, "base_lr": 5e-4, "warmup_epochs": 5, "weight_decay": 0.05,
                       "betas": [0.9, 0.999], "min_lr": 1e-6}},
     "resnet": {"finetune": {"layer_decay": 1.0, "label_smoothing": 0.1, "views": {"view.scale": [0.08, 1.0]}},
-               "optim": {"lr_scaling": "linear", "epochs": 100, "batch_size": 1024, "base_lr": 5e-4, "warmup_epochs": 5,
+               "optim": {"epochs": 100, "batch_size": 1024, "base_lr": 5e-4, "warmup_epochs": 5,
                          "weight_decay": 0.05, "betas": [0.9, 0.999]}},
     # The CPU sample's 32 px: crops that keep most of the image, no flip (digits), small batches.
     "vit-small-images": {"finetune": {"layer_decay": 0.75, "label_smoothing": 0.1,
                                       "views": {"view.scale": [0.6, 1.0], "view.flip": 0.0}},
-                         "optim": {"lr_scaling": "linear", "epochs": 50, "batch_size": 32, "base_lr": 8e-3, "warmup_epochs": 5,
+                         "optim": {"epochs": 50, "batch_size": 32, "base_lr": 8e-3, "warmup_epochs": 5,
                                    "weight_decay": 0.05, "betas": [0.9, 0.999]}},
     "resnet-small-images": {"finetune": {"layer_decay": 1.0, "label_smoothing": 0.1,
                                          "views": {"view.scale": [0.6, 1.0], "view.flip": 0.0}},
-                            "optim": {"lr_scaling": "linear", "epochs": 50, "batch_size": 32, "base_lr": 8e-3, "warmup_epochs": 5,
+                            "optim": {"epochs": 50, "batch_size": 32, "base_lr": 8e-3, "warmup_epochs": 5,
                                       "weight_decay": 0.05, "betas": [0.9, 0.999]}},
 }
 

@@ -19,7 +19,14 @@ from pipelines.config import RunConfig, build_method, build_section, fit_warmup,
 from pipelines.console import log
 from pipelines.evaluate.classify import classifier_top1
 from pipelines.images.labeled import LabeledSet
-from pipelines.train.classifier import FINETUNE_PRESETS, Classifier, ClassifierBuild, FineTuneConfig, default_preset
+from pipelines.train.classifier import (
+    FINETUNE_LR_SCALING,
+    FINETUNE_PRESETS,
+    Classifier,
+    ClassifierBuild,
+    FineTuneConfig,
+    default_preset,
+)
 from pipelines.train.plan import plan_run
 from pipelines.train.pretrain import pretrain
 from pipelines.weights.checkpoint import load_state
@@ -58,6 +65,7 @@ def plan_finetune(base: RunConfig, labeled: LabeledSet, preset: str | None = Non
     if preset not in FINETUNE_PRESETS:
         raise ValueError(f"--preset {preset}: unknown fine-tuning preset (available: {', '.join(FINETUNE_PRESETS)})")
     chosen = copy.deepcopy(FINETUNE_PRESETS[preset])
+    chosen["optim"]["lr_scaling"] = FINETUNE_LR_SCALING
     raw = base.to_dict()
     raw["optim"] = chosen["optim"]
     raw["train"].update(probe_size=0, knn_every_epochs=0, init_from="")
