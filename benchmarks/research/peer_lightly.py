@@ -159,6 +159,8 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     lightly_folder = install_lightly(os.path.abspath(os.path.join(args.workdir, "lightly-site")))
 
+    import ray
+
     from pipelines.cli import start_ray
     from pipelines.config import build_method
     from pipelines.weights.checkpoint import load_checkpoint
@@ -169,7 +171,7 @@ def main() -> None:
         ours = our_pretraining(name, args.data, args.workdir, reuse.get(name), args.num_cpus, args.epochs)
         method, config = load_checkpoint(ours["checkpoint"])
         theirs = lightly_pretraining(config, args.data, args.workdir, lightly_folder)
-        start_ray(args.num_cpus)
+        start_ray(args.num_cpus)  # for scoring only: no idle Ray beside the next method's timed pretraining
         our_row = score(method, config, None, args.data, args.workdir, f"selfsup-{name}", args.labels_per_class,
                         args.all_labels, scratch=True)
         fresh = build_method(config)
@@ -182,6 +184,7 @@ def main() -> None:
                          "images_per_second": run["images_per_second"], "epochs": config.optim.epochs,
                          "batch_size": config.optim.batch_size})
             print(json.dumps(rows[-1]), flush=True)
+        ray.shutdown()
     print_table(rows, args.labels_per_class)
 
 
