@@ -267,7 +267,8 @@ def network_policy_findings(manifest: dict, others: list[dict], where: str) -> l
     selector = {"ray.io/cluster": name}
     for policy in (d for d in others if d.get("kind") == "NetworkPolicy"):
         spec = policy.get("spec") or {}
-        if (spec.get("podSelector") or {}).get("matchLabels") != selector or "Ingress" not in spec.get("policyTypes", []):
+        selected = (spec.get("podSelector") or {}).get("matchLabels") == selector
+        if not selected or "Ingress" not in spec.get("policyTypes", []):
             continue
         rules = spec.get("ingress") or []
 
@@ -295,6 +296,8 @@ def check_file(path: str) -> list[str]:
     if name == DOCKERFILE or name.endswith(".Dockerfile"):
         with open(path) as stream:
             found = dockerfile_findings(stream.read(), path)
+        if is_installed_copy(path):
+            return found  # no build context beside an installed package (main says so)
         ignore = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), ".dockerignore")
         if not os.path.exists(ignore):
             return found + [f"{path}: no .dockerignore beside the build context: `COPY .` ships everything"]
@@ -318,6 +321,13 @@ def check_file(path: str) -> list[str]:
         constraints = read_constraints(constraints_path) if os.path.exists(constraints_path) else {}
         return runtime_env_findings(first, path, constraints)
     raise ConfigError(f"{path}: not a Ray cluster-launcher config, a KubeRay manifest, a runtime env or a Dockerfile")
+
+
+def is_installed_copy(path: str) -> bool:
+    """One of our own configs read from a wheel install's site-packages, not from a checkout (our
+    Dockerfile's build context, where the .dockerignore lives)."""
+    in_package = os.path.dirname(os.path.abspath(path)) == FOLDER
+    return in_package and not os.path.exists(os.path.join(ROOT, "pyproject.toml"))
 
 
 def default_files(folder: str = FOLDER) -> list[str]:
@@ -350,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster.checks: {finding}", file=sys.stderr)
     if not findings:
         print(f"cluster.checks: {len(files)} configs valid: nothing exposed, shipped or unpinned")
+        if any(is_installed_copy(f) and os.path.basename(f) == DOCKERFILE for f in files):
+            print("cluster.checks: note: run from an installed package, so .dockerignore was not compared "
+                  "(it belongs to the checkout the image is built from; run the checks there too)")
     return 1 if findings else 0
 
 
