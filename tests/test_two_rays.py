@@ -4,7 +4,7 @@ Ray Train and Ray Data call Ray's state API from inside their actors without an 
 more than one Ray on the machine those calls fail ("Found multiple active Ray instances"), the
 Train placement-group cleaner dies of it, and a Tune trial's placement group can leak so that the
 next trial waits for CPUs forever. The commands pin their workers to their own Ray
-(`pipelines.local_ray.pin_ray_address`); here two runs and a 3-trial search start together beside
+(`pipelines.local_ray.pin_ray_address`); here two runs and a 2-trial search start together beside
 the test session's Ray (four Rays in all), and the workers' own log files are searched for the
 error, which the runs themselves would survive silently.
 """
@@ -63,7 +63,7 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
                                   "--name", "a", *sets], ray_tmps[0], out),
         "run b": own_ray_command(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", "train", "--storage", str(tmp_path),
                                   "--name", "b", *sets], ray_tmps[1], out),
-        "search": own_ray_command(["tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "3", "--scheduler",
+        "search": own_ray_command(["tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "2", "--scheduler",
                                    "fifo", "--storage", str(tmp_path), "--name", "search", *sets], ray_tmps[2], out),
     }
     results = {}
@@ -76,6 +76,6 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
 
     for name in ("run a", "run b"):
         assert results[name]["metrics"]["step"] == results[name]["metrics"]["total_steps"] > 0
-    assert results["search"]["by_status"]["finished"] == 3
+    assert results["search"]["by_status"]["finished"] == 2  # a leaked placement group would starve the later trial
     for name, ray_tmp in zip(commands, ray_tmps):
         assert worker_logs_saying(ray_tmp, "Found multiple active Ray instances") == [], name
