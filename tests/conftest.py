@@ -43,6 +43,26 @@ def digits(ray_session, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def learns_run(digits, tmp_path_factory):
+    """`learns_run(method)`: that method's "it learns" run (tests/helpers/runs.py `LEARNS`), trained
+    once a session with the test split as its validation set: tests/test_learns.py judges its
+    encoder, tests/test_dino_pipeline.py reads its monitoring and draws its attention."""
+    from pipelines.train.pretrain import pretrain
+    from tests.helpers.runs import learns_config
+
+    out, _ = digits
+    storage, runs = tmp_path_factory.mktemp("learns"), {}
+
+    def run(method: str) -> dict:
+        if method not in runs:
+            runs[method] = pretrain(learns_config(method), f"{out}/train", val=f"{out}/test", storage=str(storage),
+                                    name=method)
+        return runs[method]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory):
     """A local MLflow tracking store (see the switch above)."""
     return f"file://{tmp_path_factory.mktemp('mlruns')}"
@@ -62,13 +82,6 @@ def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mae_run(digits, tmp_path_factory):
-    """MAE (ViT), one epoch with online kNN."""
-    from pipelines.train.pretrain import pretrain
-    from tests.helpers.runs import tiny_config
-
-    out, _ = digits
-    storage = str(tmp_path_factory.mktemp("mae_runs"))
-    return pretrain(tiny_config("mae", **{"optim.epochs": 1, "optim.warmup_epochs": 0.5}), f"{out}/train",
-                    val=f"{out}/test",
-                    storage=storage, name="mae")
+def mae_run(learns_run):
+    """MAE (the `tiny` ViT at patch 2), its "it learns" run: online kNN and label-free metrics at the end."""
+    return learns_run("mae")

@@ -79,3 +79,27 @@ def test_features_pool_cls_or_mean_without_masking():
     assert torch.equal(method.features(images), tokens[:, 0])
     method.hparams.feature_pool = "mean"
     assert torch.allclose(method.features(images), tokens[:, 1:].mean(1))
+
+
+def test_reference_init_is_the_mae_codes_and_timm_init_is_kept_on_request():
+    import math
+
+    from pipelines.config import build_method
+    from tests.helpers.runs import tiny_config
+
+    reference = build_method(tiny_config("mae"))
+    timm_init = build_method(tiny_config("mae", **{"hparams.init": "timm"}))
+    for method in (reference, timm_init):
+        qkv = method.backbone.blocks[0].attn.qkv
+        qkv_weight, qkv_bias = qkv.weight.detach(), qkv.bias
+        xavier_std = math.sqrt(2 / sum(qkv_weight.shape))  # uniform(-b, b), b = sqrt(6 / (fan_in + fan_out))
+        patch = method.backbone.patch_embed.proj.weight.detach().flatten(1)
+        cls_token = method.backbone.cls_token.detach()
+        if method is reference:
+            assert float(qkv_weight.std()) == pytest.approx(xavier_std, rel=0.05) and not qkv_bias.any()
+            assert float(patch.std()) == pytest.approx(math.sqrt(2 / sum(patch.shape)), rel=0.1)
+            assert float(cls_token.std()) == pytest.approx(0.02, rel=0.3)
+        else:  # timm's truncated normal, std 0.02, and its near-zero class token
+            assert float(qkv_weight.std()) == pytest.approx(0.02, rel=0.1) and float(qkv_weight.std()) < xavier_std / 3
+            assert float(cls_token.abs().max()) < 1e-4
+        assert float(method.mask_token.detach().std()) == pytest.approx(0.02, rel=0.3)

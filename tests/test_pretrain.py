@@ -12,7 +12,7 @@ from pipelines.train.plan import plan_run
 from pipelines.train.pretrain import pretrain
 from pipelines.train.tracking import read_history
 from tests.helpers.cli import selfsup_command
-from tests.helpers.runs import STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
+from tests.helpers.runs import LEARNS, STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint_and_finishes_on_plan(digits, tmp_path):
@@ -131,8 +131,9 @@ def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override,
 
 def test_mae_reports_carry_the_label_free_metrics(mae_run):
     metrics = mae_run["metrics"]
-    assert metrics["probe_images"] == 256 and 1 < metrics["rankme"] <= 32  # the tiny ViT is 32 wide
-    assert metrics["rankme_fraction"] == pytest.approx(metrics["rankme"] / 32)
+    width = LEARNS["mae"][1]["backbone.kwargs.embed_dim"]
+    assert metrics["probe_images"] == 256 and 1 < metrics["rankme"] <= width
+    assert metrics["rankme_fraction"] == pytest.approx(metrics["rankme"] / width)
     assert 0 <= metrics["alignment"] <= 4 and metrics["uniformity"] <= 0
 
 

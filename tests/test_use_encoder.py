@@ -15,7 +15,7 @@ from pipelines.images.shards import find_shards
 from pipelines.outputs.viz import first_canvases
 from pipelines.weights.checkpoint import load_checkpoint
 from tests.helpers.corpus import bad_images, good_images, write_shards
-from tests.helpers.runs import tiny_config
+from tests.helpers.runs import LEARNS, tiny_config
 
 
 def last_json(capsys) -> dict:
@@ -42,7 +42,8 @@ def test_exported_vit_loads_in_timm_with_the_checkpoint_features(digits, mae_run
                                        pretrained_cfg_overlay=dict(file=f"{folder}/model.safetensors")).eval()
         for model in (by_folder, by_overlay):
             assert torch.allclose(model(images), expected, atol=1e-5)
-    assert expected.shape == (len(images), 32) and result["feature_dim"] == 32
+    width = LEARNS["mae"][1]["backbone.kwargs.embed_dim"]
+    assert expected.shape == (len(images), width) and result["feature_dim"] == width
     data = timm.data.resolve_data_config({}, model=by_folder)  # the preprocessing travels with it
     assert data["input_size"] == (3, 16, 16) and data["crop_pct"] == 1.0
     assert tuple(data["mean"]) == pytest.approx(method.recipe.mean)

@@ -53,7 +53,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for method, runs in margins.items():
         cells = [f"{min(r[i] for r in runs):+.3f} ({', '.join(f'{r[i]:+.3f}' for r in runs)})" for i in (0, 1)]
-        print(f"| {method} | {LEARNS[method][0]} | {cells[0]} | {cells[1]} |")
+        print(f"| {method} | {LEARNS[method][0] if method in LEARNS else '-'} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
