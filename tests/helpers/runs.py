@@ -25,8 +25,8 @@ def tiny_config(method="simclr", **sets):
 LEARNS = {
     "simclr": ("knn", {"optim.epochs": 4}),
     "byol": ("linear", {"optim.epochs": 4}),
-    # timm's init: the reference init's random ViT already probes at 0.80-0.85 here, and this run
-    # does not beat it (docs/BENCHMARKS.md, same section)
+    # timm's init: the reference init's random ViT is already a strong probe on these digits and
+    # this run does not beat it (docs/BENCHMARKS.md, same section)
     "mae": ("linear", {"optim.epochs": 10, "optim.warmup_epochs": 1, "optim.base_lr": 6e-3, "backbone.patch_size": 2,
                        "backbone.kwargs.embed_dim": 96, "backbone.kwargs.depth": 4, "backbone.kwargs.num_heads": 3,
                        "hparams.init": "timm"}),
