@@ -44,9 +44,9 @@ def digits(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def learns_run(digits, tmp_path_factory):
-    """`learns_run(method)`: that method's "it learns" run (tests/helpers/runs.py `LEARNS`), trained
-    once a session with the test split as its validation set: tests/test_learns.py judges its
-    encoder, tests/test_dino_pipeline.py reads its monitoring and draws its attention."""
+    """`learns_run(method)`: that method's "it learns" run (tests/helpers/runs.py `LEARNS`, with the
+    label-free metrics at its end), trained once a session: tests/test_learns.py judges its
+    encoder, and the tests of `mae_run` read MAE's."""
     from pipelines.train.pretrain import pretrain
     from tests.helpers.runs import learns_config
 
@@ -55,8 +55,7 @@ def learns_run(digits, tmp_path_factory):
 
     def run(method: str) -> dict:
         if method not in runs:
-            runs[method] = pretrain(learns_config(method), f"{out}/train", val=f"{out}/test", storage=str(storage),
-                                    name=method)
+            runs[method] = pretrain(learns_config(method), f"{out}/train", storage=str(storage), name=method)
         return runs[method]
 
     return run
@@ -83,5 +82,5 @@ def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mae_run(learns_run):
-    """MAE (the `tiny` ViT at patch 2), its "it learns" run: online kNN and label-free metrics at the end."""
+    """MAE (the `tiny` ViT at patch 2), its "it learns" run: label-free metrics at the end."""
     return learns_run("mae")

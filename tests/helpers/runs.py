@@ -35,7 +35,7 @@ LEARNS = {
 
 def learns_config(method: str, seed: int = 0):
     """`method`'s "it learns" run (LEARNS; a method without one, its tiny config) with `train.seed` =
-    `seed`; the online kNN and label-free metrics once, after the last epoch."""
+    `seed`; the label-free metrics (and the kNN, given a validation set) once, after the last epoch."""
     sets = LEARNS[method][1] if method in LEARNS else {}
     return tiny_config(method, **{**sets, "train.seed": seed, "train.knn_every_epochs": 0})
 
