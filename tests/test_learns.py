@@ -1,9 +1,9 @@
 """Every method learns (issue 35, item 5): a short run of each method through the whole pipeline
 (Ray Data, Ray Train, checkpoint) on sample:digits, whose frozen encoder must beat the same
 architecture at its random init by MARGIN under the protocol the method is judged by here
-(tests/helpers/runs.py `LEARNS`). The margins measured over seeds, each above MARGIN (the closest
-is in docs/BENCHMARKS.md, "Every method learns on the digits sample"). The runs are shared with the
-tests that read a trained checkpoint (conftest's `learns_run`)."""
+(tests/helpers/runs.py `LEARNS`). The margins measured over seeds, each above MARGIN, are in
+docs/BENCHMARKS.md ("Every method learns on the digits sample"), which names the closest. The runs
+are shared with the tests that read a trained checkpoint (conftest's `learns_run`)."""
 
 import math
 
