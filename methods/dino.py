@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from methods.backbone import vit_last_attention
 from methods.base import Method, adamw, ema_update, register, set_weight_decay
 from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
+from methods.regularizers import koleo_loss
 from methods.schedules import warmup_cosine
 from methods.views import ViewRecipe, ViewSpec
 
@@ -186,6 +189,8 @@ class DINOHyperparameters:
     center_momentum: 0.9.
     centering: subtract the center (off only for collapse ablations).
     weight_decay_end: weight decay follows a cosine from optim.weight_decay (0.04) to this (0.4).
+    koleo_weight: DINOv2's KoLeo term (`koleo_loss`) on the student's backbone features of each
+        global view, summed over the views, times this (0: the DINO paper; DINOv2 uses 0.1).
     """
 
     out_dim: int = 65536
@@ -202,11 +207,10 @@ class DINOHyperparameters:
     center_momentum: float = 0.9
     centering: bool = True
     weight_decay_end: float = 0.4
+    koleo_weight: float = 0.0
 
     def validate(self) -> None:
-        def value(key: str):
-            return getattr(self, key)
-
+        value = functools.partial(getattr, self)
         check_rules("hparams", self, {
             **{key: (isinstance(value(key), int) and value(key) >= 2, "an integer >= 2")
                for key in ("out_dim", "hidden_dim", "bottleneck_dim")},
@@ -215,6 +219,7 @@ class DINOHyperparameters:
             **{key: (0 <= value(key) < 1, "in [0, 1)") for key in ("teacher_momentum", "center_momentum")},
             **{key: (0 < value(key) <= 10, "in (0, 10]") for key in ("warmup_teacher_temp", "teacher_temp", "student_temp")},
             "weight_decay_end": (0 <= self.weight_decay_end < 1, "in [0, 1)"),
+            "koleo_weight": (0 <= self.koleo_weight <= 10, "in [0, 10]"),
             **{key: (isinstance(value(key), bool), "true or false") for key in ("norm_last_layer", "head_batch_norm", "centering")},
         })
 
@@ -317,26 +322,27 @@ class DINO(Method):
         return warmup_cosine(step, total_steps, self.weight_decay_start, self.hparams.weight_decay_end)
 
     # --- the Method interface --------------------------------------------------------------
-    def student_forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def student_forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone pass per run of equal-size views (global crops together, local crops
-        together), then the head once. `views: [(n, 3, s_v, s_v)] * V` -> `(V * n, K)`."""
-        features, start = [], 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(views[start:end])))
-            start = end
-        return self.head(torch.cat(features))
+        together), then the head once. `views: [(n, 3, s_v, s_v)] * V` -> the head's logits
+        `(V * n, K)` and the backbone's features `(V * n, d)`, both view-major."""
+        runs = itertools.groupby(views, key=lambda view: view.shape[-2:])
+        features = torch.cat([self.backbone(torch.cat(list(run))) for _, run in runs])
+        return self.head(features), features
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`views: [(n, 3, S, S)] * G global + [(n, 3, s, s)] * L local` -> (the DINO loss,
-        collapse statistics and the teacher's global-view features as `embeddings: (G * n, d)`)."""
-        student_out = self.student_forward(views)
+        """`views: [(n, 3, S, S)] * G global + [(n, 3, s, s)] * L local` -> (the DINO loss, plus
+        the KoLeo term when `koleo_weight` > 0; collapse statistics and the teacher's global-view
+        features as `embeddings: (G * n, d)`)."""
+        student_out, student_features = self.student_forward(views)
         with torch.no_grad():
             teacher_features = self.teacher_backbone(torch.cat(views[: self.global_views]))
             teacher_out = self.teacher_head(teacher_features)
         loss, stats = self.criterion(student_out, teacher_out, self.teacher_temp)
+        if self.hparams.koleo_weight > 0:
+            koleo = sum(koleo_loss(view) for view in student_features[: len(teacher_features)].chunk(self.global_views))
+            stats["koleo"] = koleo.detach()
+            loss = loss + self.hparams.koleo_weight * koleo
         stats["embeddings"] = teacher_features.detach()
         return loss, stats
 
@@ -407,22 +413,18 @@ class DINO(Method):
         spread = [r["embedding_std"] for r in reports]
         if spread[-1] > spread[0] * (1 - DRIFT_SPREAD_FALL):
             return ""
+        entropy, batch_entropy = ([r[k] / ln_k for r in reports] for k in ("teacher_entropy", "teacher_batch_entropy"))
 
-        def trend(key: str) -> list[float]:
-            return [r[key] / ln_k for r in reports]
+        def moved(values: list[float], rising: bool) -> bool:  # at every report, and by enough in all
+            steady = all((b > a) == rising and a != b for a, b in zip(values, values[1:]))
+            return steady and abs(values[-1] - values[0]) >= min(DRIFT_FRACTION, DRIFT_RELATIVE * values[0])
 
-        entropy, batch_entropy = trend("teacher_entropy"), trend("teacher_batch_entropy")
-        def moved(values: list[float]) -> bool:
-            return abs(values[-1] - values[0]) >= min(DRIFT_FRACTION, DRIFT_RELATIVE * values[0])
-
-        pairs = list(zip(entropy, entropy[1:]))
         over = f"over the last {DRIFT_REPORTS} reports, embedding std {spread[0]:.3f} -> {spread[-1]:.3f}"
-        if all(b > a for a, b in pairs) and moved(entropy):
+        if moved(entropy, rising=True):
             return (f"towards a uniform teacher output: teacher entropy {entropy[0]:.3g} -> {entropy[-1]:.3g} of ln K "
                     f"{over}; sharpen: lower hparams.teacher_temp (now {self.teacher_temp:g}) or raise "
                     f"hparams.teacher_momentum (now {self.hparams.teacher_momentum:g})")
-        pairs = list(zip(batch_entropy, batch_entropy[1:]))
-        if all(b < a for a, b in pairs) and moved(batch_entropy):
+        if moved(batch_entropy, rising=False):
             return (f"towards one dominant dimension: batch entropy {batch_entropy[0]:.3g} -> {batch_entropy[-1]:.3g} "
                     f"of ln K {over}; centre harder: lower hparams.center_momentum (now "
                     f"{self.hparams.center_momentum:g}) or raise hparams.teacher_temp (now {self.teacher_temp:g})")

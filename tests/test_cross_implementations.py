@@ -13,6 +13,7 @@ from lightly.models import utils as lightly_utils  # noqa: E402
 
 from methods.byol import BYOLLoss  # noqa: E402
 from methods.dino import DINOLoss  # noqa: E402
+from methods.regularizers import koleo_loss  # noqa: E402
 from methods.simclr import NTXentLoss  # noqa: E402
 from pipelines.config import build_method  # noqa: E402
 from tests.helpers.runs import tiny_config  # noqa: E402
@@ -72,6 +73,14 @@ def test_dino_loss_and_center_equal_lightly_over_two_steps():
         torch.testing.assert_close(grads(mine, [student])[0], grads(other, [student])[0], **TOLERANCE)
         torch.testing.assert_close(ours.center, theirs.center.reshape(1, k), **TOLERANCE)
     assert ours.center.abs().sum() > 0
+
+
+def test_koleo_equals_lightlys():
+    """DINOv2's KoLeo term, which our DINO adds at hparams.koleo_weight > 0."""
+    (features,) = leaves((16, 32))
+    mine, other = koleo_loss(features), lightly_loss.KoLeoLoss()(features)
+    torch.testing.assert_close(mine, other, **TOLERANCE)
+    torch.testing.assert_close(grads(mine, [features])[0], grads(other, [features])[0], **TOLERANCE)
 
 
 def test_mae_patches_and_masked_loss_equal_lightlys():

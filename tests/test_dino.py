@@ -9,6 +9,7 @@ import torch
 
 from methods.backbone import BackboneConfig
 from methods.dino import DINO, DINOHyperparameters, DINOLoss, dino_recipe
+from methods.regularizers import koleo_loss
 from pipelines.config import OptimConfig
 from pipelines.console import to_stderr
 from tests.helpers.twoworkers import run_two_workers, same, single_worker
@@ -116,6 +117,39 @@ def test_teacher_gets_no_gradient_and_is_not_in_the_optimizer():
     optimizer.step()
     assert all(p.grad is None and not p.requires_grad for p in teacher)
     assert all(torch.equal(a, b) for a, b in zip(before, teacher))  # only after_step moves it
+
+
+def test_koleo_reads_the_nearest_neighbour_and_its_gradient_spreads_a_cluster():
+    assert koleo_loss(3 * torch.eye(4)).item() == pytest.approx(-math.log(math.sqrt(2)))  # scale-free
+    twin = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert koleo_loss(twin).item() > 5  # a point on top of another costs ~ -log(eps) / n
+    alone = torch.randn(1, 8, requires_grad=True)
+    assert koleo_loss(alone).item() == 0.0 and koleo_loss(alone).requires_grad
+    cluster = (torch.tensor([1.0, 0.0, 0.0]) + 0.01 * torch.randn(16, 3, generator=torch.Generator().manual_seed(0)))
+    cluster.requires_grad_()
+    optimizer = torch.optim.SGD([cluster], lr=0.01)
+
+    def nearest_distance():
+        x = torch.nn.functional.normalize(cluster.detach(), dim=1)
+        return (torch.cdist(x, x) + 9 * torch.eye(16)).min(dim=1).values.mean().item()
+
+    before = nearest_distance()
+    for _ in range(20):
+        optimizer.zero_grad()
+        koleo_loss(cluster).backward()
+        optimizer.step()
+    assert nearest_distance() > 3 * before
+
+
+def test_koleo_is_added_on_the_students_global_view_features_only_when_weighted():
+    views = fixed_views()
+    plain_loss, plain_stats = make_dino()(views)
+    method = make_dino(koleo_weight=0.5)
+    loss, stats = method(views)
+    features = method.backbone(torch.cat(views[:2])).split(IMAGES)
+    expected = koleo_loss(features[0]) + koleo_loss(features[1])
+    assert "koleo" not in plain_stats and stats["koleo"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.5 * expected.item(), rel=1e-5)
 
 
 def run_steps(method, optimizer, epoch, steps=2):
