@@ -155,26 +155,3 @@ def test_killed_search_resumed_where_it_stopped(killed_search):
     reports = [json.loads(line) for path in glob.glob(str(storage / "search" / "*" / "result.json"))
                for line in open(path)]
     assert any(report.get("resumed_from_step", 0) > 0 for report in reports)  # the interrupted trial resumed
-
-
-def test_search_without_labels_ranks_by_rankme(digits, tmp_path):
-    """No --val: the objective is RankMe on the probe set, and the table says so."""
-    import ray
-
-    out, _ = digits
-    sets = {**SIMCLR_DIGITS, "optim.epochs": 1}
-    # --data relative to where the command runs: the trials, which run in their own folders, still find it.
-    command = selfsup_command("tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "2", "--scheduler", "fifo",
-                              "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "unlabeled", sets=sets)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    table = rows(result)
-    assert len(table) == 2 and all(row["status"] == "finished" for row in table)
-    ranks = [float(row["rankme"]) for row in table]
-    assert ranks == sorted(ranks, reverse=True) and ranks[0] > 1  # ranked by RankMe, best first
-    assert "knn_top1" not in table[0]  # no labels anywhere
-    assert "Trials are ranked by `rankme`" in open(result["trials.md"]).read()
-    assert result["best"]["rankme"] == ranks[0] and os.path.exists(result["best.yaml"])

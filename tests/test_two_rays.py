@@ -1,4 +1,5 @@
-"""Several selfsup commands on one machine at once, each starting a Ray of its own (issue 18).
+"""Several selfsup commands on one machine at once, each starting a Ray of its own (issue 18); the
+search among them is also the suite's search without labels (no --val: ranked by RankMe).
 
 Ray Train and Ray Data call Ray's state API from inside their actors without an address; with
 more than one Ray on the machine those calls fail ("Found multiple active Ray instances"), the
@@ -9,6 +10,7 @@ the test session's Ray (four Rays in all), and the workers' own log files are se
 error, which the runs themselves would survive silently.
 """
 
+import csv
 import glob
 import json
 import os
@@ -77,5 +79,19 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
     for name in ("run a", "run b"):
         assert results[name]["metrics"]["step"] == results[name]["metrics"]["total_steps"] > 0
     assert results["search"]["by_status"]["finished"] == 2  # a leaked placement group would starve the later trial
+    search_without_labels_ranks_by_rankme(results["search"])
     for name, ray_tmp in zip(commands, ray_tmps):
         assert worker_logs_saying(ray_tmp, "Found multiple active Ray instances") == [], name
+
+
+def search_without_labels_ranks_by_rankme(result):
+    """No --val: the objective is RankMe on the probe set, and the table says so. (--data is
+    relative to where the command ran: the trials, which run in their own folders, still found it.)"""
+    with open(result["trials.csv"]) as stream:
+        table = list(csv.DictReader(stream))
+    assert len(table) == 2 and all(row["status"] == "finished" for row in table)
+    ranks = [float(row["rankme"]) for row in table]
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > 1  # ranked by RankMe, best first
+    assert "knn_top1" not in table[0]  # no labels anywhere
+    assert "Trials are ranked by `rankme`" in open(result["trials.md"]).read()
+    assert result["best"]["rankme"] == ranks[0] and os.path.exists(result["best.yaml"])
