@@ -46,7 +46,7 @@ def digits(ray_session, tmp_path_factory):
 def learns_run(digits, tmp_path_factory):
     """`learns_run(method)`: that method's "it learns" run (tests/helpers/runs.py `LEARNS`, with the
     label-free metrics at its end), trained once a session: tests/test_learns.py judges its
-    encoder, and the tests of `mae_run` read MAE's."""
+    encoder, the tests of `mae_run` read MAE's and tests/test_dino_pipeline.py DINO's."""
     from pipelines.train.pretrain import pretrain
     from tests.helpers.runs import learns_config
 

@@ -48,7 +48,8 @@ def main() -> None:
             print(json.dumps({"method": method, "seed": seed, "pretrain_s": round(seconds, 1),
                               "knn": [knn["top1"], knn["random_init_top1"]],
                               "linear": [round(linear["top1"], 3), round(linear["random_init_top1"], 3)],
-                              "margin": [round(m, 3) for m in margin]}), flush=True)
+                              "margin": [round(m, 3) for m in margin],
+                              **{key: run["metrics"].get(key) for key in ("rankme", "collapsed")}}), flush=True)
     print("| method | judged by | kNN margin (min, runs) | linear margin (min, runs) |")
     print("|---|---|---|---|")
     for method, runs in margins.items():

@@ -19,17 +19,19 @@ def tiny_config(method="simclr", **sets):
 # Each method's short run on sample:digits that must beat its random-init encoder (issue 35, item 5):
 # (the protocol it is judged by, its --sets on top of tiny_config's). The margins over seeds are in
 # docs/BENCHMARKS.md ("Every method learns on the digits sample"), measured by
-# benchmarks/research/learns_margin.py; the smoke ViT learned nothing in this budget, so MAE keeps
-# the `tiny` ViT (patch 2 at 16 px: 64 patches). DINO has no such run yet: its run that beats the
-# random init ends flagged for dimensional collapse (same section of docs/BENCHMARKS.md).
+# benchmarks/research/learns_margin.py; the smoke ViT learned nothing in this budget, so MAE and
+# DINO take the `tiny` ViT's width and depth. DINO adds DINOv2's KoLeo term: without it the run
+# beats its random init but ends flagged for dimensional collapse (same section of the doc).
 LEARNS = {
-    "simclr": ("knn", {"optim.epochs": 4}),
+    "simclr": ("knn", {"optim.epochs": 2}),
     "byol": ("linear", {"optim.epochs": 4}),
     # timm's init: the reference init's random ViT is already a strong probe on these digits and
     # this run does not beat it (docs/BENCHMARKS.md, same section)
     "mae": ("linear", {"optim.epochs": 10, "optim.warmup_epochs": 1, "optim.base_lr": 6e-3, "backbone.patch_size": 2,
                        "backbone.kwargs.embed_dim": 96, "backbone.kwargs.depth": 4, "backbone.kwargs.num_heads": 3,
                        "hparams.init": "timm"}),
+    "dino": ("knn", {"optim.epochs": 8, "backbone.kwargs.embed_dim": 96, "backbone.kwargs.depth": 4,
+                     "backbone.kwargs.num_heads": 3, "hparams.teacher_momentum": 0.95, "hparams.koleo_weight": 0.5}),
 }
 
 
