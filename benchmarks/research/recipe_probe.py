@@ -6,6 +6,11 @@ and hyperparameters before a real run or a `selfsup tune` search (and for the gr
 
     python -m benchmarks.research.recipe_probe --method simclr --epochs 5 --sample mnist-m \
         --set optim.batch_size=64 --set views.view.mix=0.5 --threads 1
+
+`--learns` starts from the method's "it learns" run of the tests (tests/helpers/runs.py; give
+`--sample digits`, the sample those runs train on) instead of the `tiny` preset, and `--floors`
+scores the random-init encoder first, as `eval` does: the screens of docs/BENCHMARKS.md ("Every
+method learns on the digits sample").
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ def load(sample: str, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
                     torch.from_numpy(np.array(t.column("label").to_numpy()))) for split, t in tables.items()}
 
 
+def scores(method, train, train_labels, test, test_labels, linear: bool = True) -> dict[str, float | None]:
+    """kNN (and linear) top-1 of `method`'s encoder: the training split the bank, the test split the queries."""
+    bank, queries = features(method, train), features(method, test)
+    return {"knn": round(knn_top1(bank, train_labels, queries, test_labels), 3),
+            "linear": round(linear_probe_top1(bank, train_labels, queries, test_labels), 3) if linear else None}
+
+
 @torch.no_grad()
 def features(method, canvases: torch.Tensor) -> torch.Tensor:
     method.eval()
@@ -61,7 +73,7 @@ def recalibrate_batch_norm(method, canvases: torch.Tensor) -> None:
 
 def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int = 0, linear: bool = True,
           rows_per_epoch: int = 1, on_row: Callable[[dict], None] | None = None, recalibrate_bn: bool = False,
-          probe_size: int = 2048) -> dict:
+          probe_size: int = 2048, floors: bool = False) -> dict:
     """Train `method_name`'s `tiny` preset with `sets` applied on `sample` in memory.
 
     Returns `{"history": [rows: means over 1/rows_per_epoch of an epoch of the loss, every scalar
@@ -69,13 +81,15 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
     the end of every `knn_every`-th epoch], "knn", "linear", "train_seconds", "label_free",
     "label_free_random_init"}`: the label-free metrics (pipelines/evaluate/label_free.py) of the trained
     and the untrained encoder on the first `probe_size` training images (0 = none); `on_row`
-    sees each history row as it is made.
+    sees each history row as it is made; with `floors`, also "knn_random_init" and
+    "linear_random_init" (the same encoder before training).
     """
     config = build_config(method_name, "tiny", sets=sets)
     (train, train_labels), (test, test_labels) = (load(sample, config.data.canvas_size)[s] for s in ("train", "test"))
     method = build_method(config)
     probe_batches = [{"image": train[i:i + 512]} for i in range(0, min(len(train), probe_size), 512)]
     random_init = probe_metrics(method, probe_batches, "cpu") if probe_size else {}
+    floor = scores(method, train, train_labels, test, test_labels, linear) if floors else {}
     schedule = plan_run(config, len(train))
     optimizer = method.make_optimizer(method.param_groups(config.optim.weight_decay), schedule.peak_lr, config.optim)
     batch, step, started, history = config.optim.batch_size, 0, time.perf_counter(), []
@@ -113,10 +127,9 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
             if on_row:
                 on_row(row)
     seconds = time.perf_counter() - started
-    bank, queries = features(method, train), features(method, test)
     result = {"history": history, "train_seconds": round(seconds),
-              "knn": round(knn_top1(bank, train_labels, queries, test_labels), 3),
-              "linear": round(linear_probe_top1(bank, train_labels, queries, test_labels), 3) if linear else None}
+              **scores(method, train, train_labels, test, test_labels, linear),
+              **{f"{key}_random_init": value for key, value in floor.items()}}
     if probe_size:
         result["label_free"] = {k: round(v, 4) for k, v in probe_metrics(method, probe_batches, "cpu").items()}
         result["label_free_random_init"] = {k: round(v, 4) for k, v in random_init.items()}
@@ -131,17 +144,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--sample", default="mnist-m")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=None, help="5, or with --learns the learns run's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--knn-every", type=int, default=0, help="also print kNN every N epochs")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="also kNN after recomputing BatchNorm statistics on the clean training images")
+    parser.add_argument("--learns", action="store_true", help="start from the tests' \"it learns\" run of the method")
+    parser.add_argument("--floors", action="store_true", help="also score the encoder at its random init")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sets = {"optim.epochs": args.epochs, **parse_sets(args.set)}
+    base = {}
+    if args.learns:  # the tests' config with the learns run's --sets (tests/helpers/runs.py)
+        from tests.helpers.runs import COMMON, LEARNS, TINY
+
+        base = {**COMMON, **TINY[args.method], **LEARNS.get(args.method, ("", {}))[1], "train.knn_every_epochs": 0}
+    epochs = args.epochs or base.get("optim.epochs", 5)
+    sets = {**base, "optim.epochs": epochs, **parse_sets(args.set)}
     result = probe(args.method, sets, args.sample, args.knn_every, on_row=lambda row: print(json.dumps(row), flush=True),
-                   recalibrate_bn=args.recalibrate_bn)
+                   recalibrate_bn=args.recalibrate_bn, floors=args.floors)
     print(json.dumps({"method": args.method, "sample": args.sample, "sets": sets,
                       **{k: v for k, v in result.items() if k != "history"}}))
 
