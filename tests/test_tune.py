@@ -1,6 +1,5 @@
 """`selfsup tune`: spaces, a 3-trial ASHA search on the sample, best-config round trip, resume."""
 
-import csv
 import glob
 import json
 import os
@@ -13,7 +12,7 @@ import yaml
 
 from methods import METHODS
 from pipelines.config import build_config
-from tests.helpers.cli import selfsup_command
+from tests.helpers.cli import selfsup_command, trial_rows
 from tests.helpers.runs import COMMON, TINY
 from tune.search import SearchSettings, check_space
 from tune.space import parse_dimension, parse_space
@@ -114,14 +113,9 @@ def killed_search(digits, tmp_path_factory):
     return json.loads(last), storage, runs_at_kill, rerun.stderr
 
 
-def rows(result):
-    with open(result["trials.csv"]) as stream:
-        return list(csv.DictReader(stream))
-
-
 def test_three_trial_search_writes_table_best_yaml_and_picture(killed_search):
     result, _, _, console = killed_search
-    table = rows(result)
+    table = trial_rows(result)
     assert len(table) == 3 and result["trials"] == 3
     assert {row["lr"] for row in table} == {"0.6", "0.3", "1e-09"}
     assert all(float(row["peak_lr"]) == pytest.approx(float(row["lr"]) * 8) for row in table)  # sqrt(64)
@@ -133,7 +127,7 @@ def test_three_trial_search_writes_table_best_yaml_and_picture(killed_search):
 
 def test_asha_stops_the_bad_trial_before_its_last_epoch(killed_search):
     result, _, _, _ = killed_search
-    bad = next(row for row in rows(result) if row["lr"] == "1e-09")
+    bad = next(row for row in trial_rows(result) if row["lr"] == "1e-09")
     assert bad["status"] == "stopped early" and int(bad["epochs_run"]) < 2
     assert result["best"]["lr"] != 1e-9 and result["best"]["status"] == "finished"
 

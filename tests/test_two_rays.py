@@ -10,7 +10,6 @@ the test session's Ray (four Rays in all), and the workers' own log files are se
 error, which the runs themselves would survive silently.
 """
 
-import csv
 import glob
 import json
 import os
@@ -21,7 +20,7 @@ import time
 
 import pytest
 
-from tests.helpers.cli import selfsup_command, set_args
+from tests.helpers.cli import selfsup_command, set_args, trial_rows
 from tests.helpers.runs import COMMON, TINY
 from tests.helpers.timing import deadline
 
@@ -87,8 +86,7 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
 def search_without_labels_ranks_by_rankme(result):
     """No --val: the objective is RankMe on the probe set, and the table says so. (--data is
     relative to where the command ran: the trials, which run in their own folders, still found it.)"""
-    with open(result["trials.csv"]) as stream:
-        table = list(csv.DictReader(stream))
+    table = trial_rows(result)
     assert len(table) == 2 and all(row["status"] == "finished" for row in table)
     ranks = [float(row["rankme"]) for row in table]
     assert ranks == sorted(ranks, reverse=True) and ranks[0] > 1  # ranked by RankMe, best first

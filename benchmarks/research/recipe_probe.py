@@ -156,9 +156,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = {}
     if args.learns:  # the tests' config with the learns run's --sets (tests/helpers/runs.py)
-        from tests.helpers.runs import COMMON, LEARNS, TINY
+        from tests.helpers.runs import learns_sets
 
-        base = {**COMMON, **TINY[args.method], **LEARNS.get(args.method, ("", {}))[1], "train.knn_every_epochs": 0}
+        base = learns_sets(args.method)
     epochs = args.epochs or base.get("optim.epochs", 5)
     sets = {**base, "optim.epochs": epochs, **parse_sets(args.set)}
     result = probe(args.method, sets, args.sample, args.knn_every, on_row=lambda row: print(json.dumps(row), flush=True),

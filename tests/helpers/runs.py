@@ -35,11 +35,16 @@ LEARNS = {
 }
 
 
+def learns_sets(method: str) -> dict:
+    """The `--set`s on the `tiny` preset of `method`'s "it learns" run (LEARNS; a method without one,
+    its tiny config): the label-free metrics (and the kNN, given a validation set) once, after the
+    last epoch."""
+    return {**COMMON, **TINY[method], **(LEARNS[method][1] if method in LEARNS else {}), "train.knn_every_epochs": 0}
+
+
 def learns_config(method: str, seed: int = 0):
-    """`method`'s "it learns" run (LEARNS; a method without one, its tiny config) with `train.seed` =
-    `seed`; the label-free metrics (and the kNN, given a validation set) once, after the last epoch."""
-    sets = LEARNS[method][1] if method in LEARNS else {}
-    return tiny_config(method, **{**sets, "train.seed": seed, "train.knn_every_epochs": 0})
+    """`method`'s "it learns" run with `train.seed` = `seed`."""
+    return build_config(method, "tiny", sets={**learns_sets(method), "train.seed": seed})
 
 
 def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
