@@ -121,8 +121,8 @@ def test_a_run_planned_from_a_preset_fits_what_the_user_did_not_set(tmp_path, ca
     assert run.config.optim.warmup_epochs == pytest.approx(5 * 3 / 50)
     assert run.config.backbone == config.backbone and run.config.train.probe_size == 0
     simclr = plan_finetune(tiny_config("simclr"), subset, sets={"optim.epochs": 3, "optim.batch_size": 8})
-    assert simclr.preset == "resnet-small-images"  # linear scaling, not SimCLR's sqrt rule: 8e-3 x 8 / 256
-    assert plan_run(simclr.config, subset.rows).peak_lr == pytest.approx(8e-3 * 8 / 256)
+    assert simclr.preset == "resnet-small-images"  # linear scaling, not SimCLR's sqrt rule: 0.36 x 8 / 256
+    assert plan_run(simclr.config, subset.rows).peak_lr == pytest.approx(0.36 * 8 / 256)
     with pytest.raises(ValueError, match="optim.warmup_epochs=4: must be in"):  # both set by the user: refused
         plan_finetune(config, subset, sets={"optim.epochs": 3, "optim.warmup_epochs": 4})
     with pytest.raises(ValueError, match="--set backbone.kwargs.depth: the encoder's architecture"):

@@ -67,9 +67,11 @@ FINETUNE_PRESETS = {
                                       "views": {"view.scale": [0.6, 1.0], "view.flip": 0.0}},
                          "optim": {"epochs": 50, "batch_size": 32, "base_lr": 8e-3, "warmup_epochs": 5,
                                    "weight_decay": 0.05, "betas": [0.9, 0.999]}},
+    # Peak LR 4.5e-2 at batch 32: of 1e-3 to 0.25, the best for pretrained ResNets (docs/BENCHMARKS.md,
+    # "The ResNets' fine-tuning LR"; scratch runs peak higher).
     "resnet-small-images": {"finetune": {"layer_decay": 1.0, "label_smoothing": 0.1,
                                          "views": {"view.scale": [0.6, 1.0], "view.flip": 0.0}},
-                            "optim": {"epochs": 50, "batch_size": 32, "base_lr": 8e-3, "warmup_epochs": 5,
+                            "optim": {"epochs": 50, "batch_size": 32, "base_lr": 0.36, "warmup_epochs": 5,
                                       "weight_decay": 0.05, "betas": [0.9, 0.999]}},
 }
 
