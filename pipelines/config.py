@@ -131,7 +131,8 @@ class TrainConfig:
         probe set) every K epochs (and at the end).
     knn_k, knn_temperature: weighted kNN settings (DINO's eval_knn: 20, 0.07).
     probe_size: images in the probe set on which every online evaluation measures the label-free
-        metrics (RankMe, alignment, uniformity; pipelines/evaluate/label_free.py); 0 = off.
+        metrics (RankMe, LiDAR, alpha-ReQ, alignment, uniformity; pipelines/evaluate/label_free.py);
+        0 = off, else at least 3 (the fewest images a covariance spectrum can be fitted on).
     probe: shards to draw the probe set from (`--probe`); "" = the training shards.
     precision: `auto` (bf16 autocast on GPU, fp32 on CPU), `bf16`, `fp16` or `fp32`.
     seed: seeds models, views and data order.
@@ -179,7 +180,8 @@ class TrainConfig:
             "knn_every_epochs": (self.knn_every_epochs >= 0, "an integer >= 0 (0 = only at the end)"),
             "knn_k": (self.knn_k >= 1, "an integer >= 1"),
             "knn_temperature": (self.knn_temperature > 0, "a number > 0"),
-            "probe_size": (isinstance(self.probe_size, int) and self.probe_size >= 0, "an integer >= 0 (0 = off)"),
+            "probe_size": (isinstance(self.probe_size, int) and (self.probe_size == 0 or self.probe_size >= 3),
+                           "0 (off) or an integer >= 3"),
             "precision": (self.precision in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
             "max_failures": (self.max_failures >= -1, "an integer >= -1 (-1 = unlimited)"),
             "cpus_per_worker": (0 < self.cpus_per_worker <= 256, "a number in (0, 256]"),

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from methods import METHODS
-from pipelines.evaluate.label_free import alignment, check_rank, probe_metrics, rankme, uniformity
+from pipelines.evaluate.label_free import (
+    alignment,
+    alpha_req,
+    check_rank,
+    lidar,
+    probe_metrics,
+    rankme,
+    uniformity,
+)
 from pipelines.images.probe import probe_table
 from tests.helpers.runs import tiny_config
 
@@ -28,6 +36,63 @@ def test_rankme_of_known_spectra():
     assert rankme(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="non-empty"):
         rankme(torch.zeros(0, 3))
+
+
+def _with_covariance(rows: int, spectrum: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`rows` centred feature rows whose covariance has exactly `spectrum` as eigenvalues, in a
+    random orthonormal basis."""
+    width = len(spectrum)
+    noise = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(noise - noise.mean(dim=0))  # orthonormal, centred columns
+    rotation, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
+    return basis * (spectrum * (rows - 1)).sqrt() @ rotation
+
+
+def _surrogate_classes(images: int, views: int, between: torch.Tensor, generator) -> torch.Tensor:
+    """(images, views, d) features whose class means have covariance diag(`between`) exactly and
+    whose pooled within-class covariance is exactly the identity."""
+    width = len(between)
+    means = _with_covariance(images, between, generator)
+    deviations = torch.randn(images, views, width, generator=generator, dtype=torch.float64)
+    deviations = (deviations - deviations.mean(dim=1, keepdim=True)).reshape(-1, width)
+    covariance = deviations.T @ deviations / (images * (views - 1))
+    values, vectors = torch.linalg.eigh(covariance)
+    deviations = deviations @ vectors @ torch.diag(values.rsqrt()) @ vectors.T  # whitened: keeps each class's sum 0
+    return means[:, None] + deviations.reshape(images, views, width)
+
+
+def test_lidar_of_a_known_discriminant_rank():
+    generator = torch.Generator().manual_seed(0)
+    # Three equally discriminative directions out of 16, the rest moved by augmentation only.
+    three = _surrogate_classes(200, 4, torch.tensor([5.0] * 3 + [0.0] * 13), generator)
+    assert lidar(three) == pytest.approx(3, rel=1e-3)
+    # A known non-flat discriminant: eigenvalues 3, 1 -> p = (0.75, 0.25), as RankMe's formula.
+    two = _surrogate_classes(200, 4, torch.tensor([3.0, 1.0] + [0.0] * 6), generator)
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert lidar(two) == pytest.approx(expected, rel=1e-3)
+    # LDA is blind to invertible linear maps of the features (up to the ridge); their rank is not.
+    stretch = torch.diag(torch.logspace(0, 1, 16, dtype=torch.float64)) @ torch.randn(16, 16, generator=generator,
+                                                                                    dtype=torch.float64)
+    assert lidar(three @ stretch) == pytest.approx(lidar(three), rel=1e-2)
+    assert abs(rankme(three.reshape(-1, 16) @ stretch) - rankme(three.reshape(-1, 16))) > 1
+    with pytest.raises(ValueError, match="views >= 2"):
+        lidar(three[:, :1])
+
+
+def test_alpha_req_recovers_a_known_power_law():
+    generator = torch.Generator().manual_seed(0)
+    ranks = torch.arange(1, 33, dtype=torch.float64)
+    for alpha in (0.5, 1.0, 2.0):
+        features = _with_covariance(500, ranks.pow(-alpha), generator)
+        assert alpha_req(features) == pytest.approx(alpha, abs=1e-6)
+        assert alpha_req(features * 7.0) == pytest.approx(alpha, abs=1e-6)  # scale-free
+    flat = _with_covariance(500, torch.ones(32, dtype=torch.float64), generator)
+    assert alpha_req(flat) == pytest.approx(0, abs=1e-6)
+    # Features along one direction: a steep, finite decay rather than an error mid-run.
+    one_direction = torch.randn(100, 1, generator=generator) @ torch.randn(1, 32, generator=generator)
+    assert alpha_req(one_direction) > 2
+    with pytest.raises(ValueError, match="N >= 3"):
+        alpha_req(torch.randn(2, 8))
 
 
 def test_alignment_and_uniformity_match_their_formulas():
@@ -95,7 +160,14 @@ def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(me
     width = method.features(method.eval_images(canvases[:2])).shape[1]
     assert 1 <= metrics["rankme"] <= min(24, width) and metrics["rankme_fraction"] == metrics["rankme"] / min(24, width)
     assert 0 < metrics["alignment"] < 4 and metrics["uniformity"] < 0 and metrics["probe_images"] == 24
+    assert 1 <= metrics["lidar"] <= min(23, width) and metrics["alpha_req"] > 0
     assert method.training  # put back in training mode
+
+
+def test_a_probe_too_small_to_fit_a_spectrum_is_refused_before_ray():
+    with pytest.raises(ValueError, match="train.probe_size=2: must be 0 \\(off\\) or an integer >= 3"):
+        tiny_config("simclr", **{"train.probe_size": 2})
+    assert tiny_config("simclr", **{"train.probe_size": 0}).train.probe_size == 0
 
 
 def test_rank_collapse_flag_and_one_warning(caplog):
