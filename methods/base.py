@@ -34,6 +34,37 @@ METHODS: dict[str, type[Method]] = {}
 CAPABILITIES = {"reconstruct": ("masking", "patch_mask", "reconstruct"), "attention": ("last_attention",)}
 
 
+# The agreement with labels (Spearman against kNN) a label-free objective needs before a search's
+# first trial is offered without a caveat (issue 36's bar).
+TRUSTED_SPEARMAN = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelFreeObjective:
+    """What `selfsup tune` ranks a method's trials by when the search has no labeled `--val`: a
+    metric of the probe set (pipelines/evaluate/label_free.py) and its direction, with the
+    agreement the label-free study measured between it and the trials' kNN top-1 (Spearman over
+    `trials` trials; None where unmeasured). The study: docs/FINDINGS.md, "Label-free model
+    selection"."""
+
+    metric: str = "rankme"
+    mode: str = "max"
+    spearman: float | None = None
+    trials: int = 0
+
+    def agreement(self, method: str) -> str:
+        """One line on how far this objective can be trusted, for the console and trials.md."""
+        if self.spearman is None:
+            return (f"its agreement with labels is not measured for {method}: treat the ranking as a screen against "
+                    "collapse and give a small labeled --val where you have one")
+        measured = (f"it ranked {self.trials} {method} trials against their kNN at Spearman {self.spearman:+.2f} "
+                    "(docs/FINDINGS.md, \"Label-free model selection\")")
+        if self.spearman < TRUSTED_SPEARMAN:
+            return measured + (f", under the {TRUSTED_SPEARMAN:+.1f} a trusted objective needs: give a small labeled "
+                               "--val where you have one")
+        return measured
+
+
 class MethodContractError(TypeError):
     """A method class that breaks the `Method` contract; its message is one line naming the class."""
 
@@ -71,6 +102,8 @@ def contract_problems(cls: type) -> list[str]:
         problems.append(f"default_preset={cls.default_preset!r} is not one of its presets")
     if not (isinstance(cls.search_space, list) and all(isinstance(d, str) for d in cls.search_space)):
         problems.append("search_space must be a list of NAME=DIST(ARGS) strings")
+    if not (isinstance(cls.label_free, LabelFreeObjective) and cls.label_free.mode in ("max", "min")):
+        problems.append("label_free must be a LabelFreeObjective with mode max or min")
     if not isinstance(cls.smoke_sets, dict):
         problems.append("smoke_sets must be a dict of --set overrides")
     for capability in sorted(cls.capabilities):
@@ -116,6 +149,8 @@ class Method(nn.Module, abc.ABC):
         default_preset: the preset a run gets when it names none: the recipe that measured best
             on the bundled sample (`tiny` unless a method's file says why another).
         search_space: the `selfsup tune --space` dimensions searched when the user names none.
+        label_free: the `LabelFreeObjective` a search without `--val` ranks trials by (RankMe,
+            unmeasured, unless the method's file states the study's choice).
         smoke_sets: `--set` overrides on the `tiny` preset for the smallest run that goes through
             the whole pipeline (16 px views, a network of under a million weights): what the test
             suite trains every registered method with.
@@ -134,6 +169,7 @@ class Method(nn.Module, abc.ABC):
     presets: ClassVar[dict[str, dict]] = {}
     default_preset: ClassVar[str] = "tiny"
     search_space: ClassVar[list[str]] = []
+    label_free: ClassVar[LabelFreeObjective] = LabelFreeObjective()
     smoke_sets: ClassVar[dict[str, Any]] = {}
     capabilities: ClassVar[frozenset[str]] = frozenset()
 

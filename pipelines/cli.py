@@ -163,6 +163,7 @@ def cmd_pretrain(args) -> dict:
 def cmd_tune(args) -> dict:
     import time
 
+    from methods import get_method
     from pipelines.train.preflight import preflight, storage_path
     from pipelines.weights.init_from import initial_weights
     from tune.search import SearchSettings, check_space, run_search
@@ -174,7 +175,8 @@ def cmd_tune(args) -> dict:
                               max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode,
                               grace_epochs=args.grace_epochs)
     try:
-        settings = settings.resolved(has_val=bool(args.val), has_probe=config.train.probe_size > 0)
+        settings = settings.resolved(has_val=bool(args.val), has_probe=config.train.probe_size > 0,
+                                     label_free=get_method(config.method).label_free)
         dimensions = parse_space(args.space, config.method)
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -496,8 +498,9 @@ def _tune_parser(commands) -> None:
     search.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: what the CPUs allow, one CPU per trial left for decoding)")
     search.add_argument("--metric", default="", help="objective: any reported metric (default: knn_top1 with --val, "
-                                                      "else rankme, the label-free effective rank)")
-    search.add_argument("--mode", default="max", choices=["max", "min"])
+                                                      "else the method's label-free objective)")
+    search.add_argument("--mode", default="", choices=["max", "min"],
+                        help="default: the default objective's (max for a metric given with --metric)")
     search.add_argument("--grace-epochs", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     search.add_argument("--storage", help="folder or URI for the search (default ./runs)")
     search.add_argument("--name", help="search name; a search that exists under --storage is resumed")

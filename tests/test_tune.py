@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from methods import METHODS
+from methods.base import LabelFreeObjective
 from pipelines.config import build_config
 from tests.helpers.cli import selfsup_command, trial_rows
 from tests.helpers.runs import COMMON, TINY
-from tune.search import SearchSettings, check_space
+from tune.search import LABEL_FREE, TOO_CLOSE, SearchSettings, check_space, label_free_notes
 from tune.space import parse_dimension, parse_space
 
 SIMCLR_DIGITS = {**COMMON, **TINY["simclr"]}
@@ -58,6 +59,48 @@ def test_space_ends_are_validated_against_the_config_before_ray():
         settings = SearchSettings()
         assert settings.resolved(has_val=has_val).metric == objective
         assert settings.metric == ""  # resolving makes a new one: nothing is changed in place
+
+
+def test_a_search_without_labels_ranks_by_the_methods_own_objective_and_says_how_far_to_trust_it():
+    for name, cls in METHODS.items():
+        assert cls.label_free.metric in LABEL_FREE, name
+        settings = SearchSettings().resolved(has_val=False, label_free=cls.label_free)
+        assert (settings.metric, settings.mode) == (cls.label_free.metric, cls.label_free.mode)
+    declared = LabelFreeObjective("alignment", "min", spearman=0.61, trials=12)
+    settings = SearchSettings().resolved(has_val=False, label_free=declared)
+    assert (settings.metric, settings.mode) == ("alignment", "min")
+    assert SearchSettings().resolved(has_val=True, label_free=declared).mode == "max"  # knn_top1's own
+    assert SearchSettings(metric="loss").resolved(has_val=True).mode == "max"  # a named metric: max unless told
+    assert SearchSettings(metric="loss", mode="min").resolved(has_val=True).mode == "min"
+    assert "Spearman +0.61" in declared.agreement("simclr") and "--val" not in declared.agreement("simclr")
+    assert "under the +0.5 a trusted" in LabelFreeObjective("rankme", spearman=-0.48, trials=8).agreement("simclr")
+    assert "not measured" in LabelFreeObjective().agreement("mae")
+
+    def rows(*values):
+        return [{"trial_id": f"t{i}", "rankme": v, "status": "finished"} for i, v in enumerate(values)]
+
+    rankme = SearchSettings().resolved(has_val=False)  # MAE declares RankMe, unmeasured
+    apart, close = rows(20.0, 15.0, 9.0), rows(15.0, 15.0 - 6.0 * TOO_CLOSE / 2, 9.0)
+    assert len(label_free_notes(close[:2], rankme, "mae")) == 1  # two trials: no range to judge closeness by
+    notes = label_free_notes(apart, rankme, "mae")
+    assert len(notes) == 1 and "not measured for mae" in notes[0]
+    warning = label_free_notes(close, rankme, "mae")[1]
+    assert "does not separate trials t0 and t1" in warning
+    assert len(label_free_notes(close[::-1], rankme, "mae")) == 2  # ranked first, whatever the order given
+    assert label_free_notes(close, SearchSettings().resolved(has_val=True), "mae") == []  # labels: nothing to say
+    chosen = SearchSettings(metric="lidar").resolved(has_val=False)
+    assert "chosen by --metric" in label_free_notes([], chosen, "mae")[0]
+
+
+def test_each_measured_objective_is_the_label_free_studys_row():
+    """A method's declared agreement is the study's figure in docs/FINDINGS.md, not a copy that drifts."""
+    findings = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "FINDINGS.md")).read()
+    for name, cls in METHODS.items():
+        objective = cls.label_free
+        if objective.spearman is not None:
+            row, score = f"| {name} | {objective.trials} |", ("-" if objective.mode == "min" else "") + objective.metric
+            rows = [line for line in findings.splitlines() if line.startswith(row) and f"| {score} |" in line]
+            assert rows and f"| {objective.spearman:+.2f} |" in rows[0], f"{name}: no study row for {objective}"
 
 
 def search_command(out, storage, name):

@@ -1,5 +1,6 @@
 """Several selfsup commands on one machine at once, each starting a Ray of its own (issue 18); the
-search among them is also the suite's search without labels (no --val: ranked by RankMe).
+search among them is also the suite's search without labels (no --val: ranked by SimCLR's
+label-free objective).
 
 Ray Train and Ray Data call Ray's state API from inside their actors without an address; with
 more than one Ray on the machine those calls fail ("Found multiple active Ray instances"), the
@@ -20,6 +21,7 @@ import time
 
 import pytest
 
+from methods import METHODS
 from tests.helpers.cli import selfsup_command, set_args, trial_rows
 from tests.helpers.runs import COMMON, TINY
 from tests.helpers.timing import deadline
@@ -67,29 +69,35 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
         "search": own_ray_command(["tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "2", "--scheduler",
                                    "fifo", "--storage", str(tmp_path), "--name", "search", *sets], ray_tmps[2], out),
     }
-    results = {}
+    results, stderrs = {}, {}
     for name, process in commands.items():
         stdout, stderr = process.communicate(timeout=max(60, deadline("two_rays") - (time.time() - started)))
         assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
         assert "Traceback" not in stderr, f"{name}: {stderr[-3000:]}"
-        results[name] = json.loads(stdout.strip().splitlines()[-1])
+        results[name], stderrs[name] = json.loads(stdout.strip().splitlines()[-1]), stderr
     print(f"two runs and a search together: {time.time() - started:.0f} s")
 
     for name in ("run a", "run b"):
         assert results[name]["metrics"]["step"] == results[name]["metrics"]["total_steps"] > 0
     assert results["search"]["by_status"]["finished"] == 2  # a leaked placement group would starve the later trial
-    search_without_labels_ranks_by_rankme(results["search"])
+    search_without_labels_ranks_by_the_methods_objective(results["search"], stderrs["search"])
     for name, ray_tmp in zip(commands, ray_tmps):
         assert worker_logs_saying(ray_tmp, "Found multiple active Ray instances") == [], name
 
 
-def search_without_labels_ranks_by_rankme(result):
-    """No --val: the objective is RankMe on the probe set, and the table says so. (--data is
+def search_without_labels_ranks_by_the_methods_objective(result, stderr):
+    """No --val: the objective is the metric SimCLR declares for searches without labels, on the
+    probe set, and the console and the table name it with its measured agreement. (--data is
     relative to where the command ran: the trials, which run in their own folders, still found it.)"""
+    objective = METHODS["simclr"].label_free
     table = trial_rows(result)
     assert len(table) == 2 and all(row["status"] == "finished" for row in table)
-    ranks = [float(row["rankme"]) for row in table]
-    assert ranks == sorted(ranks, reverse=True) and ranks[0] > 1  # ranked by RankMe, best first
+    values = [float(row[objective.metric]) for row in table]
+    assert values == sorted(values, reverse=objective.mode == "max")  # ranked by the objective, best first
+    assert all(float(row["rankme"]) > 1 and float(row["lidar"]) >= 1 for row in table)  # every metric reported
     assert "knn_top1" not in table[0]  # no labels anywhere
-    assert "Trials are ranked by `rankme`" in open(result["trials.md"]).read()
-    assert result["best"]["rankme"] == ranks[0] and os.path.exists(result["best.yaml"])
+    report = open(result["trials.md"]).read()
+    agreement = objective.agreement("simclr")
+    assert f"Trials are ranked by `{objective.metric}`" in report and agreement in report
+    assert f"no labels: trials are ranked by {objective.metric}" in stderr and agreement in stderr
+    assert result["best"][objective.metric] == values[0] and os.path.exists(result["best.yaml"])

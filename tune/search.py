@@ -3,8 +3,10 @@
 Each trial builds a `TorchTrainer` (the same one `selfsup pretrain` runs) whose
 `TuneReportCallback` forwards every epoch's report to Tune, so ASHA can stop a trial after any
 epoch. Trials are ranked by a downstream metric: the online kNN top-1 when a labeled validation
-set is given, else RankMe, the label-free effective rank of the features on the probe set (SSL
-losses are not comparable across temperatures or mask ratios). A trial that trips the collapse
+set is given, else the label-free metric of the probe set that the method declares
+(`Method.label_free`: the one the label-free study found to agree best with labels), named on the
+console and in trials.md with that agreement (SSL losses are not comparable across temperatures
+or mask ratios). A trial that trips the collapse
 flag (a method's own, or dimensional collapse) is stopped. Each trial's Train run lives at `<search>/train/<trial_id>`,
 so a search resumed after its driver died restarts an interrupted trial from its last checkpoint.
 """
@@ -13,23 +15,33 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
 import yaml
 from ray.tune.stopper import Stopper
 
+from methods import get_method
+from methods.base import LabelFreeObjective
 from pipelines.config import RunConfig, with_sets
 from pipelines.console import Relay
+from pipelines.evaluate.label_free import PROBE_METRICS
 from pipelines.images.shards import absolute_location
 from pipelines.train.plan import peak_lr, plan_run
 from pipelines.train.pretrain import make_trainer, raise_if_stopped
 from tune.space import Dimension
 
+log = logging.getLogger("selfsup")
+
 STATUSES = ("finished", "stopped early", "collapsed", "error")
-LABEL_FREE = ("rankme", "rankme_fraction", "alignment", "uniformity")
+LABEL_FREE = PROBE_METRICS
+# The first two trials are too close to separate when their label-free objective differs by less
+# than this fraction of its range over the search's trials: a judgement, as the label-free study
+# holds too few pairs that close to measure one (docs/FINDINGS.md, "Label-free model selection").
+TOO_CLOSE = 0.05
 # Shown beside the objective when the trials report them: label-free and labeled side by side.
-ONLINE_METRICS = ("knn_top1", "rankme", "uniformity", "alignment")
+ONLINE_METRICS = ("knn_top1", "rankme", "lidar", "alpha_req", "uniformity", "alignment")
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,8 @@ class SearchSettings:
     max_concurrent: trials at once; default: as many as fit while leaving each trial
         `data_cpus_per_trial` CPUs for Ray Data decoding.
     metric, mode: the objective: any reported metric; "" = `knn_top1` (max) when the search has
-        a labeled `--val`, else `rankme` (max), the label-free effective rank of the features
-        (`resolved` fills it in).
+        a labeled `--val`, else the method's `label_free` objective (`resolved` fills it in);
+        mode "" = the default objective's, else max.
     grace_epochs, reduction_factor: ASHA's first rung and halving rate.
     """
 
@@ -52,29 +64,33 @@ class SearchSettings:
     scheduler: str = "asha"
     max_concurrent: int | None = None
     metric: str = ""
-    mode: str = "max"
+    mode: str = ""
     grace_epochs: int = 1
     reduction_factor: float = 2
     data_cpus_per_trial: float = 1.0
 
-    def resolved(self, has_val: bool, has_probe: bool = True) -> SearchSettings:
-        """These settings checked, with the default objective filled in; ValueError in one line."""
-        metric = self.metric or ("knn_top1" if has_val else "rankme")
+    def resolved(self, has_val: bool, has_probe: bool = True,
+                 label_free: LabelFreeObjective = LabelFreeObjective()) -> SearchSettings:
+        """These settings checked, with the default objective filled in (`label_free`: the
+        method's, for a search without `--val`); ValueError in one line."""
+        default = ("knn_top1", "max") if has_val else (label_free.metric, label_free.mode)
+        metric = self.metric or default[0]
+        mode = self.mode or (default[1] if not self.metric else "max")
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise ValueError(f"--samples {self.samples}: must be an integer >= 1")
         if self.scheduler not in ("asha", "fifo"):
             raise ValueError(f"--scheduler {self.scheduler}: must be asha or fifo")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"--max-concurrent {self.max_concurrent}: must be >= 1")
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"--mode {self.mode}: must be max or min")
+        if mode not in ("max", "min"):
+            raise ValueError(f"--mode {mode}: must be max or min")
         if metric == "knn_top1" and not has_val:
             raise ValueError("--metric knn_top1 needs --val (a labeled validation set)")
         if metric in LABEL_FREE and not has_probe:
             raise ValueError(f"--metric {metric} needs the probe set: train.probe_size must be > 0")
         if self.grace_epochs < 1 or self.reduction_factor <= 1:
             raise ValueError("ASHA needs grace_epochs >= 1 and reduction_factor > 1")
-        return dataclasses.replace(self, metric=metric)
+        return dataclasses.replace(self, metric=metric, mode=mode)
 
 
 def check_space(base: dict, dimensions: list[Dimension], train_rows: int, data: str) -> None:
@@ -175,9 +191,13 @@ def run_search(base: dict, data: str, train_rows: int, val: str | None, dimensio
             run_config=tune.RunConfig(name=name, storage_path=storage, stop=CollapseStopper(),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
+    for line in label_free_notes([], settings, config.method)[:1]:
+        log.info(f"tune: {line}")
     with relay:  # the trials' epoch and progress lines, on this console
         grid = tuner.fit()
     rows = trial_rows(grid, dimensions, settings, base)
+    for line in label_free_notes(rows, settings, config.method)[1:]:
+        log.warning(f"tune: {line}")
     # Results go beside the search; for a search on s3:// or gs://, into ./tune-results/NAME.
     folder = search_dir if "://" not in storage else os.path.abspath(os.path.join("tune-results", name))
     return write_results(rows, dimensions, settings, base, folder, config)
@@ -227,6 +247,33 @@ def best_row(rows: list[dict], settings: SearchSettings) -> dict | None:
     return max(ranked, key=lambda r: sign * r[settings.metric])
 
 
+def label_free_notes(rows: list[dict], settings: SearchSettings, method: str) -> list[str]:
+    """For a search ranked by a label-free metric: a line naming it and how far the label-free
+    study found it agrees with labels, then, once `rows` hold at least three ranked trials and
+    the first two are within TOO_CLOSE of the range of their values, a line saying the first is
+    not told apart from the second."""
+    if settings.metric not in LABEL_FREE:
+        return []
+    declared = get_method(method).label_free
+    if settings.metric == declared.metric:
+        notes = [f"no labels: trials are ranked by {settings.metric} ({settings.mode}), {method}'s label-free "
+                 f"objective; {declared.agreement(method)}"]
+    else:
+        notes = [f"no labels: trials are ranked by {settings.metric} ({settings.mode}), chosen by --metric; the "
+                 f"label-free study's choice for {method} is {declared.metric}"]
+    sign = 1 if settings.mode == "max" else -1
+    ranked = sorted((r for r in rows if r.get(settings.metric) is not None
+                     and r["status"] in ("finished", "stopped early")), key=lambda r: -sign * r[settings.metric])
+    if len(ranked) >= 3:
+        values = [r[settings.metric] for r in ranked]
+        first, second, spread = values[0], values[1], max(values) - min(values)
+        if abs(first - second) < TOO_CLOSE * spread:
+            notes.append(f"the first two trials' {settings.metric} ({first:.4g}, {second:.4g}) are within "
+                         f"{TOO_CLOSE:.0%} of its range over the trials ({min(values):.4g} to {max(values):.4g}): "
+                         f"the ranking does not separate trials {ranked[0]['trial_id']} and {ranked[1]['trial_id']}")
+    return notes
+
+
 def write_results(rows: list[dict], dimensions: list[Dimension], settings: SearchSettings, base: dict,
                   folder: str, config: RunConfig) -> dict:
     """trials.csv, trials.md, best.yaml and search.png in `folder`; returns their paths and the best trial."""
@@ -247,6 +294,8 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
                      f"{config.optim.epochs} epochs each at most\n\n")
         stream.write(f"Trials are ranked by `{settings.metric}` ({_OBJECTIVES.get(settings.metric, 'a reported metric')}; "
                      f"{'highest' if settings.mode == 'max' else 'lowest'} first).\n\n")
+        for line in label_free_notes(rows, settings, config.method):
+            stream.write(f"**{line[0].upper() + line[1:]}.**\n\n")
         stream.write("| " + " | ".join(columns[:-1]) + " |\n|" + "---|" * (len(columns) - 1) + "\n")
         for row in rows:
             stream.write("| " + " | ".join(_cell(row[c]) for c in columns[:-1]) + " |\n")
@@ -271,6 +320,9 @@ _OBJECTIVES = {
     "knn_top1": "online kNN top-1 on the labeled validation set",
     "rankme": "RankMe, the effective rank of the features on the unlabeled probe set: no labels used",
     "rankme_fraction": "RankMe as a fraction of the feature width: no labels used",
+    "lidar": "LiDAR, the rank of the linear discriminant between augmented views of the unlabeled probe images: "
+             "no labels used",
+    "alpha_req": "alpha-ReQ, the eigenspectrum decay of the features on the unlabeled probe set: no labels used",
     "uniformity": "uniformity of the features on the unlabeled probe set: no labels used",
     "alignment": "alignment of two views on the unlabeled probe set: no labels used",
 }
