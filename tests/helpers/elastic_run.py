@@ -49,8 +49,9 @@ def main(out: str) -> None:
 
         cluster.wait_for(regrown, "a report of the regrown group", timeout=400)
         result = training.join(timeout=600)
-        print(json.dumps({"metrics": result["metrics"], "history": read_history(os.path.join(storage, name)),
-                          "lost_node": lost}), flush=True)
+        report = {"metrics": result["metrics"], "history": read_history(os.path.join(storage, name)), "lost_node": lost}
+    # After the cluster is down: a line its raylets print (worker-start warnings) cannot follow the report.
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,16 @@ def main(out: str) -> None:
         lost = cluster.preempt_a_worker_node()
         replacement = cluster.add_node()
         result = training.join(timeout=600)
-        print(json.dumps({
+        report = {
             "finished": True,
             "metrics": result["metrics"],
             "nodes_before": nodes_before,
             "lost_node": lost,
             "replacement_node": replacement,
             "worker_nodes_ever": sorted(set(cluster.training_nodes(alive_only=False))),
-        }), flush=True)
+        }
+    # After the cluster is down: a line its raylets print (worker-start warnings) cannot follow the report.
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
