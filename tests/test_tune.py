@@ -15,7 +15,7 @@ from methods.base import LabelFreeObjective
 from pipelines.config import build_config
 from tests.helpers.cli import selfsup_command, trial_rows
 from tests.helpers.runs import COMMON, TINY
-from tune.search import LABEL_FREE, TOO_CLOSE, SearchSettings, check_space, label_free_notes
+from tune.search import LABEL_FREE, TOO_CLOSE, SearchSettings, check_space, objective_note, too_close_note
 from tune.space import parse_dimension, parse_space
 
 SIMCLR_DIGITS = {**COMMON, **TINY["simclr"]}
@@ -81,15 +81,14 @@ def test_a_search_without_labels_ranks_by_the_methods_own_objective_and_says_how
 
     rankme = SearchSettings().resolved(has_val=False)  # MAE declares RankMe, unmeasured
     apart, close = rows(20.0, 15.0, 9.0), rows(15.0, 15.0 - 6.0 * TOO_CLOSE / 2, 9.0)
-    assert len(label_free_notes(close[:2], rankme, "mae")) == 1  # two trials: no range to judge closeness by
-    notes = label_free_notes(apart, rankme, "mae")
-    assert len(notes) == 1 and "not measured for mae" in notes[0]
-    warning = label_free_notes(close, rankme, "mae")[1]
-    assert "does not separate trials t0 and t1" in warning
-    assert len(label_free_notes(close[::-1], rankme, "mae")) == 2  # ranked first, whatever the order given
-    assert label_free_notes(close, SearchSettings().resolved(has_val=True), "mae") == []  # labels: nothing to say
+    assert too_close_note(close[:2], rankme) is None  # two trials: no range to judge closeness by
+    assert "not measured for mae" in objective_note(rankme, "mae") and too_close_note(apart, rankme) is None
+    assert "does not separate trials t0 and t1" in too_close_note(close, rankme)
+    assert "does not separate trials t0 and t1" in too_close_note(close[::-1], rankme)  # ranked, whatever the order
+    labels = SearchSettings().resolved(has_val=True)
+    assert objective_note(labels, "mae") is None and too_close_note(close, labels) is None  # labels: nothing to say
     chosen = SearchSettings(metric="lidar").resolved(has_val=False)
-    assert "chosen by --metric" in label_free_notes([], chosen, "mae")[0]
+    assert "chosen by --metric" in objective_note(chosen, "mae")
 
 
 def test_each_measured_objective_is_the_label_free_studys_row():

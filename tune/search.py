@@ -191,13 +191,13 @@ def run_search(base: dict, data: str, train_rows: int, val: str | None, dimensio
             run_config=tune.RunConfig(name=name, storage_path=storage, stop=CollapseStopper(),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    for line in label_free_notes([], settings, config.method)[:1]:
-        log.info(f"tune: {line}")
+    if objective_note(settings, config.method):
+        log.info(f"tune: {objective_note(settings, config.method)}")
     with relay:  # the trials' epoch and progress lines, on this console
         grid = tuner.fit()
     rows = trial_rows(grid, dimensions, settings, base)
-    for line in label_free_notes(rows, settings, config.method)[1:]:
-        log.warning(f"tune: {line}")
+    if too_close_note(rows, settings):
+        log.warning(f"tune: {too_close_note(rows, settings)}")
     # Results go beside the search; for a search on s3:// or gs://, into ./tune-results/NAME.
     folder = search_dir if "://" not in storage else os.path.abspath(os.path.join("tune-results", name))
     return write_results(rows, dimensions, settings, base, folder, config)
@@ -239,39 +239,44 @@ def trial_rows(grid, dimensions: list[Dimension], settings: SearchSettings, base
     return rows
 
 
-def best_row(rows: list[dict], settings: SearchSettings) -> dict | None:
-    ranked = [r for r in rows if r[settings.metric] is not None and r["status"] in ("finished", "stopped early")]
-    if not ranked:
-        return None
+def ranked_rows(rows: list[dict], settings: SearchSettings) -> list[dict]:
+    """The trials that can be ranked (finished or stopped early, with an objective), best first."""
     sign = 1 if settings.mode == "max" else -1
-    return max(ranked, key=lambda r: sign * r[settings.metric])
+    rankable = [r for r in rows if r.get(settings.metric) is not None and r["status"] in ("finished", "stopped early")]
+    return sorted(rankable, key=lambda r: -sign * r[settings.metric])
 
 
-def label_free_notes(rows: list[dict], settings: SearchSettings, method: str) -> list[str]:
-    """For a search ranked by a label-free metric: a line naming it and how far the label-free
-    study found it agrees with labels, then, once `rows` hold at least three ranked trials and
-    the first two are within TOO_CLOSE of the range of their values, a line saying the first is
-    not told apart from the second."""
+def best_row(rows: list[dict], settings: SearchSettings) -> dict | None:
+    ranked = ranked_rows(rows, settings)
+    return ranked[0] if ranked else None
+
+
+def objective_note(settings: SearchSettings, method: str) -> str | None:
+    """For a search ranked by a label-free metric: the line naming it and how far the label-free
+    study found it agrees with labels (for `method`'s declared objective)."""
     if settings.metric not in LABEL_FREE:
-        return []
+        return None
     declared = get_method(method).label_free
     if settings.metric == declared.metric:
-        notes = [f"no labels: trials are ranked by {settings.metric} ({settings.mode}), {method}'s label-free "
-                 f"objective; {declared.agreement(method)}"]
-    else:
-        notes = [f"no labels: trials are ranked by {settings.metric} ({settings.mode}), chosen by --metric; the "
-                 f"label-free study's choice for {method} is {declared.metric}"]
-    sign = 1 if settings.mode == "max" else -1
-    ranked = sorted((r for r in rows if r.get(settings.metric) is not None
-                     and r["status"] in ("finished", "stopped early")), key=lambda r: -sign * r[settings.metric])
-    if len(ranked) >= 3:
-        values = [r[settings.metric] for r in ranked]
-        first, second, spread = values[0], values[1], max(values) - min(values)
-        if abs(first - second) < TOO_CLOSE * spread:
-            notes.append(f"the first two trials' {settings.metric} ({first:.4g}, {second:.4g}) are within "
-                         f"{TOO_CLOSE:.0%} of its range over the trials ({min(values):.4g} to {max(values):.4g}): "
-                         f"the ranking does not separate trials {ranked[0]['trial_id']} and {ranked[1]['trial_id']}")
-    return notes
+        return (f"no labels: trials are ranked by {settings.metric} ({settings.mode}), {method}'s label-free "
+                f"objective; {declared.agreement(method)}")
+    return (f"no labels: trials are ranked by {settings.metric} ({settings.mode}), chosen by --metric; the "
+            f"label-free study's choice for {method} is {declared.metric}")
+
+
+def too_close_note(rows: list[dict], settings: SearchSettings) -> str | None:
+    """For a search ranked by a label-free metric, once at least three trials are ranked: a line
+    saying the first is not told apart from the second when the two are within TOO_CLOSE of the
+    range of the ranked trials' values."""
+    ranked = ranked_rows(rows, settings)
+    if settings.metric not in LABEL_FREE or len(ranked) < 3:
+        return None
+    values = [r[settings.metric] for r in ranked]
+    if abs(values[0] - values[1]) >= TOO_CLOSE * (max(values) - min(values)):
+        return None
+    return (f"the first two trials' {settings.metric} ({values[0]:.4g}, {values[1]:.4g}) are within {TOO_CLOSE:.0%} "
+            f"of its range over the trials ({min(values):.4g} to {max(values):.4g}): the ranking does not separate "
+            f"trials {ranked[0]['trial_id']} and {ranked[1]['trial_id']}")
 
 
 def write_results(rows: list[dict], dimensions: list[Dimension], settings: SearchSettings, base: dict,
@@ -294,8 +299,9 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
                      f"{config.optim.epochs} epochs each at most\n\n")
         stream.write(f"Trials are ranked by `{settings.metric}` ({_OBJECTIVES.get(settings.metric, 'a reported metric')}; "
                      f"{'highest' if settings.mode == 'max' else 'lowest'} first).\n\n")
-        for line in label_free_notes(rows, settings, config.method):
-            stream.write(f"**{line[0].upper() + line[1:]}.**\n\n")
+        for line in (objective_note(settings, config.method), too_close_note(rows, settings)):
+            if line:
+                stream.write(f"**{line[0].upper() + line[1:]}.**\n\n")
         stream.write("| " + " | ".join(columns[:-1]) + " |\n|" + "---|" * (len(columns) - 1) + "\n")
         for row in rows:
             stream.write("| " + " | ".join(_cell(row[c]) for c in columns[:-1]) + " |\n")
