@@ -14,7 +14,7 @@ its own protocol on MNIST-M"), or an existing run given with `--ours M=RUN_FOLDE
 run takes that run's config (backbone, canvas, epochs, batch) so the budget is equal by
 construction.
 
-    selfsup prepare sample:mnist-m --out data/mnist-m --test-fraction 0.2
+    selfsup prepare sample:mnist-m --out data/mnist-m
     python -m benchmarks.research.peer_lightly --data data/mnist-m --methods simclr,mae,dino,byol
 """
 
@@ -68,7 +68,7 @@ def run_logged(command: list[str], log: str, env: dict | None = None) -> tuple[s
 
 
 def our_pretraining(method: str, data: str, workdir: str, reuse: str | None, num_cpus: int,
-                    epochs: int | None) -> dict:
+                    epochs: int | None, seed: int | None) -> dict:
     """Our run of `method`: {checkpoint, minutes, images_per_second}."""
     from pipelines.weights.checkpoint import find_checkpoint
 
@@ -76,7 +76,8 @@ def our_pretraining(method: str, data: str, workdir: str, reuse: str | None, num
         with open(os.path.join(reuse, "metrics.jsonl")) as f:
             last = json.loads(f.read().splitlines()[-1])
         return {"checkpoint": find_checkpoint(reuse), "minutes": None, "images_per_second": last.get("images_per_s")}
-    recipe = ["train.knn_every_epochs=0", *OUR_RECIPES[method], *([f"optim.epochs={epochs}"] if epochs else [])]
+    recipe = ["train.knn_every_epochs=0", *OUR_RECIPES[method], *([f"optim.epochs={epochs}"] if epochs else []),
+              *([f"train.seed={seed}"] if seed is not None else [])]
     sets = [arg for value in recipe for arg in ("--set", value)]
     output, seconds = run_logged(
         [sys.executable, "-m", "pipelines.cli", "pretrain", "--method", method, "--data", f"{data}/train",
@@ -141,6 +142,9 @@ def main() -> None:
                         help="score this existing run as our side instead of pretraining again")
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs of both sides instead of the "
                         "recipe's (a smoke run: --epochs 1); not with --ours")
+    parser.add_argument("--seed", type=int, default=None, help="both sides' initialisation and our run's and the "
+                        "fine-tunes' seed (train.seed; lightly's run builds our backbone from our run's config), "
+                        "for repeated runs; not with --ours")
     parser.add_argument("--labels-per-class", type=int, default=10)
     parser.add_argument("--all-labels", action="store_true", help="also fine-tune on every label (10 epochs)")
     parser.add_argument("--workdir", default="runs/peer-lightly")
@@ -153,9 +157,10 @@ def main() -> None:
         print(f"peer_lightly: {unknown[0]}: not one of --methods {args.methods} (known: {', '.join(OUR_RECIPES)})",
               file=sys.stderr)
         sys.exit(2)
-    if args.epochs and reuse:
-        print("peer_lightly: --epochs: an --ours run has its own epochs; give one or the other", file=sys.stderr)
-        sys.exit(2)
+    for option, value in (("--epochs", args.epochs), ("--seed", args.seed)):
+        if value is not None and reuse:
+            print(f"peer_lightly: {option}: an --ours run has its own; give one or the other", file=sys.stderr)
+            sys.exit(2)
     os.makedirs(args.workdir, exist_ok=True)
     lightly_folder = install_lightly(os.path.abspath(os.path.join(args.workdir, "lightly-site")))
 
@@ -168,7 +173,8 @@ def main() -> None:
 
     rows = []
     for name in methods:
-        ours = our_pretraining(name, args.data, args.workdir, reuse.get(name), args.num_cpus, args.epochs)
+        ours = our_pretraining(name, args.data, args.workdir, reuse.get(name), args.num_cpus, args.epochs,
+                               args.seed)
         method, config = load_checkpoint(ours["checkpoint"])
         theirs = lightly_pretraining(config, args.data, args.workdir, lightly_folder)
         start_ray(args.num_cpus)  # for scoring only: no idle Ray beside the next method's timed pretraining
