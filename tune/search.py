@@ -191,16 +191,18 @@ def run_search(base: dict, data: str, train_rows: int, val: str | None, dimensio
             run_config=tune.RunConfig(name=name, storage_path=storage, stop=CollapseStopper(),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    if objective_note(settings, config.method):
-        log.info(f"tune: {objective_note(settings, config.method)}")
+    objective = objective_note(settings, config.method)
+    if objective:
+        log.info(f"tune: {objective}")
     with relay:  # the trials' epoch and progress lines, on this console
         grid = tuner.fit()
     rows = trial_rows(grid, dimensions, settings, base)
-    if too_close_note(rows, settings):
-        log.warning(f"tune: {too_close_note(rows, settings)}")
+    too_close = too_close_note(rows, settings)
+    if too_close:
+        log.warning(f"tune: {too_close}")
     # Results go beside the search; for a search on s3:// or gs://, into ./tune-results/NAME.
     folder = search_dir if "://" not in storage else os.path.abspath(os.path.join("tune-results", name))
-    return write_results(rows, dimensions, settings, base, folder, config)
+    return write_results(rows, dimensions, settings, base, folder, config, notes=(objective, too_close))
 
 
 def _last(frame, column):
@@ -268,8 +270,10 @@ def too_close_note(rows: list[dict], settings: SearchSettings) -> str | None:
     """For a search ranked by a label-free metric, once at least three trials are ranked: a line
     saying the first is not told apart from the second when the two are within TOO_CLOSE of the
     range of the ranked trials' values."""
+    if settings.metric not in LABEL_FREE:
+        return None
     ranked = ranked_rows(rows, settings)
-    if settings.metric not in LABEL_FREE or len(ranked) < 3:
+    if len(ranked) < 3:
         return None
     values = [r[settings.metric] for r in ranked]
     if abs(values[0] - values[1]) >= TOO_CLOSE * (max(values) - min(values)):
@@ -280,8 +284,10 @@ def too_close_note(rows: list[dict], settings: SearchSettings) -> str | None:
 
 
 def write_results(rows: list[dict], dimensions: list[Dimension], settings: SearchSettings, base: dict,
-                  folder: str, config: RunConfig) -> dict:
-    """trials.csv, trials.md, best.yaml and search.png in `folder`; returns their paths and the best trial."""
+                  folder: str, config: RunConfig, notes: tuple[str | None, ...] = ()) -> dict:
+    """trials.csv, trials.md, best.yaml and search.png in `folder`; returns their paths and the best trial.
+    `notes`: the lines the console gave about the ranking (objective_note, too_close_note), repeated
+    in trials.md."""
     os.makedirs(folder, exist_ok=True)
     others = [m for m in ONLINE_METRICS if m != settings.metric and any(r.get(m) is not None for r in rows)]
     columns = ["trial_id", *[d.name for d in dimensions], "peak_lr", settings.metric, *others, "epochs_run", "status",
@@ -299,7 +305,7 @@ def write_results(rows: list[dict], dimensions: list[Dimension], settings: Searc
                      f"{config.optim.epochs} epochs each at most\n\n")
         stream.write(f"Trials are ranked by `{settings.metric}` ({_OBJECTIVES.get(settings.metric, 'a reported metric')}; "
                      f"{'highest' if settings.mode == 'max' else 'lowest'} first).\n\n")
-        for line in (objective_note(settings, config.method), too_close_note(rows, settings)):
+        for line in notes:
             if line:
                 stream.write(f"**{line[0].upper() + line[1:]}.**\n\n")
         stream.write("| " + " | ".join(columns[:-1]) + " |\n|" + "---|" * (len(columns) - 1) + "\n")
