@@ -84,3 +84,25 @@ def one_epoch_run(mlflow_uri, digits, tmp_path_factory):
 def mae_run(learns_run):
     """MAE (the `tiny` ViT at patch 2), its "it learns" run: label-free metrics at the end."""
     return learns_run("mae")
+
+
+@pytest.fixture(scope="session")
+def own_ray_pretrain(digits, tmp_path_factory):
+    """A real `selfsup pretrain` in a process of its own, which starts its own Ray as a user's
+    does, run once a session with the sockets its process tree listened on while it ran:
+    tests/test_console.py reads its console, tests/test_security.py its sockets. Returns
+    (`subprocess.CompletedProcess`, `{(process name, address, port)}`)."""
+    from tests.helpers.cli import selfsup_command
+    from tests.helpers.listening import run_watching_sockets
+
+    out, _ = digits
+    folder = tmp_path_factory.mktemp("own-ray")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    environ["SELFSUP_PROGRESS_EVERY_S"] = "1"
+    command = selfsup_command("pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train",
+                              "--val", f"{out}/test", "--storage", str(folder), "--name", "console", "--num-cpus", "2",
+                              sets={"optim.epochs": 2, "optim.batch_size": 128, "optim.warmup_epochs": 0,
+                                    "data.canvas_size": 16, "views.view.size": 16,
+                                    "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return run_watching_sockets(command, root, environ, folder, timeout=900)

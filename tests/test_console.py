@@ -1,14 +1,9 @@
 """What the user sees: selfsup's lines once each on stderr, progress on long work, stdout = JSON."""
 
 import json
-import os
-import subprocess
 
 from pipelines import console
 from pipelines.console import Progress, StepProgress, log, to_stderr
-from tests.helpers.cli import selfsup_command
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_step_progress_says_where_training_is_and_when_it_ends(capsys, monkeypatch):
@@ -69,18 +64,11 @@ def test_progress_lines_replace_each_other_on_a_terminal_and_are_sparse_elsewher
     assert capsys.readouterr().err == "[selfsup] lasting\n"
 
 
-def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_line(digits, tmp_path):
-    """A real `selfsup pretrain` in its own process: Ray's forwarded worker logs used to double
-    each epoch line, bury it in Ray Train/Data INFO lines and land a raylet warning on stdout."""
-    out, _ = digits
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    environ["SELFSUP_PROGRESS_EVERY_S"] = "1"
-    command = selfsup_command("pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--val", f"{out}/test",
-                              "--storage", str(tmp_path), "--name", "console", "--num-cpus", "2",
-                              sets={"optim.epochs": 2, "optim.batch_size": 128, "optim.warmup_epochs": 0,
-                                    "data.canvas_size": 16, "views.view.size": 16,
-                                    "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8})
-    done = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
+def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_line(own_ray_pretrain):
+    """A real `selfsup pretrain` in its own process (conftest's `own_ray_pretrain`): Ray's forwarded
+    worker logs used to double each epoch line, bury it in Ray Train/Data INFO lines and land a
+    raylet warning on stdout."""
+    done, _ = own_ray_pretrain
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.splitlines()) == 1, done.stdout
     result = json.loads(done.stdout)

@@ -44,7 +44,8 @@ def test_bad_worker_counts_are_refused(value):
 def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(tmp_path):
     """`train.workers=1:3` on a simulated 3-node spot cluster (tests/helpers/elastic_run.py): a worker's
     node is preempted, the group goes on from the checkpoint with 1 worker, a node comes back,
-    the group grows to 2; the run completes its planned images and every schedule stays on plan."""
+    the group grows to 2 on it; the run completes its planned images and every schedule stays on
+    plan. (The suite's node-loss test: a lost node, the resume from a checkpoint, the new node.)"""
     import json
     import os
     import subprocess
@@ -76,6 +77,9 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(
     shrunk = sizes.index(1)
     assert sizes[0] == 2 and 2 in sizes[shrunk:]  # 2 -> 1 -> 2
     assert "resized 2 -> 1 workers" in process.stderr and "resized 1 -> 2 workers" in process.stderr
+    # The smaller group went on from a checkpoint, not from scratch, and the regrown group used the added node.
+    assert 0 < history[shrunk]["resumed_from_step"] < metrics["total_steps"]
+    assert report["added_node"] in report["worker_nodes_ever"] and report["lost_node"] in report["worker_nodes_ever"]
     dino = build_method(config)
     dino.param_groups(config.optim.weight_decay)  # sets where the weight-decay schedule starts
     for row in history:

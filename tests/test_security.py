@@ -1,17 +1,11 @@
 """What a local run offers the network: nothing outside loopback."""
 
-import os
-import subprocess
 import sys
-import time
 
 import pytest
 
 from pipelines.train.local_ray import RAY_SWITCH, keep_local_ray_on_loopback, loopback_only
-from tests.helpers.cli import selfsup_command
-from tests.helpers.listening import descendants, is_loopback, listening_sockets
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.listening import is_loopback
 
 
 def test_loopback_policy_is_set_before_ray_and_skips_clusters(monkeypatch):
@@ -40,24 +34,10 @@ def test_workers_pinned_to_a_loopback_ray_keep_the_process_group_on_loopback(mon
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_local_pretrain_listens_on_loopback_only(digits, tmp_path):
-    out, _ = digits
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    command = selfsup_command("pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--storage", str(tmp_path),
-                              "--name", "listen", "--num-cpus", "2",
-                              sets={"optim.epochs": 1, "optim.batch_size": 256, "data.canvas_size": 16,
-                                    "views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64],
-                                    "backbone.kwargs.stem_width": 8, "train.knn_every_epochs": 0})
-    process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    seen: set = set()
-    deadline = time.monotonic() + 600
-    while process.poll() is None and time.monotonic() < deadline:
-        seen |= listening_sockets(descendants(process.pid))
-        time.sleep(0.5)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr[-2000:]
+def test_local_pretrain_listens_on_loopback_only(own_ray_pretrain):
+    """Every socket the run's process tree listened on while it ran (conftest's `own_ray_pretrain`)."""
+    done, seen = own_ray_pretrain
+    assert done.returncode == 0, done.stderr[-2000:]
     names = {name for name, _, _ in seen}
     # the run's servers were seen (so the test can fail): GCS, raylet, dashboard, a worker's gRPC port
     assert {"gcs_server", "raylet"} <= names and len(seen) >= 6, seen

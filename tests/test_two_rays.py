@@ -6,8 +6,9 @@ Ray Train and Ray Data call Ray's state API from inside their actors without an 
 more than one Ray on the machine those calls fail ("Found multiple active Ray instances"), the
 Train placement-group cleaner dies of it, and a Tune trial's placement group can leak so that the
 next trial waits for CPUs forever. The commands pin their workers to their own Ray
-(`pipelines.local_ray.pin_ray_address`); here two runs and a 2-trial search start together beside
-the test session's Ray (four Rays in all), and the workers' own log files are searched for the
+(`pipelines.local_ray.pin_ray_address`); here a run and a 2-trial search start together beside
+the test session's Ray (three Rays in all: a second run beside them met no code the first does
+not), and the workers' own log files are searched for the
 error, which the runs themselves would survive silently.
 """
 
@@ -47,27 +48,26 @@ def worker_logs_saying(ray_tmp: str, text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_runs_and_a_search_at_once_all_finish_quietly(digits, tmp_path):
+def test_a_run_and_a_search_at_once_each_on_its_own_ray_finish_quietly(digits, tmp_path):
     out, _ = digits
     sets = set_args({**COMMON, **TINY["simclr"], "optim.epochs": 1})
     # Short folders: Ray's socket paths live under RAY_TMPDIR and must stay under ~107 characters.
-    ray_tmps = [tempfile.mkdtemp(prefix="ss-") for _ in range(3)]
+    ray_tmps = [tempfile.mkdtemp(prefix="ss-") for _ in range(2)]
     try:
-        run_three_at_once(out, tmp_path, sets, ray_tmps)
+        run_both_at_once(out, tmp_path, sets, ray_tmps)
     finally:
         for ray_tmp in ray_tmps:
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def run_three_at_once(out, tmp_path, sets, ray_tmps):
+def run_both_at_once(out, tmp_path, sets, ray_tmps):
     started = time.time()
     commands = {
-        "run a": own_ray_command(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", "train", "--storage", str(tmp_path),
-                                  "--name", "a", *sets], ray_tmps[0], out),
-        "run b": own_ray_command(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", "train", "--storage", str(tmp_path),
-                                  "--name", "b", *sets], ray_tmps[1], out),
-        "search": own_ray_command(["tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "2", "--scheduler",
-                                   "fifo", "--storage", str(tmp_path), "--name", "search", *sets], ray_tmps[2], out),
+        "run": own_ray_command(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", "train",
+                                "--storage", str(tmp_path), "--name", "a", *sets], ray_tmps[0], out),
+        "search": own_ray_command(["tune", "--method", "simclr", "--preset", "tiny", "--data", "train", "--samples", "2",
+                                   "--scheduler", "fifo", "--storage", str(tmp_path), "--name", "search", *sets],
+                                  ray_tmps[1], out),
     }
     results, stderrs = {}, {}
     for name, process in commands.items():
@@ -75,10 +75,9 @@ def run_three_at_once(out, tmp_path, sets, ray_tmps):
         assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
         assert "Traceback" not in stderr, f"{name}: {stderr[-3000:]}"
         results[name], stderrs[name] = json.loads(stdout.strip().splitlines()[-1]), stderr
-    print(f"two runs and a search together: {time.time() - started:.0f} s")
+    print(f"a run and a search together: {time.time() - started:.0f} s")
 
-    for name in ("run a", "run b"):
-        assert results[name]["metrics"]["step"] == results[name]["metrics"]["total_steps"] > 0
+    assert results["run"]["metrics"]["step"] == results["run"]["metrics"]["total_steps"] > 0
     assert results["search"]["by_status"]["finished"] == 2  # a leaked placement group would starve the later trial
     search_without_labels_ranks_by_the_methods_objective(results["search"], stderrs["search"])
     for name, ray_tmp in zip(commands, ray_tmps):

@@ -5,9 +5,10 @@ room of one worker (`train.cpus_per_worker=2`, as one GPU per node would be). DI
 `train.workers=1:3` starts with the 2 workers the cluster holds; once it has a checkpoint, one
 worker's node is removed (a spot preemption, no notice) and the group goes on from the checkpoint
 with 1; once that smaller group has reported, a node is added (the autoscaler bringing one back)
-and the group grows to 2 again. (Every worker group start costs ~30 s of this 2-core machine, so
-the test stays at 2 workers.) Prints one JSON line: the
-run's result and the history of its reports.
+and the group grows to 2 again, on the added node. (Every worker group start costs ~30 s of this
+2-core machine, so the test stays at 2 workers; the same run is the suite's node loss, which once
+had a fixed-size run of its own.) Prints one JSON line: the run's result, the history of its
+reports, the lost and the added node and every node a training worker ran on.
 
     python -m tests.helpers.elastic_run OUT_DIR   # from the repository root
 """
@@ -42,14 +43,16 @@ def main(out: str) -> None:
         cluster.wait_for(lambda: 2 in world_sizes(), "a report of the 2-worker group")
         lost = cluster.preempt_a_worker_node()
         cluster.wait_for(lambda: 1 in world_sizes(), "a report of the 1-worker group")
-        cluster.add_node()
+        added = cluster.add_node()
+
         def regrown():  # read once: the history file may be rewritten between two reads
             sizes = world_sizes()
             return 1 in sizes and 2 in sizes[sizes.index(1):]
 
         cluster.wait_for(regrown, "a report of the regrown group", timeout=400)
         result = training.join(timeout=600)
-        report = {"metrics": result["metrics"], "history": read_history(os.path.join(storage, name)), "lost_node": lost}
+        report = {"metrics": result["metrics"], "history": read_history(os.path.join(storage, name)), "lost_node": lost,
+                  "added_node": added, "worker_nodes_ever": sorted(set(cluster.training_nodes(alive_only=False)))}
     # After the cluster is down: a line its raylets print (worker-start warnings) cannot follow the report.
     print(json.dumps(report), flush=True)
 

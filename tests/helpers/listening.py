@@ -1,4 +1,5 @@
-"""The TCP sockets a process tree listens on, read from /proc (Linux; Ray no longer brings psutil)."""
+"""The TCP sockets a process tree listens on, read from /proc (Linux; Ray no longer brings psutil),
+and a command run to its end while they are watched."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ipaddress
 import os
 import socket
 import struct
+import subprocess
+import time
 
 
 def descendants(pid: int) -> list[int]:
@@ -67,3 +70,22 @@ def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     mapped = getattr(ip, "ipv4_mapped", None)
     return (mapped or ip).is_loopback
+
+
+def run_watching_sockets(command: list[str], cwd: str, env: dict, out_dir, timeout: float
+                         ) -> tuple[subprocess.CompletedProcess, set[tuple[str, str, int]]]:
+    """Runs `command` to its end (its output kept in files under `out_dir`, so no pipe can fill
+    and stall it) and returns it with the listening sockets its process tree held meanwhile."""
+    stdout_path, stderr_path = os.path.join(out_dir, "stdout"), os.path.join(out_dir, "stderr")
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
+        seen: set = set()
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            seen |= listening_sockets(descendants(process.pid))
+            time.sleep(0.5)
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    with open(stdout_path) as stdout, open(stderr_path) as stderr:
+        return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read()), seen

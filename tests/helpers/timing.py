@@ -9,7 +9,6 @@ or a heavier neighbour, not a guess at the work. Remeasure when a test's work ch
 MARGIN = 3
 LOADED_S = {
     "elastic": 243,      # tests/test_elastic.py, shrink and grow on a simulated 3-node cluster
-    "node_loss": 137,    # tests/test_cluster.py, a node lost mid-run
     "two_rays": 300,     # tests/test_two_rays.py, two runs and a 3-trial search at once
 }
 
