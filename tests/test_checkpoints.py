@@ -124,25 +124,33 @@ def test_checkpoints_the_run_never_registered_are_moved_aside(run, capsys):
 
 def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digits, tmp_path, capsys):
     """Ray Train refuses a run folder whose snapshot names a checkpoint that is gone; the CLI takes
-    it out of the snapshot first, and the run resumes from the newest checkpoint still there."""
+    it out of the snapshot first, and the run resumes from the newest checkpoint still there.
+    The run folder: the committed 1-epoch run (tests/fixtures) after a second epoch whose
+    checkpoint Ray registered and its user then deleted."""
     import json
     import shutil
 
     from pipelines.cli import main
-    from pipelines.train.pretrain import pretrain
     from pipelines.train.run_folder import RAY_SNAPSHOT
-    from tests.helpers.runs import COMMON, STEPS_PER_EPOCH, TINY, tiny_config
+    from tests.fixtures.make_checkpoint import FIXTURE_SETS
+    from tests.helpers.runs import COMMON, STEPS_PER_EPOCH, TINY
 
     out, _ = digits
-    sets = {**COMMON, **TINY["simclr"], "train.keep_checkpoints": 2, "train.probe_size": 0}
-    first = pretrain(tiny_config(**{**sets, "optim.epochs": 2}), f"{out}/train", storage=str(tmp_path), name="run")
-    shutil.rmtree(first["checkpoint"])  # the damaged newest one, deleted by its user
-    arguments = set_args({**sets, "optim.epochs": 3})
-    assert main(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train", "--storage", str(tmp_path),
-                 "--name", "run", *arguments]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint-format-1"), run)
+    snapshot = json.loads((run / RAY_SNAPSHOT).read_text())
+    first = snapshot["latest_checkpoint_result"]
+    newest = {**first, "version": first["version"] + 1, "checkpoint_dir_name": "checkpoint_2099-01-01_00-00-00.000000"}
+    snapshot.update(checkpoint_results=[*snapshot["checkpoint_results"], newest], latest_checkpoint_result=newest,
+                    checkpoint_report_indices=[*snapshot["checkpoint_report_indices"], snapshot["current_report_index"]],
+                    current_report_index=snapshot["current_report_index"] + 1)
+    (run / RAY_SNAPSHOT).write_text(json.dumps(snapshot))  # the newest checkpoint's folder is gone
+    arguments = set_args({**COMMON, **TINY["simclr"], **FIXTURE_SETS, "optim.epochs": 2})
+    assert main(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train",
+                 "--storage", str(tmp_path), "--name", "run", *arguments]) == 0
     captured = capsys.readouterr()
     metrics = json.loads(captured.out.strip().splitlines()[-1])["metrics"]
     assert metrics["resumed_from_step"] == STEPS_PER_EPOCH  # the epoch-1 checkpoint, not a fresh start
-    assert metrics["step"] == metrics["total_steps"] == 3 * STEPS_PER_EPOCH
-    assert f"{first['checkpoint']}: gone from the run folder" in captured.err
-    assert (tmp_path / "run" / (RAY_SNAPSHOT + ".bak")).exists()
+    assert metrics["step"] == metrics["total_steps"] == 2 * STEPS_PER_EPOCH
+    assert f"{run / newest['checkpoint_dir_name']}: gone from the run folder" in captured.err
+    assert (run / (RAY_SNAPSHOT + ".bak")).exists()
