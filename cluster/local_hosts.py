@@ -1,0 +1,203 @@
+"""Separate hosts on one Linux machine, to run a real Ray cluster where there is one computer
+(issue 30): each host is a network namespace with its loopback up and one veth leg on a bridge
+that joins them, at an address of a private /24 chosen per run. Processes in a host see only
+that host's addresses; the file system is shared (the stand-in for the storage every node of a
+real cluster mounts). Needs root (`ip netns`, as CI has); nothing outside the hosts' own
+addresses is ever contacted.
+
+    with LocalHosts(3) as hosts:            # e.g. a head, a worker, a "laptop"
+        head, worker, laptop = hosts.hosts
+        hosts.run(head, ["ray", "start", "--head", f"--node-ip-address={head.address}", ...])
+        hosts.kill(worker)                  # every process of that host, as if it lost power
+        ...                                 # on exit: processes killed, namespaces and links gone
+
+Every name starts with `PREFIX` and the creating process's id, so a second session on the
+machine never touches this one's, and the leftovers of a session that died without tearing down
+(SIGKILL) are removed by the next one (`remove_stale`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+PREFIX = "sfs"  # namespaces sfs<pid>-<i>, bridge sfs<pid>b, veths sfs<pid>v<i> (link names: 15 characters at most)
+IP = "ip"
+
+
+class HostsUnavailable(RuntimeError):
+    """Namespaces cannot be made here (not root, or no `ip` with netns support)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host: its network namespace and its address on the hosts' bridge."""
+
+    name: str
+    address: str
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([IP, *args], capture_output=True, text=True, check=check)
+
+
+def unavailable_reason() -> str | None:
+    """Why hosts cannot be made on this machine, in one line; None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (ip netns)"
+    try:
+        _ip("netns", "list")
+    except (OSError, subprocess.CalledProcessError) as error:
+        return f"`ip netns` does not work here: {error}"
+    return None
+
+
+def _namespaces() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
+
+
+def _links() -> list[str]:
+    return [line.split(":")[1].strip().split("@")[0]
+            for line in _ip("-o", "link", "show").stdout.splitlines() if ":" in line]
+
+
+def _owner(name: str) -> int | None:
+    """The pid in a name of ours (sfs<pid>-..., sfs<pid>b, sfs<pid>v<i>), None for other names."""
+    if not name.startswith(PREFIX):
+        return None
+    digits = ""
+    for char in name[len(PREFIX):]:
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits) if digits else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    """Every process in `namespace` (`ip netns pids`)."""
+    done = _ip("netns", "pids", namespace, check=False)
+    return [int(pid) for pid in done.stdout.split()] if done.returncode == 0 else []
+
+
+def _kill_all(namespace: str, timeout: float = 10.0) -> None:
+    """SIGKILL every process of `namespace`, until none is left (a process may fork meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while pids := namespace_pids(namespace):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{namespace}: processes {pids} survive SIGKILL")
+        time.sleep(0.05)
+
+
+def _remove(namespaces: list[str], links: list[str]) -> None:
+    for namespace in namespaces:
+        _kill_all(namespace)
+        _ip("netns", "delete", namespace, check=False)  # its veth legs go with it
+    for link in links:
+        _ip("link", "delete", link, check=False)
+
+
+def remove_stale() -> list[str]:
+    """Removes the namespaces and links of sessions whose process is gone; returns their names."""
+    namespaces = [n for n in _namespaces() if (pid := _owner(n)) is not None and not _alive(pid)]
+    links = [n for n in _links() if (pid := _owner(n)) is not None and not _alive(pid)]
+    _remove(namespaces, links)
+    return namespaces + links
+
+
+def _free_subnet(rng: random.Random) -> str:
+    """A 10.X.Y.0/24 that no address on this machine's own interfaces is in (`10.X.Y.` is returned)."""
+    used = _ip("-o", "-4", "addr", "show").stdout
+    for _ in range(100):
+        base = f"10.{rng.randrange(64, 250)}.{rng.randrange(1, 250)}."
+        if f" {base}" not in used:
+            return base
+    raise HostsUnavailable("no free 10.x.y.0/24 found for the hosts")
+
+
+class LocalHosts:
+    """`count` hosts on one bridge, torn down on exit (also on an error or Ctrl-C in the block).
+
+    `hosts[i].address` is `10.X.Y.(i+1)` of a /24 drawn at random (`seed` for a fixed draw) among
+    those this machine does not use."""
+
+    def __init__(self, count: int, seed: int | None = None):
+        if not 1 <= count <= 200:
+            raise ValueError(f"count={count}: must be 1 to 200 hosts")
+        self.count, self.rng = count, random.Random(seed)
+        tag = f"{PREFIX}{os.getpid()}"
+        self.bridge = f"{tag}b"
+        self.hosts: list[Host] = []
+        self._tag = tag
+
+    def __enter__(self) -> LocalHosts:
+        reason = unavailable_reason()
+        if reason:
+            raise HostsUnavailable(reason)
+        remove_stale()
+        base = _free_subnet(self.rng)
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("link", "set", self.bridge, "up")
+            for index in range(self.count):
+                host = Host(f"{self._tag}-{index}", f"{base}{index + 1}")
+                outside, inside = f"{self._tag}v{index}", "eth0"
+                _ip("netns", "add", host.name)
+                self.hosts.append(host)
+                _ip("link", "add", outside, "type", "veth", "peer", "name", inside, "netns", host.name)
+                _ip("link", "set", outside, "master", self.bridge, "up")
+                _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", inside)
+                _ip("-n", host.name, "link", "set", inside, "up")
+                _ip("-n", host.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kills every process of every host, deletes the namespaces, their veths and the bridge."""
+        _remove([host.name for host in self.hosts], [self.bridge])
+        self.hosts = []
+
+    def command(self, host: Host, argv: list[str]) -> list[str]:
+        """`argv` as it runs inside `host`."""
+        return [IP, "netns", "exec", host.name, *argv]
+
+    def run(self, host: Host, argv: list[str], **popen) -> subprocess.Popen:
+        """Starts `argv` inside `host` (`subprocess.Popen` keyword arguments pass through)."""
+        return subprocess.Popen(self.command(host, argv), **popen)
+
+    def pids(self, host: Host) -> list[int]:
+        """Every process running in `host`."""
+        return namespace_pids(host.name)
+
+    def kill(self, host: Host) -> list[int]:
+        """SIGKILLs every process of `host` (a host that loses power); returns their pids."""
+        pids = self.pids(host)
+        _kill_all(host.name)
+        return pids
+
+    def leftovers(self) -> list[str]:
+        """This session's namespaces and links still on the machine (none after `close`)."""
+        return [n for n in _namespaces() + _links() if n.startswith(self._tag)]
