@@ -1,14 +1,16 @@
 """Separate hosts on one Linux machine, to run a real Ray cluster where there is one computer
 (issue 30): each host is a network namespace with its loopback up and one veth leg on a bridge
-that joins them, at an address of a private /24 chosen per run. Processes in a host see only
-that host's addresses; the file system is shared (the stand-in for the storage every node of a
-real cluster mounts). Needs root (`ip netns`, as CI has); nothing outside the hosts' own
-addresses is ever contacted.
+that joins them, at an address of a private /24 chosen per run, and a PID namespace of its own
+(with its own /proc), so a process in a host sees only that host's addresses and processes:
+`ray stop` in a host stops that host's Ray, not the machine's. The file system is shared (the
+stand-in for the storage every node of a real cluster mounts). Needs root (`ip netns`,
+`unshare`, `nsenter`, as CI has); nothing outside the hosts' own addresses is ever contacted.
 
     with LocalHosts(3) as hosts:            # e.g. a head, a worker, a "laptop"
         head, worker, laptop = hosts.hosts
         hosts.run(head, ["ray", "start", "--head", f"--node-ip-address={head.address}", ...])
         hosts.kill(worker)                  # every process of that host, as if it lost power
+        fresh = hosts.add()                 # a new host joins (the autoscaler's new machine)
         ...                                 # on exit: processes killed, namespaces and links gone
 
 Every name starts with `PREFIX` and the creating process's id, so a second session on the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -35,10 +38,12 @@ class HostsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Host:
-    """One host: its network namespace and its address on the hosts' bridge."""
+    """One host: its network namespace, its address on the hosts' bridge, and the pid (as this
+    machine sees it) of the process that is pid 1 of its PID namespace."""
 
     name: str
     address: str
+    init: int
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -53,7 +58,8 @@ def unavailable_reason() -> str | None:
         _ip("netns", "list")
     except (OSError, subprocess.CalledProcessError) as error:
         return f"`ip netns` does not work here: {error}"
-    return None
+    missing = [tool for tool in ("unshare", "nsenter") if not shutil.which(tool)]
+    return f"{' and '.join(missing)} not found (util-linux)" if missing else None
 
 
 def _namespaces() -> list[str]:
@@ -91,6 +97,21 @@ def namespace_pids(namespace: str) -> list[int]:
     """Every process in `namespace` (`ip netns pids`)."""
     done = _ip("netns", "pids", namespace, check=False)
     return [int(pid) for pid in done.stdout.split()] if done.returncode == 0 else []
+
+
+def _child_of(pid: int, timeout: float = 10.0) -> int:
+    """The first child of process `pid`, once it has one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as stream:
+                children = stream.read().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        time.sleep(0.01)
+    raise HostsUnavailable(f"process {pid} started no child in {timeout:.0f} s (unshare --pid --fork)")
 
 
 def _kill_all(namespace: str, timeout: float = 10.0) -> None:
@@ -145,44 +166,66 @@ class LocalHosts:
         self.count, self.rng = count, random.Random(seed)
         tag = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{tag}b"
-        self.hosts: list[Host] = []
-        self._tag = tag
+        self.hosts: list[Host] = []  # every host added, also the killed ones
+        self._tag, self._base, self._added = tag, "", 0
+        self._namespaces: list[str] = []
+        self._holders: list[subprocess.Popen] = []
 
     def __enter__(self) -> LocalHosts:
         reason = unavailable_reason()
         if reason:
             raise HostsUnavailable(reason)
         remove_stale()
-        base = _free_subnet(self.rng)
+        self._base = _free_subnet(self.rng)
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("link", "set", self.bridge, "up")
-            for index in range(self.count):
-                host = Host(f"{self._tag}-{index}", f"{base}{index + 1}")
-                outside, inside = f"{self._tag}v{index}", "eth0"
-                _ip("netns", "add", host.name)
-                self.hosts.append(host)
-                _ip("link", "add", outside, "type", "veth", "peer", "name", inside, "netns", host.name)
-                _ip("link", "set", outside, "master", self.bridge, "up")
-                _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", inside)
-                _ip("-n", host.name, "link", "set", inside, "up")
-                _ip("-n", host.name, "link", "set", "lo", "up")
+            for _ in range(self.count):
+                self.add()
         except BaseException:
             self.close()
             raise
         return self
+
+    def add(self) -> Host:
+        """A new host on the bridge, at the next free address (also after `kill`: the new
+        machine an autoscaler or an operator brings)."""
+        index = self._added
+        if index >= 250:
+            raise ValueError("250 hosts on one bridge at most")
+        self._added += 1
+        name, outside = f"{self._tag}-{index}", f"{self._tag}v{index}"
+        _ip("netns", "add", name)
+        self._namespaces.append(name)
+        _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _ip("link", "set", outside, "master", self.bridge, "up")
+        address = f"{self._base}{index + 1}"
+        _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+        _ip("-n", name, "link", "set", "eth0", "up")
+        _ip("-n", name, "link", "set", "lo", "up")
+        # pid 1 of the host's own PID namespace (with its own /proc); when it dies, the kernel
+        # kills every process of the namespace. --kill-child: it dies with its `unshare` parent.
+        holder = subprocess.Popen([IP, "netns", "exec", name, "unshare", "--pid", "--fork", "--mount-proc",
+                                   "--kill-child", "sleep", "infinity"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._holders.append(holder)
+        host = Host(name, address, _child_of(holder.pid))
+        self.hosts.append(host)
+        return host
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
         """Kills every process of every host, deletes the namespaces, their veths and the bridge."""
-        _remove([host.name for host in self.hosts], [self.bridge])
-        self.hosts = []
+        _remove(self._namespaces, [self.bridge])
+        for holder in self._holders:
+            holder.wait()
+        self._namespaces, self._holders = [], []
 
     def command(self, host: Host, argv: list[str]) -> list[str]:
-        """`argv` as it runs inside `host`."""
-        return [IP, "netns", "exec", host.name, *argv]
+        """`argv` as it runs inside `host`: its network, PID and mount (for /proc) namespaces."""
+        return ["nsenter", f"--target={host.init}", "--net", "--pid", "--mount", "--", *argv]
 
     def run(self, host: Host, argv: list[str], **popen) -> subprocess.Popen:
         """Starts `argv` inside `host` (`subprocess.Popen` keyword arguments pass through)."""
@@ -193,7 +236,8 @@ class LocalHosts:
         return namespace_pids(host.name)
 
     def kill(self, host: Host) -> list[int]:
-        """SIGKILLs every process of `host` (a host that loses power); returns their pids."""
+        """SIGKILLs every process of `host`, its pid 1 too (a host that loses power: it runs
+        nothing afterwards; `add` brings a new one); returns their pids."""
         pids = self.pids(host)
         _kill_all(host.name)
         return pids

@@ -1,6 +1,7 @@
 """Hosts on one machine (cluster/local_hosts.py, issue 30): each sees the others at their own
-addresses and nothing of their loopbacks, a host's processes can all be killed, and nothing of
-a session is left after it, nor of a session that died without tearing down."""
+addresses and nothing of their loopbacks or processes, a host's processes can all be killed and
+a new host added, and nothing of a session is left after it, nor of a session that died without
+tearing down."""
 
 import os
 import subprocess
@@ -57,17 +58,50 @@ def test_hosts_reach_each_other_at_their_addresses_and_not_each_others_loopback(
         assert reply(hosts, second, "127.0.0.1") == "ConnectionRefusedError"  # its own loopback: nothing there
 
 
+LIST_PROCESSES = """
+import os
+for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+    try:
+        print(pid, open(f"/proc/{pid}/cmdline").read().replace(chr(0), " ").strip())
+    except OSError:
+        pass
+"""
+
+
+def processes_seen_from(hosts, host) -> list[str]:
+    argv = hosts.command(host, [sys.executable, "-c", LIST_PROCESSES])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.splitlines()
+
+
+def test_a_host_sees_its_own_processes_only_as_ray_stop_would():
+    with LocalHosts(2) as hosts:
+        first, second = hosts.hosts
+        hosts.run(first, ["sleep", "601"])
+        hosts.run(second, ["sleep", "602"])
+        while not any("sleep 601" in line for line in processes_seen_from(hosts, first)):
+            time.sleep(0.05)
+        seen = processes_seen_from(hosts, first)
+        assert seen[0] == "1 sleep infinity"  # its own pid 1
+        assert not any("sleep 602" in line or "pytest" in line for line in seen), seen
+
+
 def test_a_killed_host_has_no_process_left_and_the_others_keep_theirs():
     with LocalHosts(2) as hosts:
         first, second = hosts.hosts
         # a process that starts a child of its own, as `ray start` leaves daemons behind
         hosts.run(first, ["sh", "-c", "sleep 600 & sleep 600"])
         kept = hosts.run(second, ["sleep", "600"])
-        while len(hosts.pids(first)) < 2:
+        while sum("sleep 600" in line for line in processes_seen_from(hosts, first)) < 2:
             time.sleep(0.05)
         killed = hosts.kill(first)
-        assert len(killed) >= 2 and hosts.pids(first) == []
-        assert kept.poll() is None and hosts.pids(second)
+        assert first.init in killed and hosts.pids(first) == []
+        assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                       for pid in killed)
+        assert kept.poll() is None and second.init in hosts.pids(second)
+        fresh = hosts.add()  # a new machine joins the bridge and reaches the host that stayed
+        assert fresh.address not in (first.address, second.address)
+        started(hosts, second, second.address)
+        assert reply(hosts, fresh, second.address) == fresh.address
 
 
 def test_nothing_is_left_after_a_session_even_one_that_failed():
