@@ -2,8 +2,10 @@
 (issue 30): each host is a network namespace with its loopback up and one veth leg on a bridge
 that joins them, at an address of a private /24 chosen per run, and a PID namespace of its own
 (with its own /proc), so a process in a host sees only that host's addresses and processes:
-`ray stop` in a host stops that host's Ray, not the machine's. The file system is shared (the
-stand-in for the storage every node of a real cluster mounts). Needs root (`ip netns`,
+`ray stop` in a host stops that host's Ray, not the machine's. Each host has a folder of its own
+(`Host.folder`: a home for HOME, and its /tmp/ray, where Ray keeps a node's sessions and
+sockets); the rest of the file system is shared (the stand-in for the storage every node of a
+real cluster mounts). Needs root (`ip netns`,
 `unshare`, `nsenter`, as CI has); nothing outside the hosts' own addresses is ever contacted.
 
     with LocalHosts(3) as hosts:            # e.g. a head, a worker, a "laptop"
@@ -25,6 +27,7 @@ import random
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -38,12 +41,18 @@ class HostsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Host:
-    """One host: its network namespace, its address on the hosts' bridge, and the pid (as this
-    machine sees it) of the process that is pid 1 of its PID namespace."""
+    """One host: its network namespace, its address on the hosts' bridge, the pid (as this
+    machine sees it) of the process that is pid 1 of its PID namespace, and its own folder
+    (`home`, and `ray`, which the host sees as /tmp/ray)."""
 
     name: str
     address: str
     init: int
+    folder: str
+
+    @property
+    def home(self) -> str:
+        return os.path.join(self.folder, "home")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,6 +123,14 @@ def _child_of(pid: int, timeout: float = 10.0) -> int:
     raise HostsUnavailable(f"process {pid} started no child in {timeout:.0f} s (unshare --pid --fork)")
 
 
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as stream:
+            return stream.read().replace("\0", " ").strip()
+    except OSError:
+        return ""
+
+
 def _kill_all(namespace: str, timeout: float = 10.0) -> None:
     """SIGKILL every process of `namespace`, until none is left (a process may fork meanwhile)."""
     deadline = time.monotonic() + timeout
@@ -141,7 +158,11 @@ def remove_stale() -> list[str]:
     namespaces = [n for n in _namespaces() if (pid := _owner(n)) is not None and not _alive(pid)]
     links = [n for n in _links() if (pid := _owner(n)) is not None and not _alive(pid)]
     _remove(namespaces, links)
-    return namespaces + links
+    folders = [os.path.join(tempfile.gettempdir(), n) for n in os.listdir(tempfile.gettempdir())
+               if (pid := _owner(n)) is not None and not _alive(pid)]
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    return namespaces + links + folders
 
 
 def _free_subnet(rng: random.Random) -> str:
@@ -170,6 +191,7 @@ class LocalHosts:
         self._tag, self._base, self._added = tag, "", 0
         self._namespaces: list[str] = []
         self._holders: list[subprocess.Popen] = []
+        self.folders = ""  # the hosts' own folders, one each (made on entry, removed on exit)
 
     def __enter__(self) -> LocalHosts:
         reason = unavailable_reason()
@@ -177,6 +199,7 @@ class LocalHosts:
             raise HostsUnavailable(reason)
         remove_stale()
         self._base = _free_subnet(self.rng)
+        self.folders = tempfile.mkdtemp(prefix=f"{self._tag}-")
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("link", "set", self.bridge, "up")
@@ -203,13 +226,28 @@ class LocalHosts:
         _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
         _ip("-n", name, "link", "set", "eth0", "up")
         _ip("-n", name, "link", "set", "lo", "up")
-        # pid 1 of the host's own PID namespace (with its own /proc); when it dies, the kernel
-        # kills every process of the namespace. --kill-child: it dies with its `unshare` parent.
+        # A default route onto the bridge, as a machine on a network has: Ray finds a node's own
+        # address from the route to a public one (no packet is sent; a packet sent anyway stops
+        # at the bridge, which has no address and no uplink).
+        _ip("-n", name, "route", "add", "default", "dev", "eth0")
+        folder = os.path.join(self.folders, name)
+        os.makedirs(os.path.join(folder, "home"))
+        os.makedirs(os.path.join(folder, "ray"))
+        # pid 1 of the host's own PID namespace (with its own /proc, and its folder's `ray` as
+        # /tmp/ray, in a mount namespace of its own); when it dies, the kernel kills every
+        # process of the namespace. --kill-child: it dies with its `unshare` parent.
         holder = subprocess.Popen([IP, "netns", "exec", name, "unshare", "--pid", "--fork", "--mount-proc",
-                                   "--kill-child", "sleep", "infinity"],
+                                   "--kill-child", "sh", "-c", 'mkdir -p /tmp/ray && mount --bind "$0" /tmp/ray && '
+                                   "exec sleep infinity", os.path.join(folder, "ray")],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._holders.append(holder)
-        host = Host(name, address, _child_of(holder.pid))
+        init = _child_of(holder.pid)
+        deadline = time.monotonic() + 10
+        while _command_line(init) != "sleep infinity":  # the mount is done once it has exec'd
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise HostsUnavailable(f"{name}: its pid 1 did not start (mount --bind onto /tmp/ray)")
+            time.sleep(0.01)
+        host = Host(name, address, init, folder)
         self.hosts.append(host)
         return host
 
@@ -222,6 +260,8 @@ class LocalHosts:
         for holder in self._holders:
             holder.wait()
         self._namespaces, self._holders = [], []
+        if self.folders:
+            shutil.rmtree(self.folders, ignore_errors=True)
 
     def command(self, host: Host, argv: list[str]) -> list[str]:
         """`argv` as it runs inside `host`: its network, PID and mount (for /proc) namespaces."""
@@ -243,5 +283,7 @@ class LocalHosts:
         return pids
 
     def leftovers(self) -> list[str]:
-        """This session's namespaces and links still on the machine (none after `close`)."""
-        return [n for n in _namespaces() + _links() if n.startswith(self._tag)]
+        """This session's namespaces, links and folders still on the machine (none after `close`)."""
+        tag = self._tag
+        return [n for n in _namespaces() + _links() + os.listdir(tempfile.gettempdir())
+                if n.startswith(tag) and n[len(tag):len(tag) + 1] in ("-", "b", "v")]

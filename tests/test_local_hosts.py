@@ -85,6 +85,18 @@ def test_a_host_sees_its_own_processes_only_as_ray_stop_would():
         assert not any("sleep 602" in line or "pytest" in line for line in seen), seen
 
 
+def test_each_host_has_a_tmp_ray_of_its_own_and_shares_the_rest():
+    with LocalHosts(2) as hosts:
+        first, second = hosts.hosts
+        shared = os.path.join(hosts.folders, "shared")
+        write = f"echo one > /tmp/ray/mine && echo both > {shared}"
+        subprocess.run(hosts.command(first, ["sh", "-c", write]), check=True)
+        assert open(os.path.join(first.folder, "ray", "mine")).read() == "one\n"
+        assert open(shared).read() == "both\n"  # the machine's file system, as shared storage
+        second_view = subprocess.run(hosts.command(second, ["ls", "/tmp/ray"]), capture_output=True, text=True)
+        assert "mine" not in second_view.stdout and not os.path.exists("/tmp/ray/mine")
+
+
 def test_a_killed_host_has_no_process_left_and_the_others_keep_theirs():
     with LocalHosts(2) as hosts:
         first, second = hosts.hosts

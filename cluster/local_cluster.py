@@ -1,0 +1,137 @@
+"""A Ray cluster on local hosts (`local_hosts.py`), started the way the cluster launcher starts
+one from a config such as `cluster/aws.yaml` (issue 30): the config's own
+`head_start_ray_commands` on the head and `worker_start_ray_commands` on each worker, run as
+written, with only what the launcher would provide around them:
+
+- the node's setup done (`setup_commands` installs selfsup into the node's Python: here the
+  Python running this, whose `bin` goes first on PATH);
+- `file_mounts`' auth token in each host's `~/.ray/auth_token` (one token, made here);
+- `RAY_HEAD_IP` for the workers, and the head's `~/ray_bootstrap_config.yaml`, which names the
+  node provider: here Ray's `local` provider with the head alone (no cloud to call).
+
+    with LocalHosts(2) as hosts, LocalRayCluster(hosts, "cluster/aws.yaml") as cluster:
+        cluster.start_head(hosts.hosts[0])
+        cluster.join(hosts.hosts[1])
+        cluster.run(hosts.hosts[0], ["ray", "status"])    # with the token, as on a node
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import yaml
+
+from cluster.local_hosts import Host, LocalHosts
+
+STATUS_TIMEOUT_S = 120
+
+
+class ClusterCommandFailed(RuntimeError):
+    """A start command of the config exited non-zero (its output is in the message)."""
+
+
+class LocalRayCluster:
+    """The launcher's part for a cluster config on `hosts`. Stops nothing itself: killing the hosts
+    (`LocalHosts.close`) ends every node."""
+
+    def __init__(self, hosts: LocalHosts, config_file: str):
+        with open(config_file) as stream:
+            config = yaml.safe_load(stream)
+        self.hosts, self.config_file = hosts, config_file
+        self.head_commands: list[str] = config["head_start_ray_commands"]
+        self.worker_commands: list[str] = config["worker_start_ray_commands"]
+        self.head: Host | None = None
+        self.token = ""
+
+    def __enter__(self) -> LocalRayCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def environment(self, host: Host, token: bool = True) -> dict[str, str]:
+        """The environment a command on `host` runs with: its own HOME (holding the token when
+        `token`), this Python's `bin` first on PATH, the head's address."""
+        environ = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+        environ.update(HOME=host.home, PATH=f"{os.path.dirname(sys.executable)}:{environ.get('PATH', '')}",
+                       PYTHONUNBUFFERED="1")
+        if self.head:
+            environ["RAY_HEAD_IP"] = self.head.address
+        if not token:
+            environ["HOME"] = os.path.join(host.folder, "no-token-home")
+            os.makedirs(environ["HOME"], exist_ok=True)
+        return environ
+
+    def run(self, host: Host, argv: list[str], token: bool = True, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """`argv` on `host` to its end, as a shell on that node would run it (with the token's
+        RAY_AUTH_MODE set, as README's setup exports it, unless `token` is False)."""
+        environ = self.environment(host, token)
+        if token:
+            environ["RAY_AUTH_MODE"] = "token"
+        done = subprocess.run(self.hosts.command(host, argv), env=environ, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise ClusterCommandFailed(f"{host.address}: {' '.join(argv)} exited {done.returncode}: "
+                                       f"{(done.stdout + done.stderr)[-2000:]}")
+        return done
+
+    def _start_commands(self, host: Host, commands: list[str]) -> None:
+        log = os.path.join(host.folder, "start.log")
+        for command in commands:
+            with open(log, "a") as stream:  # `ray start` leaves daemons holding its output open
+                stream.write(f"$ {command}\n")
+                stream.flush()
+                done = subprocess.run(self.hosts.command(host, ["bash", "-c", command]), env=self.environment(host),
+                                      stdout=stream, stderr=subprocess.STDOUT, timeout=STATUS_TIMEOUT_S)
+            if done.returncode != 0:
+                with open(log) as stream:
+                    raise ClusterCommandFailed(f"{host.address}: `{command}` exited {done.returncode}: "
+                                               f"{stream.read()[-2000:]}")
+
+    def start_head(self, head: Host) -> None:
+        """The token and the bootstrap config, then the config's head commands on `head`."""
+        from ray.autoscaler._private.util import prepare_config
+
+        self.head = head
+        token_file = os.path.join(head.home, ".ray", "auth_token")
+        os.makedirs(os.path.dirname(token_file), exist_ok=True)
+        done = subprocess.run(["ray", "get-auth-token", "--generate"], env=self.environment(head),
+                              capture_output=True, text=True, check=True)
+        self.token = done.stdout.strip()
+        bootstrap = prepare_config({"cluster_name": "local-hosts", "auth": {"ssh_user": "root"},
+                                    "provider": {"type": "local", "head_ip": head.address, "worker_ips": []}})
+        with open(os.path.join(head.home, "ray_bootstrap_config.yaml"), "w") as stream:
+            yaml.safe_dump(bootstrap, stream)
+        self._start_commands(head, self.head_commands)
+
+    def grant(self, host: Host) -> None:
+        """The cluster's token in `host`'s `~/.ray/auth_token` (a node's file_mounts; on the
+        user's laptop, where README's setup made it)."""
+        assert self.head, "start_head first"
+        os.makedirs(os.path.join(host.home, ".ray"), exist_ok=True)
+        shutil.copy(os.path.join(self.head.home, ".ray", "auth_token"), os.path.join(host.home, ".ray", "auth_token"))
+
+    def join(self, worker: Host) -> None:
+        """The token, then the config's worker commands on `worker`."""
+        self.grant(worker)
+        self._start_commands(worker, self.worker_commands)
+
+    def wait_for_nodes(self, count: int, timeout: float = STATUS_TIMEOUT_S) -> list[dict]:
+        """The alive nodes (`ray.nodes()` records, read on the head), once there are `count`."""
+        script = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+                  "print(json.dumps([n for n in ray.nodes() if n['Alive']]))")
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.run(self.head, [sys.executable, "-c", script], check=False)
+            nodes = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+            if len(nodes) >= count:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(nodes)} of {count} nodes alive after {timeout:.0f} s: {done.stderr[-1500:]}")
+            time.sleep(1)
