@@ -2,7 +2,8 @@
 (issue 30): each host is a network namespace with its loopback up and one veth leg on a bridge
 that joins them, at an address of a private /24 chosen per run, and a PID namespace of its own
 (with its own /proc), so a process in a host sees only that host's addresses and processes:
-`ray stop` in a host stops that host's Ray, not the machine's. Each host has a folder of its own
+`ray stop` in a host stops that host's Ray, not the machine's. Each host has a host name of its
+own that resolves to its address (as a cloud VM's does; gloo and NCCL listen on it), and a folder of its own
 (`Host.folder`: a home for HOME, and its /tmp/ray, where Ray keeps a node's sessions and
 sockets); the rest of the file system is shared (the stand-in for the storage every node of a
 real cluster mounts). Needs root (`ip netns`,
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 PREFIX = "sfs"  # namespaces sfs<pid>-<i>, bridge sfs<pid>b, veths sfs<pid>v<i> (link names: 15 characters at most)
 IP = "ip"
+ETC_NETNS = "/etc/netns"  # `ip netns exec NAME` mounts the files of ETC_NETNS/NAME over /etc's
 
 
 class HostsUnavailable(RuntimeError):
@@ -131,31 +133,49 @@ def _command_line(pid: int) -> str:
         return ""
 
 
-def _kill_all(namespace: str, timeout: float = 10.0) -> None:
-    """SIGKILL every process of `namespace`, until none is left (a process may fork meanwhile)."""
-    deadline = time.monotonic() + timeout
+def _exited(pid: int) -> bool:
+    """Gone or a zombie (a PID namespace's pid 1 stays a while after SIGKILL, reaping the rest)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def _kill_all(namespace: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of `namespace` until none is left (a process may fork meanwhile) and
+    each has exited; returns their pids."""
+    deadline, killed = time.monotonic() + timeout, set()
     while pids := namespace_pids(namespace):
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        killed.update(pids)
         if time.monotonic() > deadline:
             raise RuntimeError(f"{namespace}: processes {pids} survive SIGKILL")
         time.sleep(0.05)
+    while not all(_exited(pid) for pid in killed):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{namespace}: processes {sorted(killed)} did not exit after SIGKILL")
+        time.sleep(0.05)
+    return sorted(killed)
 
 
 def _remove(namespaces: list[str], links: list[str]) -> None:
     for namespace in namespaces:
         _kill_all(namespace)
         _ip("netns", "delete", namespace, check=False)  # its veth legs go with it
+        shutil.rmtree(os.path.join(ETC_NETNS, namespace), ignore_errors=True)
     for link in links:
         _ip("link", "delete", link, check=False)
 
 
 def remove_stale() -> list[str]:
     """Removes the namespaces and links of sessions whose process is gone; returns their names."""
-    namespaces = [n for n in _namespaces() if (pid := _owner(n)) is not None and not _alive(pid)]
+    etc = os.listdir(ETC_NETNS) if os.path.isdir(ETC_NETNS) else []
+    namespaces = [n for n in sorted(set(_namespaces() + etc)) if (pid := _owner(n)) is not None and not _alive(pid)]
     links = [n for n in _links() if (pid := _owner(n)) is not None and not _alive(pid)]
     _remove(namespaces, links)
     folders = [os.path.join(tempfile.gettempdir(), n) for n in os.listdir(tempfile.gettempdir())
@@ -236,16 +256,21 @@ class LocalHosts:
         # pid 1 of the host's own PID namespace (with its own /proc, and its folder's `ray` as
         # /tmp/ray, in a mount namespace of its own); when it dies, the kernel kills every
         # process of the namespace. --kill-child: it dies with its `unshare` parent.
-        holder = subprocess.Popen([IP, "netns", "exec", name, "unshare", "--pid", "--fork", "--mount-proc",
-                                   "--kill-child", "sh", "-c", 'mkdir -p /tmp/ray && mount --bind "$0" /tmp/ray && '
-                                   "exec sleep infinity", os.path.join(folder, "ray")],
+        # Its own host name, which resolves to its address (gloo and NCCL listen on the host name's
+        # address): `ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts.
+        os.makedirs(os.path.join(ETC_NETNS, name), exist_ok=True)
+        with open(os.path.join(ETC_NETNS, name, "hosts"), "w") as stream:
+            stream.write(f"127.0.0.1 localhost\n::1 localhost\n{address} {name}\n")
+        start = 'hostname "$1" && mkdir -p /tmp/ray && mount --bind "$0" /tmp/ray && exec sleep infinity'
+        holder = subprocess.Popen([IP, "netns", "exec", name, "unshare", "--pid", "--fork", "--mount-proc", "--uts",
+                                   "--kill-child", "sh", "-c", start, os.path.join(folder, "ray"), name],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._holders.append(holder)
         init = _child_of(holder.pid)
         deadline = time.monotonic() + 10
-        while _command_line(init) != "sleep infinity":  # the mount is done once it has exec'd
+        while _command_line(init) != "sleep infinity":  # the host is set up once it has exec'd
             if holder.poll() is not None or time.monotonic() > deadline:
-                raise HostsUnavailable(f"{name}: its pid 1 did not start (mount --bind onto /tmp/ray)")
+                raise HostsUnavailable(f"{name}: its pid 1 did not start ({start})")
             time.sleep(0.01)
         host = Host(name, address, init, folder)
         self.hosts.append(host)
@@ -256,7 +281,8 @@ class LocalHosts:
 
     def close(self) -> None:
         """Kills every process of every host, deletes the namespaces, their veths and the bridge."""
-        _remove(self._namespaces, [self.bridge])
+        # The veths explicitly: a deleted namespace's veth pair goes only when the kernel gets to it.
+        _remove(self._namespaces, [f"{self._tag}v{index}" for index in range(self._added)] + [self.bridge])
         for holder in self._holders:
             holder.wait()
         self._namespaces, self._holders = [], []
@@ -264,8 +290,9 @@ class LocalHosts:
             shutil.rmtree(self.folders, ignore_errors=True)
 
     def command(self, host: Host, argv: list[str]) -> list[str]:
-        """`argv` as it runs inside `host`: its network, PID and mount (for /proc) namespaces."""
-        return ["nsenter", f"--target={host.init}", "--net", "--pid", "--mount", "--", *argv]
+        """`argv` as it runs inside `host`: its network, PID, mount (/proc, /etc/hosts, /tmp/ray) and
+        UTS (host name) namespaces."""
+        return ["nsenter", f"--target={host.init}", "--net", "--pid", "--mount", "--uts", "--", *argv]
 
     def run(self, host: Host, argv: list[str], **popen) -> subprocess.Popen:
         """Starts `argv` inside `host` (`subprocess.Popen` keyword arguments pass through)."""
@@ -278,12 +305,11 @@ class LocalHosts:
     def kill(self, host: Host) -> list[int]:
         """SIGKILLs every process of `host`, its pid 1 too (a host that loses power: it runs
         nothing afterwards; `add` brings a new one); returns their pids."""
-        pids = self.pids(host)
-        _kill_all(host.name)
-        return pids
+        return _kill_all(host.name)
 
     def leftovers(self) -> list[str]:
         """This session's namespaces, links and folders still on the machine (none after `close`)."""
         tag = self._tag
-        return [n for n in _namespaces() + _links() + os.listdir(tempfile.gettempdir())
+        etc = os.listdir(ETC_NETNS) if os.path.isdir(ETC_NETNS) else []
+        return [n for n in _namespaces() + _links() + os.listdir(tempfile.gettempdir()) + etc
                 if n.startswith(tag) and n[len(tag):len(tag) + 1] in ("-", "b", "v")]

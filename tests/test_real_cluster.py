@@ -1,6 +1,7 @@
 """A real Ray cluster on this machine (issue 30): hosts in network namespaces (cluster/local_hosts.py),
 a head and a worker started by `cluster/aws.yaml`'s own start commands (cluster/local_cluster.py),
-token auth on, and a third host, the user's laptop, outside the cluster."""
+token auth on, and a third host, the user's laptop, outside the cluster. (A job submitted from
+the laptop: benchmarks/cluster/cross_host_job.py, for now.)"""
 
 import json
 import os
