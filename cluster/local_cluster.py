@@ -9,10 +9,14 @@ written, with only what the launcher would provide around them:
 - `RAY_HEAD_IP` for the workers, and the head's `~/ray_bootstrap_config.yaml`, which names the
   node provider: here Ray's `local` provider with the head alone (no cloud to call).
 
-    with LocalHosts(2) as hosts, LocalRayCluster(hosts, "cluster/aws.yaml") as cluster:
-        cluster.start_head(hosts.hosts[0])
-        cluster.join(hosts.hosts[1])
-        cluster.run(hosts.hosts[0], ["ray", "status"])    # with the token, as on a node
+    with LocalHosts(3) as hosts:
+        head, worker, laptop = hosts.hosts
+        cluster = LocalRayCluster(hosts, "cluster/aws.yaml")
+        cluster.start_head(head)
+        cluster.join(worker)
+        cluster.grant(laptop)                              # the token, on the user's laptop
+        dashboard = cluster.tunnel()                       # http://HEAD:PORT, for ray job submit
+        cluster.run(laptop, ["ray", "job", "submit", f"--address={dashboard}", ...])
 """
 
 from __future__ import annotations
@@ -29,6 +33,33 @@ import yaml
 from cluster.local_hosts import Host, LocalHosts
 
 STATUS_TIMEOUT_S = 120
+DASHBOARD_PORT = 8265
+
+# The far end of `ssh -L 8265:127.0.0.1:8265 head` (README, "Reach the dashboard"): the dashboard
+# listens on the head's loopback only, so a relay on the head carries a connection from its
+# address to it. (Ray's Jobs API still checks the token on every request.)
+RELAY = """
+import asyncio, sys
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+async def carry(reader, writer):
+    target_reader, target_writer = await asyncio.open_connection("127.0.0.1", int(sys.argv[3]))
+    await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer), return_exceptions=True)
+
+async def main():
+    server = await asyncio.start_server(carry, sys.argv[1], int(sys.argv[2]))
+    print("relaying", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
 
 
 class ClusterCommandFailed(RuntimeError):
@@ -47,12 +78,6 @@ class LocalRayCluster:
         self.worker_commands: list[str] = config["worker_start_ray_commands"]
         self.head: Host | None = None
         self.token = ""
-
-    def __enter__(self) -> LocalRayCluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
     def environment(self, host: Host, token: bool = True) -> dict[str, str]:
         """The environment a command on `host` runs with: its own HOME (holding the token when
@@ -121,6 +146,16 @@ class LocalRayCluster:
         """The token, then the config's worker commands on `worker`."""
         self.grant(worker)
         self._start_commands(worker, self.worker_commands)
+
+    def tunnel(self, port: int = 18265) -> str:
+        """The dashboard's address for a host outside the cluster (the laptop), through the
+        stand-in of an SSH tunnel to the head; returns it as `http://ADDRESS:PORT`."""
+        assert self.head, "start_head first"
+        relay = self.hosts.run(self.head, [sys.executable, "-c", RELAY, self.head.address, str(port),
+                                           str(DASHBOARD_PORT)], stdout=subprocess.PIPE, text=True)
+        if relay.stdout.readline().strip() != "relaying":
+            raise ClusterCommandFailed(f"{self.head.address}: the dashboard relay did not start")
+        return f"http://{self.head.address}:{port}"
 
     def wait_for_nodes(self, count: int, timeout: float = STATUS_TIMEOUT_S) -> list[dict]:
         """The alive nodes (`ray.nodes()` records, read on the head), once there are `count`."""

@@ -1,13 +1,12 @@
 """Separate hosts on one Linux machine, to run a real Ray cluster where there is one computer
-(issue 30): each host is a network namespace with its loopback up and one veth leg on a bridge
-that joins them, at an address of a private /24 chosen per run, and a PID namespace of its own
-(with its own /proc), so a process in a host sees only that host's addresses and processes:
-`ray stop` in a host stops that host's Ray, not the machine's. Each host has a host name of its
-own that resolves to its address (as a cloud VM's does; gloo and NCCL listen on it), and a folder of its own
-(`Host.folder`: a home for HOME, and its /tmp/ray, where Ray keeps a node's sessions and
-sockets); the rest of the file system is shared (the stand-in for the storage every node of a
-real cluster mounts). Needs root (`ip netns`,
-`unshare`, `nsenter`, as CI has); nothing outside the hosts' own addresses is ever contacted.
+(issue 30). Each host is a network namespace with its loopback up and one veth leg on a bridge
+that joins them, at an address of a private /24 drawn per run; a PID namespace of its own (with
+its own /proc), so `ray stop` in a host stops that host's Ray, not the machine's; a host name of
+its own that resolves to its address, as a cloud VM's does (gloo and NCCL listen on it); and a
+folder of its own (`Host.folder`: a home for HOME, and its /tmp/ray, where Ray keeps a node's
+sessions and sockets). The rest of the file system is shared, the stand-in for the storage every
+node of a real cluster mounts. Needs root (`ip netns`, `unshare`, `nsenter`, as CI has); nothing
+outside the hosts' own addresses is ever contacted.
 
     with LocalHosts(3) as hosts:            # e.g. a head, a worker, a "laptop"
         head, worker, laptop = hosts.hosts
