@@ -6,8 +6,8 @@ room of one worker (`train.cpus_per_worker=2`, as one GPU per node would be). DI
 worker's node is removed (a spot preemption, no notice) and the group goes on from the checkpoint
 with 1; once that smaller group has reported, a node is added (the autoscaler bringing one back)
 and the group grows to 2 again, on the added node. (Every worker group start costs ~30 s of this
-2-core machine, so the test stays at 2 workers; the same run is the suite's node loss, which once
-had a fixed-size run of its own.) Prints one JSON line: the run's result, the history of its
+2-core machine, so the test stays at 2 workers; the same run is the suite's node-loss test.)
+Prints one JSON line: the run's result, the history of its
 reports, the lost and the added node and every node a training worker ran on.
 
     python -m tests.helpers.elastic_run OUT_DIR   # from the repository root
