@@ -73,11 +73,10 @@ class LocalRayCluster:
     def __init__(self, hosts: LocalHosts, config_file: str):
         with open(config_file) as stream:
             config = yaml.safe_load(stream)
-        self.hosts, self.config_file = hosts, config_file
+        self.hosts = hosts
         self.head_commands: list[str] = config["head_start_ray_commands"]
         self.worker_commands: list[str] = config["worker_start_ray_commands"]
         self.head: Host | None = None
-        self.token = ""
 
     def environment(self, host: Host, token: bool = True) -> dict[str, str]:
         """The environment a command on `host` runs with: its own HOME (holding the token when
@@ -124,11 +123,9 @@ class LocalRayCluster:
         from ray.autoscaler._private.util import prepare_config
 
         self.head = head
-        token_file = os.path.join(head.home, ".ray", "auth_token")
-        os.makedirs(os.path.dirname(token_file), exist_ok=True)
-        done = subprocess.run(["ray", "get-auth-token", "--generate"], env=self.environment(head),
-                              capture_output=True, text=True, check=True)
-        self.token = done.stdout.strip()
+        os.makedirs(os.path.join(head.home, ".ray"), exist_ok=True)
+        subprocess.run(["ray", "get-auth-token", "--generate"], env=self.environment(head), capture_output=True,
+                       check=True)  # writes the head's ~/.ray/auth_token
         bootstrap = prepare_config({"cluster_name": "local-hosts", "auth": {"ssh_user": "root"},
                                     "provider": {"type": "local", "head_ip": head.address, "worker_ips": []}})
         with open(os.path.join(head.home, "ray_bootstrap_config.yaml"), "w") as stream:

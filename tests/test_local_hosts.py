@@ -11,6 +11,7 @@ import time
 import pytest
 
 from cluster.local_hosts import PREFIX, LocalHosts, remove_stale, unavailable_reason
+from tests.helpers.listening import running
 
 REASON = unavailable_reason()
 if REASON and os.environ.get("CI") == "true":  # CI runs as root: there these tests must run
@@ -66,16 +67,6 @@ for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
     except OSError:
         pass
 """
-
-
-def running(pid: int) -> str:
-    """`pid`'s state and command line while it runs (not gone, nor a zombie); "" otherwise."""
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        command = open(f"/proc/{pid}/cmdline").read().replace(chr(0), " ")
-    except OSError:
-        return ""
-    return "" if state in "ZX" else f"{state} {command}"
 
 
 def processes_seen_from(hosts, host) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from cluster.local_hosts import LocalHosts, namespace_pids, unavailable_reason
+from tests.helpers.listening import running
 
 REASON = unavailable_reason()
 if REASON and os.environ.get("CI") == "true":  # CI runs as root: there these tests must run
@@ -47,9 +48,7 @@ def cluster():
         yield ray_cluster, hosts, nodes
         pids = [pid for host in hosts.hosts for pid in namespace_pids(host.name)]
     assert hosts.leftovers() == []
-    alive = [pid for pid in pids
-             if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
-    assert alive == [], f"processes of the hosts left: {alive}"
+    assert [running(pid) for pid in pids if running(pid)] == [], "processes of the hosts left"
 
 
 def test_the_configs_own_start_commands_make_a_two_host_cluster(cluster):

@@ -1,5 +1,5 @@
 """The TCP sockets a process tree listens on, read from /proc (Linux; Ray no longer brings psutil),
-and a command run to its end while they are watched."""
+a command run to its end while they are watched, and whether a process still runs."""
 
 from __future__ import annotations
 
@@ -89,3 +89,15 @@ def run_watching_sockets(command: list[str], cwd: str, env: dict, out_dir, timeo
         process.wait()
     with open(stdout_path) as stdout, open(stderr_path) as stderr:
         return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read()), seen
+
+
+def running(pid: int) -> str:
+    """`pid`'s state and command line while it runs (not gone, nor a zombie); "" otherwise."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            state = stream.read().rsplit(")", 1)[1].split()[0]  # after the name, which may hold spaces
+        with open(f"/proc/{pid}/cmdline") as stream:
+            command = stream.read().replace("\0", " ")
+    except OSError:
+        return ""
+    return "" if state in "ZX" else f"{state} {command}"
