@@ -161,6 +161,7 @@ def test_probe_metrics_use_the_methods_views_and_leave_the_training_rng_alone(me
     assert 1 <= metrics["rankme"] <= min(24, width) and metrics["rankme_fraction"] == metrics["rankme"] / min(24, width)
     assert 0 < metrics["alignment"] < 4 and metrics["uniformity"] < 0 and metrics["probe_images"] == 24
     assert 1 <= metrics["lidar"] <= min(23, width) and metrics["alpha_req"] > 0
+    assert metrics["alpha_req_gap"] == abs(metrics["alpha_req"] - 1.0)  # the band's centre, the paper's
     assert method.training  # put back in training mode
 
 

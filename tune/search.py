@@ -41,7 +41,7 @@ LABEL_FREE = PROBE_METRICS
 # holds too few pairs that close to measure one (docs/FINDINGS.md, "Label-free model selection").
 TOO_CLOSE = 0.05
 # Shown beside the objective when the trials report them: label-free and labeled side by side.
-ONLINE_METRICS = ("knn_top1", "rankme", "lidar", "alpha_req", "uniformity", "alignment")
+ONLINE_METRICS = ("knn_top1", "rankme", "lidar", "alpha_req", "alpha_req_gap", "uniformity", "alignment")
 
 
 @dataclass(frozen=True)
@@ -335,6 +335,8 @@ _OBJECTIVES = {
     "lidar": "LiDAR, the rank of the linear discriminant between augmented views of the unlabeled probe images: "
              "no labels used",
     "alpha_req": "alpha-ReQ, the eigenspectrum decay of the features on the unlabeled probe set: no labels used",
+    "alpha_req_gap": "alpha-ReQ's distance to 1, the centre of its band of good encoders, on the unlabeled probe "
+                     "set: no labels used",
     "uniformity": "uniformity of the features on the unlabeled probe set: no labels used",
     "alignment": "alignment of two views on the unlabeled probe set: no labels used",
 }

@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 
+from pipelines.evaluate.label_free import ALPHA_BAND_CENTRE
 from tests.helpers.runs import learns_sets
 
 # Each search: the preset it starts from, its --sets, its space.
@@ -44,8 +45,6 @@ SEARCHES = {
              "space": ["teacher_temp=loguniform(0.02, 0.07)", "lr=loguniform(2e-4, 2e-3)",
                        "hparams.koleo_weight=uniform(0.0, 1.0)"]},
 }
-# The centre of alpha-ReQ's band of good encoders, the paper's.
-ALPHA_BAND_CENTRE = 1.0
 # Each label-free score, signed so that higher should mean better: the ranks grow with quality,
 # alignment and uniformity fall with it, alpha-ReQ's good encoders sit near alpha = 1 (the
 # paper's band: -alpha_req_gap), and plain alpha is read both ways in the table by its sign.

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 log = logging.getLogger("selfsup")
 
 # What `probe_metrics` reports, by name.
-PROBE_METRICS = ("rankme", "rankme_fraction", "lidar", "alpha_req", "alignment", "uniformity")
+PROBE_METRICS = ("rankme", "rankme_fraction", "lidar", "alpha_req", "alpha_req_gap", "alignment", "uniformity")
 # RankMe's epsilon: keeps log(p) finite for exactly zero singular values (the paper's 1e-7).
 RANKME_EPS = 1e-7
 # LiDAR's surrogate classes: this many views of each probe image by the method's own recipe.
@@ -46,6 +46,8 @@ LIDAR_RIDGE = 1e-4
 # alpha-ReQ fits the leading quarter of the spectrum: past it, small networks' spectra fall off a
 # cliff that is no power law (dead units; docs/FINDINGS.md, "Label-free model selection").
 ALPHA_FIT_FRACTION = 0.25
+# The centre of alpha-ReQ's band of good encoders (the paper's); `alpha_req_gap` is the distance to it.
+ALPHA_BAND_CENTRE = 1.0
 # alpha-ReQ reads eigenvalues below this fraction of the largest as this fraction: round-off, and a
 # finite (large) alpha for features that vary along one direction.
 ALPHA_FLOOR = 1e-10
@@ -153,8 +155,8 @@ def uniformity(features: torch.Tensor, t: float = UNIFORMITY_T) -> float:
 
 def probe_metrics(method, batches, device) -> dict[str, float]:
     """Label-free metrics of `method`'s encoder over the probe batches `{"image": (n, S, S, 3)
-    uint8}`: `rankme`, `rankme_fraction` (of min(images, width)) and `alpha_req` of the plain
-    images' features, `lidar` over `LIDAR_VIEWS` views of each image, `alignment` and
+    uint8}`: `rankme`, `rankme_fraction` (of min(images, width)), `alpha_req` and its distance to
+    the band's centre `alpha_req_gap` of the plain images' features, `lidar` over `LIDAR_VIEWS` views of each image, `alignment` and
     `uniformity` (the mean over the first two views, as Wang & Isola's loss). The views are the
     method's own (`Method.view_pair`), drawn from a fixed seed; the training RNG is restored
     afterwards."""
@@ -174,12 +176,13 @@ def probe_metrics(method, batches, device) -> dict[str, float]:
         raise ValueError("probe: the probe set yielded no decodable images")
     features, views = torch.cat(plain), torch.cat(views)
     a, b = views[:, 0], views[:, 1]
-    rank = rankme(features)
+    rank, alpha = rankme(features), alpha_req(features)
     return {
         "rankme": rank,
         "rankme_fraction": rank / min(features.shape),
         "lidar": lidar(views),
-        "alpha_req": alpha_req(features),
+        "alpha_req": alpha,
+        "alpha_req_gap": abs(alpha - ALPHA_BAND_CENTRE),
         "alignment": alignment(a, b),
         "uniformity": (uniformity(a) + uniformity(b)) / 2,
         "probe_images": float(len(features)),
