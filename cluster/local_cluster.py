@@ -7,13 +7,17 @@ written, with only what the launcher would provide around them:
   Python running this, whose `bin` goes first on PATH);
 - `file_mounts`' auth token in each host's `~/.ray/auth_token` (one token, made here);
 - `RAY_HEAD_IP` for the workers, and the head's `~/ray_bootstrap_config.yaml`, which names the
-  node provider: here Ray's `local` provider with the head alone (no cloud to call).
+  node provider: here Ray's `local` provider with the head alone (no cloud to call);
+- a node type's `resources` in `RAY_OVERRIDE_RESOURCES`, as the launcher's updater exports them
+  for a cloud provider: the head's `{"CPU": 0}` (no training worker or decode task on it), and
+  for a worker type that leaves them to detection (`{}`), the CPU count its instance type would
+  show (`cpus`: every host here would otherwise detect this machine's cores).
 
     with LocalHosts(3) as hosts:
         head, worker, laptop = hosts.hosts
         cluster = LocalRayCluster(hosts, "cluster/aws.yaml")
-        cluster.start_head(head)
-        cluster.join(worker)
+        cluster.start_head(head)                           # CPU 0, as the config's head type says
+        cluster.join(worker, cpus=3)                       # a gpu_spot node with 3 vCPUs
         cluster.grant(laptop)                              # the token, on the user's laptop
         dashboard = cluster.tunnel()                       # http://HEAD:PORT, for ray job submit
         cluster.run(laptop, ["ray", "job", "submit", f"--address={dashboard}", ...])
@@ -62,6 +66,15 @@ asyncio.run(main())
 """
 
 
+def node_environment(host: Host) -> dict[str, str]:
+    """The environment of a node set up by `setup_commands`: this environment without its Ray
+    settings, the host's own HOME (where a token goes), this Python's `bin` first on PATH."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    environ.update(HOME=host.home, PATH=f"{os.path.dirname(sys.executable)}:{environ.get('PATH', '')}",
+                   PYTHONUNBUFFERED="1")
+    return environ
+
+
 class ClusterCommandFailed(RuntimeError):
     """A start command of the config exited non-zero (its output is in the message)."""
 
@@ -76,14 +89,14 @@ class LocalRayCluster:
         self.hosts = hosts
         self.head_commands: list[str] = config["head_start_ray_commands"]
         self.worker_commands: list[str] = config["worker_start_ray_commands"]
+        self.node_types: dict[str, dict] = config["available_node_types"]
+        self.head_type: str = config["head_node_type"]
         self.head: Host | None = None
 
     def environment(self, host: Host, token: bool = True) -> dict[str, str]:
-        """The environment a command on `host` runs with: its own HOME (holding the token when
-        `token`), this Python's `bin` first on PATH, the head's address."""
-        environ = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-        environ.update(HOME=host.home, PATH=f"{os.path.dirname(sys.executable)}:{environ.get('PATH', '')}",
-                       PYTHONUNBUFFERED="1")
+        """The environment a command on `host` runs with (`node_environment`), with the head's
+        address, and without the token when not `token`."""
+        environ = node_environment(host)
         if self.head:
             environ["RAY_HEAD_IP"] = self.head.address
         if not token:
@@ -105,13 +118,19 @@ class LocalRayCluster:
                                        f"{(done.stdout + done.stderr)[-2000:]}")
         return done
 
-    def _start_commands(self, host: Host, commands: list[str]) -> None:
+    def _start_commands(self, host: Host, commands: list[str], node_type: str, cpus: int | None) -> None:
+        resources = dict(self.node_types[node_type].get("resources") or {})
+        if cpus is not None:
+            resources.setdefault("CPU", cpus)  # what detection would find on the node type's instance
+        environment = self.environment(host)
+        if resources:
+            environment["RAY_OVERRIDE_RESOURCES"] = json.dumps(resources)
         log = os.path.join(host.folder, "start.log")
         for command in commands:
             with open(log, "a") as stream:  # `ray start` leaves daemons holding its output open
                 stream.write(f"$ {command}\n")
                 stream.flush()
-                done = subprocess.run(self.hosts.command(host, ["bash", "-c", command]), env=self.environment(host),
+                done = subprocess.run(self.hosts.command(host, ["bash", "-c", command]), env=environment,
                                       stdout=stream, stderr=subprocess.STDOUT, timeout=STATUS_TIMEOUT_S)
             if done.returncode != 0:
                 with open(log) as stream:
@@ -130,7 +149,7 @@ class LocalRayCluster:
                                     "provider": {"type": "local", "head_ip": head.address, "worker_ips": []}})
         with open(os.path.join(head.home, "ray_bootstrap_config.yaml"), "w") as stream:
             yaml.safe_dump(bootstrap, stream)
-        self._start_commands(head, self.head_commands)
+        self._start_commands(head, self.head_commands, self.head_type, cpus=None)
 
     def grant(self, host: Host) -> None:
         """The cluster's token in `host`'s `~/.ray/auth_token` (a node's file_mounts; on the
@@ -139,10 +158,11 @@ class LocalRayCluster:
         os.makedirs(os.path.join(host.home, ".ray"), exist_ok=True)
         shutil.copy(os.path.join(self.head.home, ".ray", "auth_token"), os.path.join(host.home, ".ray", "auth_token"))
 
-    def join(self, worker: Host) -> None:
-        """The token, then the config's worker commands on `worker`."""
+    def join(self, worker: Host, node_type: str = "gpu_spot", cpus: int | None = None) -> None:
+        """The token, then the config's worker commands on `worker`, a node of `node_type` whose
+        instance has `cpus` vCPUs (None: Ray detects this machine's)."""
         self.grant(worker)
-        self._start_commands(worker, self.worker_commands)
+        self._start_commands(worker, self.worker_commands, node_type, cpus)
 
     def tunnel(self, port: int = 18265) -> str:
         """The dashboard's address for a host outside the cluster (the laptop), through the

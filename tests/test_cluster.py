@@ -1,5 +1,5 @@
 """Cluster configs validate offline (what they expose, ship and pin: test_cluster_checks.py);
-checkpoints never run code on load. (A run that loses a node of a simulated cluster: test_elastic.py.)"""
+checkpoints never run code on load. (A run that loses a host of a real cluster: test_real_cluster.py.)"""
 
 import copy
 import os

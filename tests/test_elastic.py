@@ -1,4 +1,5 @@
-"""The batch policy of elastic runs, and the resize test on a simulated 3-node cluster."""
+"""The batch policy of elastic runs. (An elastic run losing a host and growing onto a fresh one:
+tests/test_real_cluster.py.)"""
 
 import pytest
 
@@ -38,60 +39,6 @@ def test_workers_are_a_count_or_a_range(value, expected):
 def test_bad_worker_counts_are_refused(value):
     with pytest.raises(ValueError, match="must be N or MIN:MAX"):
         parse_workers(value)
-
-
-@pytest.mark.slow  # spawns its own processes (a worker group or a simulated cluster)
-def test_an_elastic_run_shrinks_and_grows_with_the_cluster_and_keeps_its_recipe(tmp_path):
-    """`train.workers=1:3` on a simulated 3-node spot cluster (tests/helpers/elastic_run.py): a worker's
-    node is preempted, the group goes on from the checkpoint with 1 worker, a node comes back,
-    the group grows to 2 on it; the run completes its planned images and every schedule stays on
-    plan. (The suite's node-loss test: a lost node, the resume from a checkpoint, the new node.)"""
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    from pipelines.config import build_method
-    from pipelines.train.plan import plan_run
-    from tests.helpers.elastic_run import ELASTIC
-    from tests.helpers.runs import simulated_cluster_environment, tiny_config
-    from tests.helpers.timing import deadline
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # Its own short Ray temp folder (socket paths < 108 bytes); a lost node's resources can still
-    # look reserved for a while: a worker group that cannot start is given up on after 20 s.
-    env = simulated_cluster_environment(RAY_TMPDIR=tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp"),
-                                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
-    process = subprocess.run([sys.executable, "-m", "tests.helpers.elastic_run", str(tmp_path)],
-                             capture_output=True, text=True, timeout=deadline("elastic"), env=env, cwd=root)
-    assert process.returncode == 0, process.stderr[-3000:]
-    report = json.loads(process.stdout.strip().splitlines()[-1])
-    history, metrics = report["history"], report["metrics"]
-
-    config = tiny_config("dino", **ELASTIC)
-    schedule = plan_run(config, 1438)
-    assert metrics["step"] == metrics["total_steps"] == schedule.total_steps
-    assert metrics["samples"] == schedule.total_steps * 96  # the planned images, all of them
-    sizes = [row["world_size"] for row in history]
-    shrunk = sizes.index(1)
-    assert sizes[0] == 2 and 2 in sizes[shrunk:]  # 2 -> 1 -> 2
-    assert "resized 2 -> 1 workers" in process.stderr and "resized 1 -> 2 workers" in process.stderr
-    # The smaller group went on from a checkpoint, not from scratch, and the regrown group used the added node.
-    assert 0 < history[shrunk]["resumed_from_step"] < metrics["total_steps"]
-    assert report["added_node"] in report["worker_nodes_ever"] and report["lost_node"] in report["worker_nodes_ever"]
-    dino = build_method(config)
-    dino.param_groups(config.optim.weight_decay)  # sets where the weight-decay schedule starts
-    for row in history:
-        assert row["global_batch"] == row["world_size"] * row["worker_batch"] == 96
-        assert row["samples"] == row["step"] * 96 and row["accumulation_steps"] == 1
-        # The last step of each report ran at position step - 1, whatever the world size.
-        at, epoch = row["step"] - 1, (row["step"] - 1) // schedule.steps_per_epoch
-        assert row["lr"] == pytest.approx(schedule.lr_at(at))
-        assert row["teacher_momentum"] == pytest.approx(dino.momentum_at(at, schedule.total_steps))
-        assert row["teacher_temp"] == pytest.approx(dino.teacher_temp_at(epoch))
-        assert row["weight_decay"] == pytest.approx(dino.weight_decay_at(at, schedule.total_steps))
-    assert [row["step"] for row in history] == sorted({row["step"] for row in history})
 
 
 def test_resumed_workers_draw_views_of_their_own():

@@ -1,15 +1,19 @@
-"""A job across two hosts of a real Ray cluster on this machine (issue 30, item 3): hosts in
-network namespaces (`cluster/local_hosts.py`), a head and a worker started by
-`cluster/aws.yaml`'s own start commands with token auth (`cluster/local_cluster.py`), and a third
-host, the user's laptop, which submits `selfsup pretrain` with `ray job submit --working-dir`
-through the dashboard's tunnel, as cluster/README.md's walk-through does: two workers, one per
-host (STRICT_SPREAD), one DDP group across the two addresses, checkpoints in a folder both hosts
-see (this machine's file system, the stand-in for shared storage).
+"""A job across two hosts of a real Ray cluster on this machine (issue 30, items 3 and 4): hosts in
+network namespaces (`cluster/local_hosts.py`), a head and workers started by
+`cluster/aws.yaml`'s own start commands with token auth (`cluster/local_cluster.py`): a head with
+no CPU for work, as the config's head type, and two worker hosts; and a fourth host, the user's
+laptop, which submits `selfsup pretrain` with `ray job submit --working-dir` through the
+dashboard's tunnel, as cluster/README.md's walk-through does: two workers, one per worker host
+(STRICT_SPREAD), one DDP group across the two addresses, checkpoints in a folder every host sees
+(this machine's file system, the stand-in for shared storage).
 
 Needs root. Exits 1 and says what failed when the job did not succeed on both hosts; prints one
-JSON line: where the workers trained, steps, img/s, the seconds from submission to the job's end.
+JSON line: where the workers trained, steps, img/s, the seconds from submission to the job's end;
+with `--lose-worker`, also the host loss (tests/helpers/cross_host.py): the step checkpointed at
+the loss and the step resumed from, the seconds from the loss and from the fresh host's join to
+the next report, the images planned and trained.
 
-    python -m benchmarks.cluster.cross_host_job --workdir /tmp/cross-host
+    python -m benchmarks.cluster.cross_host_job --workdir /tmp/cross-host [--workers 1] [--lose-worker]
 """
 
 from __future__ import annotations
@@ -17,34 +21,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# SimCLR `tiny` at 16 px on sample:digits, the test suite's run (tests/helpers/runs.py), one epoch
-SETS = {"data.canvas_size": 16, "views.view.size": 16, "optim.batch_size": 64, "optim.epochs": 1,
-        "backbone.kwargs.channels": [4, 8, 16, 32], "backbone.kwargs.stem_width": 4,
-        "backbone.kwargs.layers": [1, 1, 1, 1], "train.probe_size": 0, "train.knn_every_epochs": 0}
-
-
-def json_list(stdout: str) -> list:
-    """The JSON list a `ray list ... --format=json` printed (after any log line before it)."""
-    start = 0 if stdout.startswith("[") else stdout.find("\n[") + 1
-    if not start and not stdout.startswith("["):
-        raise ValueError(f"no JSON list in: {stdout[-2000:]!r}")
-    return json.loads(stdout[start:])
+from tests.helpers.cross_host import ELASTIC, REPO, SETS, WORKER_CPUS, Laptop, job_result, lose_and_replace
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/cross-host", help="data and the run's checkpoints (shared)")
     parser.add_argument("--workers", type=int, default=2, help="training workers; 2 puts one on each host")
+    parser.add_argument("--lose-worker", action="store_true",
+                        help="elastic 1:2 workers, 2 epochs: SIGKILL a worker host once the run has "
+                             "checkpointed, then join a fresh host (tests/helpers/cross_host.py)")
     args = parser.parse_args()
 
     from cluster.local_cluster import LocalRayCluster
     from cluster.local_hosts import LocalHosts, unavailable_reason
+    from pipelines.train.tracking import read_history
 
     reason = unavailable_reason()
     if reason:
@@ -53,51 +48,52 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     data, storage = os.path.join(args.workdir, "digits"), os.path.join(args.workdir, "runs")
     os.makedirs(storage)
-    with LocalHosts(3) as hosts:
-        head, worker, laptop = hosts.hosts
+    event = {}
+    with LocalHosts(4) as hosts:
+        head, worker_a, worker_b, laptop_host = hosts.hosts
         cluster = LocalRayCluster(hosts, os.path.join(REPO, "cluster", "aws.yaml"))
         started = time.perf_counter()
         cluster.start_head(head)
-        cluster.join(worker)
-        cluster.grant(laptop)
-        cluster.wait_for_nodes(2)
+        cluster.join(worker_a, cpus=WORKER_CPUS)
+        cluster.join(worker_b, cpus=WORKER_CPUS)
+        cluster.grant(laptop_host)
+        cluster.wait_for_nodes(3)
         cluster_s = time.perf_counter() - started
-        dashboard = cluster.tunnel()
-        submit = ["ray", "job", "submit", f"--address={dashboard}", "--working-dir", REPO, "--no-wait", "--"]
-
-        def run_job(entrypoint: list[str]) -> tuple[str, str, float]:
-            """(status, logs, seconds from submission to its end) of a job submitted from the laptop."""
-            submitted_at = time.perf_counter()
-            job = re.search(r"raysubmit_[A-Za-z0-9]+", cluster.run(laptop, [*submit, *entrypoint]).stdout).group()
-            cluster.run(laptop, ["ray", "job", "logs", f"--address={dashboard}", "--follow", job], timeout=1800)
-            seconds = time.perf_counter() - submitted_at
-            status = cluster.run(laptop, ["ray", "job", "status", f"--address={dashboard}", job]).stdout
-            return status, cluster.run(laptop, ["ray", "job", "logs", f"--address={dashboard}", job]).stdout, seconds
-
-        status, logs, _ = run_job(["python", "-m", "pipelines.cli", "prepare", "sample:digits", "--out", data])
+        laptop = Laptop(cluster, laptop_host, cluster.tunnel())
+        status, logs = laptop.wait(laptop.submit(["python", "-m", "pipelines.cli", "prepare", "sample:digits",
+                                                  "--out", data]))
         if "succeeded" in status.lower():
-            sets = {**SETS, "train.workers": args.workers, "train.placement_strategy": "STRICT_SPREAD"}
-            status, logs, job_s = run_job(["python", "-m", "pipelines.cli", "pretrain", "--method", "simclr",
-                                           "--preset", "tiny", "--data", f"{data}/train", "--storage", storage,
-                                           "--name", "across", *[arg for key, value in sets.items()
-                                                                 for arg in ("--set", f"{key}={json.dumps(value)}")]])
-        actors = json_list(cluster.run(laptop, ["ray", "list", "actors", f"--address={dashboard}", "--filter",
-                                                "class_name=RayTrainWorker", "--format=json", "--detail"]).stdout)
-        nodes = {node["node_id"]: node["node_ip"] for node in json_list(
-            cluster.run(laptop, ["ray", "list", "nodes", f"--address={dashboard}", "--format=json"]).stdout)}
-        addresses = {"head": head.address, "worker": worker.address, "laptop": laptop.address}
+            sets = {**SETS, "train.workers": args.workers, **(ELASTIC if args.lose_worker else {})}
+            submitted = time.perf_counter()
+            job = laptop.submit(laptop.pretrain(data, storage, "across", sets))
+            if args.lose_worker:
+                event = lose_and_replace(hosts, cluster, worker_b, os.path.join(storage, "across"))
+            status, logs = laptop.wait(job)
+            job_s = time.perf_counter() - submitted
+        trained_on = laptop.training_addresses()
+        addresses = {"head": head.address, "workers": [worker_a.address, worker_b.address],
+                     "laptop": laptop_host.address}
     if "succeeded" not in status.lower():
         print(f"cross_host_job: the job did not succeed: {logs[-3000:]}", file=sys.stderr)
         return 1
-    result = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    result = job_result(logs)
     metrics = result["metrics"]
-    report = {"trained_on": sorted(nodes[actor["node_id"]] for actor in actors), "hosts": addresses,
-              "world_size": metrics["world_size"], "steps": metrics["step"], "images_per_s": metrics["images_per_s"],
+    report = {"trained_on": trained_on, "hosts": addresses, "world_size": metrics["world_size"],
+              "steps": metrics["step"], "samples": metrics["samples"], "images_per_s": metrics["images_per_s"],
               "cluster_start_s": round(cluster_s, 1), "job_s": round(job_s, 1), "checkpoint": result["checkpoint"]}
+    if event:
+        history = read_history(os.path.join(storage, "across"))
+        shrunk = [row["world_size"] for row in history].index(1)
+        report.update({"fresh": event["fresh"].address, "world_sizes": [row["world_size"] for row in history],
+                       "checkpointed_step_at_loss": event["checkpointed_step_at_loss"],
+                       "resumed_from_step": history[shrunk]["resumed_from_step"],
+                       "loss_to_first_report_s": event["loss_to_first_report_s"],
+                       "join_to_first_report_s": event["join_to_first_report_s"],
+                       "planned_samples": metrics["total_steps"] * SETS["optim.batch_size"]})
     print(json.dumps(report))
-    expected = sorted([addresses["head"], addresses["worker"]])
-    if args.workers == 2 and report["trained_on"] != expected:
-        print(f"cross_host_job: the workers trained on {report['trained_on']}, not on {expected}", file=sys.stderr)
+    expected = sorted({*addresses["workers"], *([event["fresh"].address] if event else [])})
+    if args.workers == 2 and sorted(set(trained_on)) != expected:
+        print(f"cross_host_job: the workers trained on {trained_on}, not on {expected}", file=sys.stderr)
         return 1
     return 0
 

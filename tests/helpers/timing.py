@@ -8,7 +8,6 @@ or a heavier neighbour, not a guess at the work. Remeasure when a test's work ch
 
 MARGIN = 3
 LOADED_S = {
-    "elastic": 243,      # tests/test_elastic.py, shrink and grow on a simulated 3-node cluster
     "two_rays": 300,     # tests/test_two_rays.py, measured with two runs and a search (now one run: less work)
 }
 
