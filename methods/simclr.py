@@ -116,10 +116,10 @@ class SimCLR(Method):
     Hyperparameters = SimCLRHyperparameters
     lr_scaling = "sqrt"
     search_space = ["temperature=loguniform(0.05, 1.0)", "batch_size=choice(64, 128, 256)"]
-    # The label-free study's pick for SimCLR: alpha-ReQ's distance to 1 put the kNN-best trial first in
-    # two of three searches, alignment in one (docs/FINDINGS.md, "Label-free model selection", whose
-    # row tests/test_tune.py holds these figures to).
-    label_free = LabelFreeObjective("alpha_req_gap", "min", spearman=0.36, trials=20)
+    # The label-free study's pick for SimCLR, the better of two that both fall short of +0.5: alpha-ReQ's
+    # distance to 1 (docs/FINDINGS.md, "Label-free model selection", whose 16-trial row
+    # tests/test_tune.py holds these figures to).
+    label_free = LabelFreeObjective("alpha_req_gap", "min", spearman=0.31, trials=16)
     smoke_sets = {"views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8}
     # The demo's recipe: kNN 0.51-0.61 on MNIST-M against `tiny`'s 0.18-0.40 (docs/BENCHMARKS.md,
     # "The MNIST-M sample" and "The demo's learning rate").
