@@ -11,6 +11,24 @@ keep_local_ray_on_loopback()
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+# Lines a test puts in the session's log even when it passes (CI runs `pytest -q`, which shows
+# no passing test's output): where a cross-host run trained, what the autoscaler took.
+REPORTED_LINES: list[str] = []
+
+
+@pytest.fixture
+def report_line():
+    """`report_line(text)`: `text` in the session's summary, under "measured by the tests"."""
+    return REPORTED_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORTED_LINES:
+        terminalreporter.section("measured by the tests")
+        for line in REPORTED_LINES:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(items):
     """Two tiers: a test that needs the session's Ray (directly or through a fixture that trains
     or prepares on it) is `slow`, as is one marked so by hand (its own Ray, or a subprocess that

@@ -56,7 +56,7 @@ def cluster():
     assert [running(pid) for pid in pids if running(pid)] == [], "processes of the hosts left"
 
 
-def test_the_autoscaler_adds_nodes_for_an_elastic_run_and_removes_them_idle(tmp_path):
+def test_the_autoscaler_adds_nodes_for_an_elastic_run_and_removes_them_idle(tmp_path, report_line):
     """Item 5: Ray's autoscaler (`fake_multinode`) in a host of its own, where its nodes are `ray
     start`s (tests/helpers/autoscaling_run.py): the run's demand makes it launch the two worker
     nodes the elastic group wants, the run grows onto them and completes its plan, and the
@@ -77,7 +77,7 @@ def test_the_autoscaler_adds_nodes_for_an_elastic_run_and_removes_them_idle(tmp_
     assert process.returncode == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
     sizes = [row["world_size"] for row in report["history"]]
-    print(f"autoscaler: {report['demand_to_node_s']} s from the run's demand to a launched node, "
+    report_line(f"autoscaler: {report['demand_to_node_s']} s from the run's demand to a launched node, "
           f"{report['demand_to_first_report_s']} s to the first report, {report['demand_to_full_group_report_s']} s "
           f"to the two-worker group's; world sizes {sizes}; idle nodes removed {report['end_to_idle_removed_s']} s "
           "after the run")
@@ -112,7 +112,8 @@ def test_a_client_without_the_token_is_refused(cluster):
     assert "0.0/6.0 CPU" in admitted.stdout, admitted.stdout[-2000:]  # the two worker hosts
 
 
-def test_a_job_across_two_hosts_loses_one_and_grows_onto_a_fresh_one(cluster, digits, tmp_path_factory):
+def test_a_job_across_two_hosts_loses_one_and_grows_onto_a_fresh_one(cluster, digits, tmp_path_factory,
+                                                                      report_line):
     """Issue 30, items 3 and 4 in one job (each job here costs minutes of CI): `selfsup pretrain`
     submitted from the laptop with `ray job submit --working-dir`, two workers one per worker host
     (DDP across the two addresses), checkpoints in a folder every host sees. Once it has
@@ -138,7 +139,7 @@ def test_a_job_across_two_hosts_loses_one_and_grows_onto_a_fresh_one(cluster, di
     assert "succeeded" in status.lower(), logs[-3000:]
     metrics, history = job_result(logs)["metrics"], read_history(run)
     trained_on = laptop.training_addresses()
-    print(f"the workers trained on {trained_on} (head {head.address}, worker hosts {worker_a.address} and "
+    report_line(f"the workers trained on {trained_on} (head {head.address}, worker hosts {worker_a.address} and "
           f"{worker_b.address}, lost; fresh {event['fresh'].address}); checkpointed step at the loss "
           f"{event['checkpointed_step_at_loss']}, {event['loss_to_first_report_s']} s from the loss to the one-host "
           f"group's first report, {event['join_to_first_report_s']} s from the join to the regrown group's")
