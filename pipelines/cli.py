@@ -147,7 +147,7 @@ def run_config(args, options: dict):
 
 
 def cmd_pretrain(args) -> dict:
-    from pipelines.train.preflight import preflight
+    from pipelines.train.preflight import check_rerun, preflight
     from pipelines.train.pretrain import pretrain
     from pipelines.weights.init_from import initial_weights
 
@@ -155,6 +155,9 @@ def cmd_pretrain(args) -> dict:
                                "train.init_from": args.init_from})
     init = initial_weights(config)  # weights that do not fit the backbone are refused before Ray
     plan = preflight(config, args.data, args.val, args.storage, args.name, args.gpus_per_worker, args.num_cpus)
+    complete = check_rerun(config, plan, args.storage, args.name, args.resume)
+    if complete:
+        return complete
     start_ray(args.num_cpus)
     return pretrain(config, args.data, plan, val=args.val, gpus_per_worker=args.gpus_per_worker,
                     storage=args.storage, name=args.name, init=init)
@@ -274,7 +277,10 @@ def cmd_demo(args) -> dict:
     from pipelines.config import build_config
     from pipelines.evaluate.frozen import evaluate_checkpoint
     from pipelines.images.prepare import PrepareConfig, prepare
+    from pipelines.images.shards import find_shards
     from pipelines.outputs.viz import augment_picture, default_recipe, first_canvases, masking_of
+    from pipelines.train.plan import plan_run
+    from pipelines.train.preflight import check_rerun
     from pipelines.train.pretrain import pretrain
 
     # The demo scores the encoder once at the end (below), so no online kNN during training.
@@ -292,9 +298,13 @@ def cmd_demo(args) -> dict:
         drawn[method] = os.path.join(pictures, f"augment_{method}.png")
         recipe = config.recipe() if method == config.method else default_recipe(method, 32)  # what the demo trains
         augment_picture(canvases, recipe, masking=masking_of(method)).save(drawn[method])
-    log.info(f"demo: views drawn in {pictures}; pretraining SimCLR ({config.optim.epochs} epochs)")
-    run = pretrain(config, f"{data}/train", val=f"{data}/test", storage=os.path.join(args.workdir, "runs"),
-                   name=f"demo-{args.sample}")
+    # One run folder per sample and epochs: a rerun with the same ones returns the finished run.
+    storage, name = os.path.join(args.workdir, "runs"), f"demo-{args.sample}-{config.optim.epochs}ep"
+    plan = plan_run(config, find_shards(f"{data}/train").num_rows, f"{data}/train")
+    run = check_rerun(config, plan, storage, name)
+    if run is None:
+        log.info(f"demo: views drawn in {pictures}; pretraining SimCLR ({config.optim.epochs} epochs)")
+        run = pretrain(config, f"{data}/train", plan, val=f"{data}/test", storage=storage, name=name)
     knn = evaluate_checkpoint(run["checkpoint"], f"{data}/train", f"{data}/test", "knn", also=("linear",))
     linear = knn.pop("linear")
     for name, scores in (("kNN", knn), ("linear", linear)):
@@ -474,7 +484,11 @@ def _pretrain_parser(commands) -> None:
                           help="training workers; MIN:MAX runs elastically (default: train.workers, 1)")
     pretrain.add_argument("--gpus-per-worker", type=float, default=0)
     pretrain.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
-    pretrain.add_argument("--name", help="run name; a run that exists under --storage is resumed")
+    pretrain.add_argument("--name", help="run name; a run under --storage with this name is resumed when it was "
+                                         "interrupted, returned when it is complete, and refused when this command's "
+                                         "settings differ from its own (unless --resume)")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue the run named --name with this command's settings (e.g. more optim.epochs)")
     pretrain.add_argument("--init-from", metavar="PATH",
                           help="start the encoder from these weights: a `selfsup export` or timm model folder, "
                                "or a .safetensors/.pth file (continued pretraining)")

@@ -147,7 +147,7 @@ def test_a_deleted_checkpoint_leaves_the_run_resumable_from_the_one_before(digit
     (run / RAY_SNAPSHOT).write_text(json.dumps(snapshot))  # the newest checkpoint's folder is gone
     arguments = set_args({**COMMON, **TINY["simclr"], **FIXTURE_SETS, "optim.epochs": 2})
     assert main(["pretrain", "--method", "simclr", "--preset", "tiny", "--data", f"{out}/train",
-                 "--storage", str(tmp_path), "--name", "run", *arguments]) == 0
+                 "--storage", str(tmp_path), "--name", "run", "--resume", *arguments]) == 0  # to 2 epochs
     captured = capsys.readouterr()
     metrics = json.loads(captured.out.strip().splitlines()[-1])["metrics"]
     assert metrics["resumed_from_step"] == STEPS_PER_EPOCH  # the epoch-1 checkpoint, not a fresh start

@@ -6,6 +6,8 @@ way (`run_folder.repair_run_folder`), and the run's plan comes back.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 import tempfile
@@ -16,9 +18,18 @@ from pipelines.config import RunConfig
 from pipelines.console import UsageError, log
 from pipelines.images.shards import checked_shards
 from pipelines.train.plan import RunPlan, plan_run
-from pipelines.train.run_folder import repair_run_folder, run_method
+from pipelines.train.run_folder import repair_run_folder, run_method, run_settings
+from pipelines.train.tracking import flat_params, read_history
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Settings a rerun under the same --name may change without changing what the run computes: where
+# and how wide it runs (the global batch is kept at any world size), how often it checkpoints, and
+# what it measures and logs on the side. Every other setting is the run's.
+HOW_IT_RUNS = ("preset", "data.decode_block_mb", "data.decode_num_cpus", "data.decode", "data.prefetch_batches",
+               "optim.max_worker_batch", "train.checkpoint_every_steps", "train.keep_checkpoints",
+               "train.knn_every_epochs", "train.knn_k", "train.knn_temperature", "train.probe_size", "train.probe",
+               "train.max_failures", "train.cpus_per_worker", "train.torch_threads", "train.placement_strategy",
+               "train.workers", "train.resize_interval_s", "train.compile", "train.channels_last", "tracking.")
 
 
 def storage_path(storage: str | None) -> str:
@@ -88,6 +99,44 @@ def check_same_method(run: str, name: str, config: RunConfig) -> None:
     if method is not None and method != config.method:
         raise UsageError(f"--name {name}: {run} is a {method} run and this is {config.method}; "
                          "resuming it would load the wrong model (choose another --name)")
+
+
+def check_rerun(config: RunConfig, plan: RunPlan, storage: str | None, name: str | None,
+                resume: bool = False) -> dict | None:
+    """`selfsup pretrain --name NAME` where NAME holds a run (before Ray starts): the run's result
+    when it finished with these settings (nothing to train; said on the console), None when it
+    is to be resumed (interrupted with these settings, or `resume`: continue with the new ones),
+    and a refusal naming the first setting that differs (or the planned steps, when the data
+    changed) otherwise. Settings that only say how the run runs (HOW_IT_RUNS) may differ."""
+    folder = storage_path(storage)
+    run = os.path.join(folder, name) if name and "://" not in folder else None
+    written = run_settings(run) if run else None
+    if written is None:
+        return None
+    history = read_history(run)
+    last = history[-1] if history else {}
+    old, new = flat_params(written), json.loads(json.dumps(flat_params(config.to_dict())))
+    changed = [(key, old[key], value) for key, value in new.items()
+               if key in old and old[key] != value and not key.startswith(HOW_IT_RUNS)]
+    if last.get("total_steps") not in (None, plan.total_steps) and not any(k == "optim.epochs" for k, *_ in changed):
+        changed.append(("planned steps (the data changed)", last["total_steps"], plan.total_steps))
+    if resume:
+        if changed:
+            log.info(f"--resume: run {name} goes on from step {last.get('step', 0)} with "
+                     + ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changed))
+        return None
+    if changed:
+        key, before, after = changed[0]
+        raise UsageError(f"--name {name}: {run} holds a run with {key}={before!r}, this command has {after!r}"
+                         f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; give a new --name, "
+                         "or --resume to continue that run with these settings")
+    if not last or last.get("step") != last.get("total_steps"):
+        return None  # interrupted: the same command resumes it
+    log.info(f"run {name} is complete ({last['step']} of {last['total_steps']} steps, same settings): its result, "
+             "without training (a new --name trains again; --resume with more optim.epochs continues it)")
+    checkpoints = sorted(glob.glob(os.path.join(run, "checkpoint_*")))
+    return {"method": config.method, "run": run, "checkpoint": checkpoints[-1] if checkpoints else None,
+            "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float, str))}, "complete": True}
 
 
 def check_local_cpus(config: RunConfig, num_cpus: int | None) -> None:

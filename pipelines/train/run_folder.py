@@ -1,8 +1,8 @@
 """A run folder as Ray Train keeps it: `checkpoint_*` folders and Ray's snapshot of the ones it
 registered (`checkpoint_manager_snapshot.json`, a private format of Ray Train 2.60 that this module
 alone reads and edits). Before a run resumes, `repair_run_folder` puts the folder back in the
-state Ray can resume from; `run_method` says which method a run folder trained, for the check
-that a resume would load the right model.
+state Ray can resume from; `run_settings` and `run_method` say what a run folder trained, for the
+checks that a rerun is the same run and would load the right model.
 """
 
 from __future__ import annotations
@@ -97,10 +97,17 @@ def repair_run_folder(run_folder: str) -> None:
                     "interrupted); the run resumes from its last registered one")
 
 
-def run_method(run_folder: str) -> str | None:
-    """The method the newest checkpoint of `run_folder` trained, or None when it has none."""
+def run_settings(run_folder: str) -> dict | None:
+    """The config (as written, nested) the newest checkpoint of `run_folder` trained with, or
+    None when it has none."""
     configs = sorted(glob.glob(os.path.join(run_folder, "checkpoint_*", CONFIG_FILE)))
     if not configs:
         return None
     with open(configs[-1]) as stream:
-        return (yaml.safe_load(stream) or {}).get("method")
+        return yaml.safe_load(stream) or {}
+
+
+def run_method(run_folder: str) -> str | None:
+    """The method the newest checkpoint of `run_folder` trained, or None when it has none."""
+    settings = run_settings(run_folder)
+    return None if settings is None else settings.get("method")
