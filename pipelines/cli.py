@@ -147,7 +147,8 @@ def run_config(args, options: dict):
 
 
 def cmd_pretrain(args) -> dict:
-    from pipelines.train.preflight import check_rerun, preflight
+    from pipelines.images.shards import find_shards, first_image_size
+    from pipelines.train.preflight import check_rerun, preflight, start_line
     from pipelines.train.pretrain import pretrain
     from pipelines.weights.init_from import initial_weights
 
@@ -158,6 +159,7 @@ def cmd_pretrain(args) -> dict:
     complete = check_rerun(config, plan, args.storage, args.name, args.resume)
     if complete:
         return complete
+    log.info(start_line(config, plan, first_image_size(find_shards(args.data))))
     start_ray(args.num_cpus)
     return pretrain(config, args.data, plan, val=args.val, gpus_per_worker=args.gpus_per_worker,
                     storage=args.storage, name=args.name, init=init)

@@ -80,3 +80,4 @@ def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_li
     assert not any("Traceback" in line or "INFO" in line for line in lines), lines
     ours = [line for line in lines if line.startswith("[selfsup]")]
     assert len(ours) > len(lines) / 2, lines
+    assert ours[0].startswith("[selfsup] pretrain: simclr, preset tiny: 2 epochs x "), ours[0]  # what it chose

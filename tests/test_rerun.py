@@ -79,3 +79,22 @@ def test_the_cli_returns_a_complete_run_as_its_json_line_before_ray(storage, tmp
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["complete"] and result["metrics"]["step"] == 22
     assert "is complete (22 of 22 steps, same settings)" in done.stderr and "ray" not in done.stderr.lower()
+
+
+def test_pretrain_starts_by_saying_what_the_defaults_chose(tmp_path):
+    """Issue 34, item 3: preset, epochs and steps, the batch split, the peak LR, and the canvas
+    against the images' own size (the first image's header) where they differ."""
+    from pipelines.images.shards import find_shards, first_image_size
+    from pipelines.train.preflight import start_line
+    from tests.helpers.corpus import encode, rgb_image, write_shards
+
+    write_shards(tmp_path / "data", [encode(rgb_image(i, (64, 48))) for i in range(8)])
+    size = first_image_size(find_shards(str(tmp_path / "data")))
+    assert size == (64, 48)
+    config = tiny_config("simclr", **{"train.workers": "1:2", "optim.batch_size": 64})
+    line = start_line(config, plan_run(config, ROWS), size)
+    assert line.startswith("pretrain: simclr, preset tiny: ") and "\n" not in line
+    assert f"{config.optim.epochs} epochs x 22 steps over 1,438 images" in line
+    assert "1-2 workers elastic, at 2: 2 workers x 32 images = global batch 64 (the recipe's)" in line
+    assert "images are 64x48 px (the first one), decoded to the preset's 16 px canvas" in line
+    assert "px canvas" not in start_line(config, plan_run(config, ROWS), (16, 16))  # nothing to say

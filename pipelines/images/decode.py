@@ -30,6 +30,15 @@ def image_bytes(value) -> bytes | None:
     return bytes(value)
 
 
+def header_size(data: bytes | None) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, without decoding it; None when it does not open."""
+    try:
+        with Image.open(io.BytesIO(data or b"")) as img:
+            return img.size
+    except Exception:  # noqa: BLE001  (Pillow raises many kinds; the caller only reports the size)
+        return None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img

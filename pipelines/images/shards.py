@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.images.decode import header_size, image_bytes
+
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("image", pa.binary(), nullable=True),
@@ -147,6 +149,15 @@ def find_shards(location: str) -> ShardSet:
         has_label="label" in schema.names,
         has_id="id" in schema.names,
     )
+
+
+def first_image_size(shards: ShardSet) -> tuple[int, int] | None:
+    """(width, height) of the first image of the first shard, from its header (one row read)."""
+    with shards.filesystem.open_input_file(shards.files[0]) as stream:
+        batch = next(pq.ParquetFile(stream).iter_batches(batch_size=1, columns=["image"]), None)
+        if batch is None or not batch.num_rows:
+            return None
+        return header_size(image_bytes(batch.column(0)[0].as_py()))
 
 
 def checked_shards(location: str) -> ShardSet:

@@ -101,6 +101,22 @@ def check_same_method(run: str, name: str, config: RunConfig) -> None:
                          "resuming it would load the wrong model (choose another --name)")
 
 
+def start_line(config: RunConfig, plan: RunPlan, image_size: tuple[int, int] | None) -> str:
+    """What the defaults chose, in the one line `selfsup pretrain` starts with: method and preset,
+    epochs and steps, the batch split (at the largest group of an elastic range), the peak LR,
+    and the canvas against the images' own size where they differ."""
+    low, high = plan.workers
+    workers = f"{low}-{high} workers elastic, at {high}: " if low != high else ""
+    line = (f"pretrain: {config.method}, preset {config.preset}: {config.optim.epochs} epochs x "
+            f"{plan.steps_per_epoch} steps over {plan.train_rows:,} images; {workers}"
+            f"{plan.batches(high).describe()}; peak LR {plan.peak_lr:.4g}")
+    canvas = config.data.canvas_size
+    if image_size and image_size != (canvas, canvas):
+        line += (f"; images are {image_size[0]}x{image_size[1]} px (the first one), decoded to the preset's "
+                 f"{canvas} px canvas (--set data.canvas_size=N to change it)")
+    return line
+
+
 def check_rerun(config: RunConfig, plan: RunPlan, storage: str | None, name: str | None,
                 resume: bool = False) -> dict | None:
     """`selfsup pretrain --name NAME` where NAME holds a run (before Ray starts): the run's result
