@@ -103,6 +103,8 @@ def test_export_round_trip_without_training(tmp_path, method_name, sets):
                     {"epoch": 1, "step": 3, "step_in_epoch": 0}, config)
     result = export_encoder(str(checkpoint), str(tmp_path / "export"), onnx=True)
     model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    trained = model.pretrained_cfg["input_size"]
+    assert model.pretrained_cfg.get("test_input_size", trained) == trained  # one size, the one it trained at
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model(images), method.features(images), atol=1e-5)

@@ -135,13 +135,14 @@ def set_evaluation_cfg(model: nn.Module, size: int, recipe, num_classes: int) ->
     model.pretrained_cfg = {
         **model.pretrained_cfg,
         "input_size": (3, size, size),
+        "test_input_size": (3, size, size),  # timm's architecture default (ResNets: 288) is not what it trained at
         "crop_pct": 1.0,  # evaluation resizes the whole (square) canvas, no centre crop
         "interpolation": "bilinear",
         "mean": tuple(recipe.mean),
         "std": tuple(recipe.std),
         "num_classes": num_classes,
     }
-    for key in ("hf_hub_id", "url", "file", "tag", "license", "origin_url", "paper_ids", "notes"):
+    for key in ("hf_hub_id", "url", "file", "tag", "license", "origin_url", "paper_ids", "notes", "test_crop_pct"):
         model.pretrained_cfg.pop(key, None)
 
 
