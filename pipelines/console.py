@@ -190,6 +190,10 @@ class Progress:
             return
         now = time.monotonic()
         self.last = now
+        if not done:  # no rate to give yet: say what it waits for, not "0.0 images/min"
+            log.info(f"{self.what} 0/{self.total:,} {self.unit} · waiting for the first to finish",
+                     extra={"transient": True})
+            return
         rate = rate if rate is not None else done / max(now - self.started, 1e-9)
         left = (self.total - done) / rate if rate > 0 and self.total else float("nan")
         eta = f" · ETA {format_seconds(left)}" if left == left else ""
@@ -201,6 +205,9 @@ class Progress:
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+ETA_AFTER_STEPS = 3
 
 
 class StepProgress:
@@ -218,9 +225,11 @@ class StepProgress:
         now = time.monotonic()
         if now - self.last < self.every_s or step >= self.total_steps:
             return
-        per_step = (now - self.started) / max(step - self.start_step, 1)
+        timed = step - self.start_step
+        per_step = (now - self.started) / max(timed, 1)
+        # An ETA from the first step or two is their start-up (it said 462m at step 1): none until more are timed.
+        eta = f" · ETA {format_seconds(per_step * (self.total_steps - step))}" if timed >= ETA_AFTER_STEPS else ""
         log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · "
-                 f"{self.images / max(self.time, 1e-9):,.0f} img/s · data wait {self.wait / max(self.time, 1e-9):.0%} · "
-                 f"ETA {format_seconds(per_step * (self.total_steps - step))}",
-                 extra={"transient": True})
+                 f"{self.images / max(self.time, 1e-9):,.0f} img/s · data wait {self.wait / max(self.time, 1e-9):.0%}"
+                 f"{eta}", extra={"transient": True})
         self.last, self.images, self.time, self.wait = now, 0.0, 0.0, 0.0

@@ -18,6 +18,16 @@ def test_step_progress_says_where_training_is_and_when_it_ends(capsys, monkeypat
     quiet = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=3600)
     quiet.step(images=64, waited=0.0, elapsed=1.0, step=1, epoch=0)
     assert capsys.readouterr().err == ""
+    early = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=0)
+    early.step(images=64, waited=0.0, elapsed=1.0, step=1, epoch=0)  # one step timed: its start-up, no ETA
+    assert capsys.readouterr().err.strip() == "[selfsup] epoch 1/2 · step 1/10 · 64 img/s · data wait 0%"
+
+
+def test_progress_at_zero_says_what_it_waits_for(capsys, monkeypatch):
+    monkeypatch.setattr(console, "SILENCE_S", 0)
+    to_stderr()
+    Progress("prepare: checked", 5000, every_s=0).tick(0)
+    assert capsys.readouterr().err.strip() == "[selfsup] prepare: checked 0/5,000 images · waiting for the first to finish"
 
 
 def test_progress_of_one_blocking_call_is_printed_by_a_watcher(capsys, monkeypatch):
