@@ -27,7 +27,8 @@ def test_progress_at_zero_says_what_it_waits_for(capsys, monkeypatch):
     monkeypatch.setattr(console, "SILENCE_S", 0)
     to_stderr()
     Progress("prepare: checked", 5000, every_s=0).tick(0)
-    assert capsys.readouterr().err.strip() == "[selfsup] prepare: checked 0/5,000 images · waiting for the first to finish"
+    line = capsys.readouterr().err.strip()
+    assert line == "[selfsup] prepare: checked 0/5,000 images · waiting for the first to finish"
 
 
 def test_progress_of_one_blocking_call_is_printed_by_a_watcher(capsys, monkeypatch):
