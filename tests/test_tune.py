@@ -66,7 +66,7 @@ def test_a_search_without_labels_ranks_by_the_methods_own_objective_and_says_how
         assert cls.label_free.metric in LABEL_FREE, name
         settings = SearchSettings().resolved(has_val=False, label_free=cls.label_free)
         assert (settings.metric, settings.mode) == (cls.label_free.metric, cls.label_free.mode)
-    declared = LabelFreeObjective("alignment", "min", spearman=0.61, trials=12)
+    declared = LabelFreeObjective("alignment", "min", spearman=0.61, trials=16)
     settings = SearchSettings().resolved(has_val=False, label_free=declared)
     assert (settings.metric, settings.mode) == ("alignment", "min")
     assert SearchSettings().resolved(has_val=True, label_free=declared).mode == "max"  # knn_top1's own
@@ -74,6 +74,8 @@ def test_a_search_without_labels_ranks_by_the_methods_own_objective_and_says_how
     assert SearchSettings(metric="loss", mode="min").resolved(has_val=True).mode == "min"
     assert "Spearman +0.61" in declared.agreement("simclr") and "--val" not in declared.agreement("simclr")
     assert "under the +0.5 a trusted" in LabelFreeObjective("rankme", spearman=-0.48, trials=8).agreement("simclr")
+    one_search = LabelFreeObjective("alpha_req", "max", spearman=0.93, trials=8).agreement("byol")
+    assert "fewer than the 16 trials" in one_search and "--val" in one_search
     assert "not measured" in LabelFreeObjective().agreement("mae")
 
     def rows(*values):
