@@ -43,9 +43,14 @@ def make_folder(root, bad=True):
     return good
 
 
-def test_image_folder_labels_ids_and_bad_files(ray_session, tmp_path):
+def test_image_folder_labels_ids_and_bad_files(ray_session, tmp_path, capsys):
+    from pipelines.console import to_stderr
+
+    to_stderr()
     good = make_folder(tmp_path / "src")
     summary = prepare(str(tmp_path / "src"), str(tmp_path / "out"), PrepareConfig())
+    said = [line for line in capsys.readouterr().err.splitlines() if "prepare: skipped" in line]
+    assert len(said) == 1 and f"skipped {len(bad_images())} image(s) that do not decode" in said[0]  # on stderr too
     assert summary["images_written"] == len(good)
     assert summary["bad_skipped"] == len(bad_images())
     assert {e["id"] for e in summary["bad_examples"]} == {f"dogs/bad_{n}" for n in bad_images()}

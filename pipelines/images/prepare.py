@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
-from pipelines.console import Progress
+from pipelines.console import Progress, log
 from pipelines.images.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
 from pipelines.images.labeled import rank_by_record_id
 from pipelines.images.quality import check_bad_fraction, new_quality_log
@@ -249,6 +249,12 @@ def prepare(src: str, out: str, config: PrepareConfig, source: Source | None = N
         ignored_non_image_files=ignored,
     )
     check_bad_fraction(quality, config.max_bad_fraction, f"prepare {src}")
+    if quality["bad"]:  # on the console too, not only in the JSON line
+        first = summary["bad_examples"][0]
+        log.warning(f"prepare: skipped {quality['bad']:,} image(s) that do not decode ("
+                    + ", ".join(f"{count} {reason}" for reason, count in quality["bad_by_reason"].items())
+                    + f"; e.g. {first['id']}: {first['reason']}); the JSON line's bad_examples names up to "
+                    f"{len(summary['bad_examples'])}")
     return summary
 
 
