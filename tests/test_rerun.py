@@ -12,6 +12,7 @@ import pytest
 from pipelines.console import UsageError
 from pipelines.train.plan import plan_run
 from pipelines.train.preflight import check_rerun
+from pipelines.weights.checkpoint import STATE_FILE, find_checkpoint
 from tests.fixtures.make_checkpoint import FIXTURE_SETS
 from tests.helpers.cli import selfsup_command
 from tests.helpers.runs import tiny_config
@@ -34,7 +35,8 @@ def rerun(storage, resume=False, rows=ROWS, **sets):
 def test_a_complete_run_with_the_same_settings_is_returned_without_training(storage):
     result = rerun(storage, **{"train.workers": 2, "train.checkpoint_every_steps": 5})  # how it runs: the same run
     assert result["complete"] and result["metrics"]["step"] == result["metrics"]["total_steps"] == 22
-    assert os.path.basename(result["checkpoint"]).startswith("checkpoint_") and result["run"].endswith("mine")
+    assert result["checkpoint"] == find_checkpoint(os.path.join(storage, "mine")) and result["run"].endswith("mine")
+    assert os.path.isfile(os.path.join(result["checkpoint"], STATE_FILE))  # a checkpoint, not Ray's snapshot file
 
 
 def test_a_changed_setting_is_refused_naming_it_and_both_values(storage):

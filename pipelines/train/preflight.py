@@ -6,7 +6,6 @@ way (`run_folder.repair_run_folder`), and the run's plan comes back.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pipelines.images.shards import checked_shards
 from pipelines.train.plan import RunPlan, plan_run
 from pipelines.train.run_folder import repair_run_folder, run_method, run_settings
 from pipelines.train.tracking import flat_params, read_history
+from pipelines.weights.checkpoint import find_checkpoint
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Settings a rerun under the same --name may change without changing what the run computes: where
@@ -150,8 +150,7 @@ def check_rerun(config: RunConfig, plan: RunPlan, storage: str | None, name: str
         return None  # interrupted: the same command resumes it
     log.info(f"run {name} is complete ({last['step']} of {last['total_steps']} steps, same settings): its result, "
              "without training (a new --name trains again; --resume with more optim.epochs continues it)")
-    checkpoints = sorted(glob.glob(os.path.join(run, "checkpoint_*")))
-    return {"method": config.method, "run": run, "checkpoint": checkpoints[-1] if checkpoints else None,
+    return {"method": config.method, "run": run, "checkpoint": find_checkpoint(run),
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float, str))}, "complete": True}
 
 
