@@ -61,7 +61,7 @@ def test_one_feature_extractor_serves_eval_and_embed():
 
     from pipelines.config import build_method
     from pipelines.evaluate.features import PIXELS, Encoder, FeatureExtractor
-    from pipelines.outputs.embed import EMBEDDING, Embedder, embed_encoder
+    from pipelines.outputs.embed import EMBEDDING, Embedder
     from tests.helpers.runs import tiny_config
 
     config = tiny_config()
@@ -77,7 +77,7 @@ def test_one_feature_extractor_serves_eval_and_embed():
     again = FeatureExtractor(config.to_dict(), (Encoder("random_init_top1"),))(batch)
     assert np.array_equal(again["random_init_top1"], out["random_init_top1"])  # the floor is the same every time
     assert out[PIXELS].shape == (5, 16 * 16 * 3) and out[PIXELS].max() <= 1
-    table = Embedder(config.to_dict(), embed_encoder(trained), "fp32")(batch)
+    table = Embedder(config.to_dict(), weights, "fp32")(batch)
     assert table.column_names == ["id", EMBEDDING, "label"] and table.column("id").to_pylist() == list("abcde")
     assert pa.types.is_fixed_size_list(table.schema.field(EMBEDDING).type)
     assert np.allclose(np.stack(table.column(EMBEDDING).to_numpy(zero_copy_only=False)), out["top1"], atol=1e-5)

@@ -55,32 +55,17 @@ class Encoder:
     weights: dict[str, torch.Tensor] | None = None
 
 
-class InStore:
-    """A value an actor's constructor fetches itself from the object store. Ray puts a large
-    constructor argument there on its own, and then prints a C++ error line on the console for
-    every restartable actor (`core_worker.cc`: "constructor arguments in the object store"),
-    which no user can act on: the driver owns the value for the whole pass, so a restarted actor
-    fetches it again. `InStore(value)` on the driver, `.value()` in the actor."""
-
-    def __init__(self, value):
-        self.reference = [ray.put(value)]  # in a list: Ray passes the reference, not the value
-
-    def value(self):
-        return ray.get(self.reference[0])
-
-
 class FeatureExtractor:
     """Ray Data batch-inference actor: builds the run config's method once per encoder (same
     architecture, different weights) and turns each batch of canvases into every encoder's
     features, `features(eval_images(canvases))`, under `precision`'s autocast. Columns named in
     `carry` pass through when the batch has them; with `pixels`, raw pixels too (`PIXELS`)."""
 
-    def __init__(self, config: dict, encoders: InStore | tuple[Encoder, ...], precision: str = "fp32",
-                 pixels: bool = False, carry: tuple[str, ...] = ("label", "key")):
-        """`encoders`: the `Encoder`s, in the object store (as Ray Data's actors get them) or not."""
+    def __init__(self, config: dict, encoders: tuple[Encoder, ...], precision: str = "fp32", pixels: bool = False,
+                 carry: tuple[str, ...] = ("label", "key")):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.methods, run_config = {}, config_from_dict(config)
-        for encoder in encoders.value() if isinstance(encoders, InStore) else encoders:
+        for encoder in encoders:
             method = build_method(run_config)  # seeded: the same random init every time
             if encoder.weights is not None:
                 method.load_state_dict(encoder.weights)
@@ -111,7 +96,7 @@ def extract(location: str, config: RunConfig, encoders: tuple[Encoder, ...], pix
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     features = dataset.map_batches(
         FeatureExtractor,
-        fn_constructor_args=(config.to_dict(), InStore(tuple(encoders)), "fp32", pixels),
+        fn_constructor_args=(config.to_dict(), tuple(encoders), "fp32", pixels),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),

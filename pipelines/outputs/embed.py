@@ -22,7 +22,7 @@ import ray.data
 import torch
 
 from pipelines.console import Progress
-from pipelines.evaluate.features import Encoder, FeatureExtractor, InStore
+from pipelines.evaluate.features import Encoder, FeatureExtractor
 from pipelines.images.ingest import IngestConfig, image_dataset
 from pipelines.images.shards import DataError, check_output_folder, find_shards, resolve_location
 from pipelines.weights.checkpoint import load_checkpoint, load_state
@@ -35,9 +35,8 @@ class Embedder(FeatureExtractor):
     """Ray Data actor: the checkpoint's encoder as a `FeatureExtractor`, its output a Parquet-ready
     table of `id`, `embedding` (`fixed_size_list<float32>[d]`) and `label` when the shards have it."""
 
-    def __init__(self, config: dict, encoders: InStore | tuple[Encoder, ...], precision: str):
-        """`encoders`: the checkpoint's encoder as the one `Encoder` named EMBEDDING (`embed_encoder`)."""
-        super().__init__(config, encoders, precision, carry=("id", "label"))
+    def __init__(self, config: dict, method_state: dict, precision: str):
+        super().__init__(config, (Encoder(EMBEDDING, method_state),), precision, carry=("id", "label"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         out = super().__call__(batch)
@@ -49,11 +48,6 @@ class Embedder(FeatureExtractor):
         if "label" in out:
             columns["label"] = pa.array(out["label"], pa.int64())
         return pa.table(columns)
-
-
-def embed_encoder(method) -> tuple[Encoder]:
-    """`method`'s weights as the `Embedder`'s one encoder."""
-    return (Encoder(EMBEDDING, {k: v.cpu() for k, v in method.state_dict().items()}),)
 
 
 def embeddable_shards(data: str):
@@ -93,7 +87,7 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
     dataset, quality_log = image_dataset(data, ingest, with_labels=shards.has_label, with_ids=True)
     embedded = dataset.map_batches(
         Embedder,
-        fn_constructor_args=(config.to_dict(), InStore(embed_encoder(method)), precision),
+        fn_constructor_args=(config.to_dict(), {k: v.cpu() for k, v in method.state_dict().items()}, precision),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
