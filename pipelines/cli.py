@@ -20,6 +20,9 @@ from pipelines.images.samples import SAMPLES  # noqa: E402
 from pipelines.images.shards import DataError  # noqa: E402
 from pipelines.train.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
 
+CHECKPOINT_HELP = ("a checkpoint folder (RUN/checkpoint_...) or a run folder (RUN, e.g. runs/NAME: its newest "
+                   "checkpoint that loads)")
+SHARDS_HELP = "Parquet shards written by `selfsup prepare` (a folder or URI; a folder of images: prepare it first)"
 PROBE_HELP = ("shards to draw the probe set from (the unlabeled images the label-free metrics are measured on; "
               "default: the training shards; train.probe_size sets its size, 0 turns it off)")
 # Ray Data's own logging config with its console handler at WARNING: its INFO lines (plans,
@@ -456,7 +459,7 @@ def _viz_parsers(commands) -> None:
     augment.add_argument("--set", action="append", default=[], metavar="VIEW.FIELD=VALUE", help="recipe override")
     augment.set_defaults(run=cmd_viz_augment)
     mae = viz.add_parser("mae", help="MAE reconstructions at several mask ratios")
-    mae.add_argument("--checkpoint", required=True)
+    mae.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     mae.add_argument("--data", required=True, help="shard folder or URI")
     mae.add_argument("--mask-ratios", default="0.5,0.75,0.9")
     mae.add_argument("--out", required=True, help="PNG file to write")
@@ -464,7 +467,7 @@ def _viz_parsers(commands) -> None:
     mae.add_argument("--seed", type=int, default=0)
     mae.set_defaults(run=cmd_viz_mae)
     attention = viz.add_parser("attention", help="DINO: the last block's class-token attention per head")
-    attention.add_argument("--checkpoint", required=True)
+    attention.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     attention.add_argument("--image", required=True, help="an image file (any format Pillow reads)")
     attention.add_argument("--out", required=True, help="PNG file to write")
     attention.add_argument("--size", type=int, default=None,
@@ -479,13 +482,14 @@ def _viz_parsers(commands) -> None:
 def _pretrain_parser(commands) -> None:
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     _method_args(pretrain)
-    pretrain.add_argument("--data", required=True, help="training shards (folder or URI)")
+    pretrain.add_argument("--data", required=True, help="training images: " + SHARDS_HELP)
     pretrain.add_argument("--val", help="labeled shards for online kNN")
     pretrain.add_argument("--probe", help=PROBE_HELP)
     pretrain.add_argument("--workers", default=None, metavar="N|MIN:MAX", type=lambda v: int(v) if v.isdigit() else v,
                           help="training workers; MIN:MAX runs elastically (default: train.workers, 1)")
     pretrain.add_argument("--gpus-per-worker", type=float, default=0)
-    pretrain.add_argument("--storage", help="run folder or URI for checkpoints (default ./runs)")
+    pretrain.add_argument("--storage", help="folder or URI that holds run folders (default ./runs); the run is "
+                                            "STORAGE/NAME, which --checkpoint takes")
     pretrain.add_argument("--name", help="run name; a run under --storage with this name is resumed when it was "
                                          "interrupted, returned when it is complete, and refused when this command's "
                                          "settings differ from its own (unless --resume)")
@@ -501,7 +505,7 @@ def _pretrain_parser(commands) -> None:
 def _tune_parser(commands) -> None:
     search = commands.add_parser("tune", help="hyperparameter search over pretraining runs (Ray Tune)")
     _method_args(search)
-    search.add_argument("--data", required=True, help="training shards (folder or URI)")
+    search.add_argument("--data", required=True, help="training images: " + SHARDS_HELP)
     search.add_argument("--val", help="labeled shards: the objective's online kNN")
     search.add_argument("--probe", help=PROBE_HELP)
     search.add_argument("--space", action="append", default=[], metavar="NAME=DIST(ARGS)",
@@ -527,7 +531,7 @@ def _tune_parser(commands) -> None:
 def _eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="kNN or linear probe of a checkpoint's frozen encoder")
     evaluate.add_argument("protocol", choices=["knn", "linear"])
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     evaluate.add_argument("--train", required=True, help="labeled shards the kNN bank / probe trains on")
     evaluate.add_argument("--test", required=True, help="labeled shards to score")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel floors")
@@ -566,7 +570,7 @@ def _finetune_parser(commands) -> None:
 
 def _export_parser(commands) -> None:
     export = commands.add_parser("export", help="a checkpoint's encoder as timm-loadable safetensors + config.json")
-    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     export.add_argument("--out", required=True, help="folder to write model.safetensors and config.json to")
     export.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     export.add_argument("--format", default="timm", choices=["timm", "onnx"],
@@ -577,8 +581,8 @@ def _export_parser(commands) -> None:
 
 def _embed_parser(commands) -> None:
     embedding = commands.add_parser("embed", help="embeddings of every image in shards, as Parquet (Ray Data)")
-    embedding.add_argument("--checkpoint", required=True)
-    embedding.add_argument("--data", required=True, help="shard folder or URI")
+    embedding.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    embedding.add_argument("--data", required=True, help=SHARDS_HELP)
     embedding.add_argument("--out", required=True, help="folder or URI for the embedding Parquet files")
     embedding.add_argument("--batch-size", type=int, default=256)
     embedding.add_argument("--actors", type=int, default=None,

@@ -86,3 +86,12 @@ def test_what_a_run_needs_from_the_machine_is_refused_before_ray(good, tmp_path,
         '{"checkpoint_results": [{"checkpoint_dir_name": "%s"}]}' % other.name)  # registered by Ray
     line = run_line(capsys, "--storage", str(tmp_path / "runs"), "--name", "mine", data=good)
     assert "is a mae run and this is simclr" in line
+
+
+def test_a_folder_of_images_given_as_shards_points_to_prepare(tmp_path, capsys):
+    from tests.helpers.corpus import encode, rgb_image
+
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    (tmp_path / "photos" / "cats" / "a.png").write_bytes(encode(rgb_image(0)))
+    line = run_line(capsys, data=tmp_path / "photos")
+    assert "holds image files, not Parquet shards" in line and f"selfsup prepare {tmp_path / 'photos'} --out" in line

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 # 16-bit and 32-bit integer modes that `Image.convert("RGB")` would clip instead of scale.
 _WIDE_INTEGER_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 class BadImage(ValueError):

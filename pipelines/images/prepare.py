@@ -19,7 +19,7 @@ import ray
 import ray.data
 
 from pipelines.console import Progress, log
-from pipelines.images.decode import DEFAULT_MAX_PIXELS, BadImage, image_bytes, open_image
+from pipelines.images.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, image_bytes, open_image
 from pipelines.images.labeled import rank_by_record_id
 from pipelines.images.quality import check_bad_fraction, new_quality_log
 from pipelines.images.samples import CLASS_NAMES, sample_tables
@@ -33,7 +33,6 @@ from pipelines.images.shards import (
     write_classes,
 )
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MB = 1 << 20
 
 

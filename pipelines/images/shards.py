@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.images.decode import header_size, image_bytes
+from pipelines.images.decode import IMAGE_EXTENSIONS, header_size, image_bytes
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -128,6 +129,10 @@ def find_shards(location: str) -> ShardSet:
         files = sorted(
             e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet")
         )
+    if not files and info.type != pafs.FileType.File and any(
+            posixpath.splitext(e.path)[1].lower() in IMAGE_EXTENSIONS for e in entries):
+        raise DataError(f"{location}: holds image files, not Parquet shards: write shards with `selfsup prepare "
+                        f"{location} --out SHARDS` (--test-fraction 0.2 for a labeled test split), then give SHARDS")
     if not files:
         raise DataError(f"{location}: no .parquet files found (expected {EXPECTED_SCHEMA_TEXT})")
     try:
