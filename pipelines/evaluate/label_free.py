@@ -156,8 +156,9 @@ def uniformity(features: torch.Tensor, t: float = UNIFORMITY_T) -> float:
 def probe_metrics(method, batches, device) -> dict[str, float]:
     """Label-free metrics of `method`'s encoder over the probe batches `{"image": (n, S, S, 3)
     uint8}`: `rankme`, `rankme_fraction` (of min(images, width)), `alpha_req` and its distance to
-    the band's centre `alpha_req_gap` of the plain images' features, `lidar` over `LIDAR_VIEWS` views of each image, `alignment` and
-    `uniformity` (the mean over the first two views, as Wang & Isola's loss). The views are the
+    the band's centre `alpha_req_gap` of the plain images' features, `lidar` over `LIDAR_VIEWS`
+    views of each image, `alignment` and `uniformity` (the mean over the first two views, as Wang
+    & Isola's loss). The views are the
     method's own (`Method.view_pair`), drawn from a fixed seed; the training RNG is restored
     afterwards."""
     plain, views = [], []
