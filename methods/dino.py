@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from methods.backbone import vit_last_attention
-from methods.base import Method, adamw, ema_update, register, set_weight_decay
+from methods.base import LabelFreeObjective, Method, adamw, ema_update, register, set_weight_decay
 from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
 from methods.regularizers import koleo_loss
@@ -247,6 +247,9 @@ class DINO(Method):
     lr_scaling = "linear"
     capabilities = frozenset({"attention"})
     search_space = ["teacher_temp=loguniform(0.01, 0.07)", "batch_size=choice(64, 128, 256)"]
+    # The label-free study's best metric for DINO, on one search of the digits sample: uniformity, lower
+    # better (docs/FINDINGS.md, "Label-free model selection", whose row tests/test_tune.py holds these to).
+    label_free = LabelFreeObjective("uniformity", "min", spearman=0.64, trials=8)
     # The tiny preset at 16 px: 2 global + 2 local crops, a 2-block ViT of width 32.
     smoke_sets = {"views.global1.size": 16, "views.global2.size": 16, "views.local.size": 8, "views.local.copies": 2,
                   "backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,
