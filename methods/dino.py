@@ -41,9 +41,7 @@ def dino_recipe(global_size: int = 224, local_size: int = 96, local_copies: int 
         {
             "global1": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=1.0),
             "global2": ViewSpec(size=global_size, scale=(0.4, 1.0), jitter=jitter, blur=0.1, solarize=0.2),
-            "local": ViewSpec(
-                size=local_size, scale=(0.05, 0.4), jitter=jitter, blur=0.5, copies=local_copies
-            ),
+            "local": ViewSpec(size=local_size, scale=(0.05, 0.4), jitter=jitter, blur=0.5, copies=local_copies),
         }
     )
 
@@ -247,8 +245,7 @@ class DINO(Method):
     lr_scaling = "linear"
     capabilities = frozenset({"attention"})
     search_space = ["teacher_temp=loguniform(0.01, 0.07)", "batch_size=choice(64, 128, 256)"]
-    # The label-free study's best metric for DINO, on one search of the digits sample: uniformity, lower
-    # better (docs/FINDINGS.md, "Label-free model selection", whose row tests/test_tune.py holds these to).
+    # The label-free study's best on digits (docs/FINDINGS.md, "Label-free model selection"; tests/test_tune.py)
     label_free = LabelFreeObjective("uniformity", "min", spearman=0.64, trials=8)
     # The tiny preset at 16 px: 2 global + 2 local crops, a 2-block ViT of width 32.
     smoke_sets = {"views.global1.size": 16, "views.global2.size": 16, "views.local.size": 8, "views.local.copies": 2,

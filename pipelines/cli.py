@@ -15,7 +15,7 @@ from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_addres
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
 from methods.versions import UntestedVersion  # noqa: E402
-from pipelines.console import UsageError, log, to_stderr  # noqa: E402
+from pipelines.console import UsageError, end_transient, log, to_stderr  # noqa: E402
 from pipelines.images.samples import SAMPLES  # noqa: E402
 from pipelines.images.shards import DataError  # noqa: E402
 from pipelines.train.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
@@ -92,6 +92,7 @@ def emit(result: dict) -> None:
         import ray
 
         ray.shutdown()
+    end_transient()
     sys.stderr.flush()
     print(json.dumps(result, default=str), file=_stdout, flush=True)
 
@@ -621,22 +622,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    # On a terminal, a line at once: loading PyTorch and Ray and checking the inputs take seconds
+    # before the command's own first line. Transient: the next line replaces it (none in a pipe).
+    if sys.stderr.isatty():
+        log.info(f"{args.command}: loading PyTorch and Ray, then checking the inputs", extra={"transient": True})
     try:
         emit(args.run(args))
     except (UsageError, DataError, UntestedVersion) as error:
+        end_transient()
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as error:  # one line; a second Ctrl-C now exits at once
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        end_transient()
         print(f"selfsup {args.command}: {error}", file=sys.stderr)
         return 130
     except NonFiniteLossError as error:  # a clean stop, not a crash: no traceback
+        end_transient()
         print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
         return 1
     except Exception as error:
         if not _training_failed(error):
             raise
         # Ray's message carries every worker's traceback; the user first needs the cause.
+        end_transient()
         print(f"selfsup {args.command}: error: training failed: {_root_cause(error)}", file=sys.stderr)
         return 1
     return 0

@@ -63,6 +63,15 @@ SILENCE_S = 1.7 * PROGRESS_EVERY_S  # with a line due every 15 s, no silence muc
 _console = {"last": 0.0, "pending": False}
 
 
+def end_transient() -> None:
+    """Clears a transient line still on the terminal, so that a line printed by other means (a
+    command's one-line error) starts on a clean line."""
+    if _console["pending"]:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+        _console["pending"] = False
+
+
 def write(line: str, transient: bool = False) -> None:
     """One console line on stderr (see SILENCE_S for transient ones)."""
     stream, now = sys.stderr, time.monotonic()

@@ -92,3 +92,19 @@ def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_li
     ours = [line for line in lines if line.startswith("[selfsup]")]
     assert len(ours) > len(lines) / 2, lines
     assert ours[0].startswith("[selfsup] pretrain: simclr, preset tiny: 2 epochs x "), ours[0]  # what it chose
+
+
+def test_a_command_on_a_terminal_says_at_once_what_it_is_loading(monkeypatch, tmp_path):
+    """Issue 34, item 4: the seconds PyTorch and Ray take to load get a line of their own on a
+    terminal, replaced by the next; a one-line error starts on a clean line."""
+    import sys
+
+    from pipelines.cli import main
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["pretrain", "--method", "simclr", "--data", str(tmp_path / "nothing")]) == 2
+    clear = "\r\033[K"
+    opening = f"{clear}[selfsup] pretrain: loading PyTorch and Ray, then checking the inputs{clear}"
+    assert terminal.text.startswith(opening) and terminal.text[len(opening):].startswith("selfsup pretrain: error: ")
+    assert terminal.text.count("\n") == 1  # the error, one line
