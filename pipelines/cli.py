@@ -206,8 +206,11 @@ def cmd_eval(args) -> dict:
     from pipelines.weights.checkpoint import find_checkpoint
 
     args.checkpoint = find_checkpoint(args.checkpoint)
-    for location in (args.train, args.test):
-        checked_shards(location)
+    sizes = [checked_shards(location).num_rows for location in (args.train, args.test)]
+    floors = "" if args.no_baselines else ", beside the random-init encoder and raw pixels"
+    fit = "kNN bank" if args.protocol == "knn" else "linear probe"
+    log.info(f"eval {args.protocol}: the frozen encoder of {args.checkpoint}, its {fit} fit on {sizes[0]:,} labeled "
+             f"images and scored on {sizes[1]:,}{floors}; starting Ray")
     start_ray(args.num_cpus)
     return evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
 
