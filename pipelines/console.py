@@ -236,7 +236,7 @@ class StepProgress:
             return
         timed = step - self.start_step
         per_step = (now - self.started) / max(timed, 1)
-        # An ETA from the first step or two is their start-up (it said 462m at step 1): none until more are timed.
+        # An ETA from the first step or two measures their start-up, not the run's pace: none until more are timed.
         eta = f" · ETA {format_seconds(per_step * (self.total_steps - step))}" if timed >= ETA_AFTER_STEPS else ""
         log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · "
                  f"{self.images / max(self.time, 1e-9):,.0f} img/s · data wait {self.wait / max(self.time, 1e-9):.0%}"

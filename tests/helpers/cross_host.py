@@ -30,8 +30,8 @@ METHOD = "dino"
 SETS = {**COMMON, **TINY[METHOD], "optim.epochs": 1, "train.probe_size": 0, "train.knn_every_epochs": 0,
         "train.cpus_per_worker": 2, "train.placement_strategy": "STRICT_SPREAD",
         # One thread each: the two workers share this machine's 2 cores. With the default (the
-        # host's 3 CPUs) a worker died of SIGSEGV in oneDNN's convolution backward, twice in one
-        # run; not reproduced outside Ray (docs/BENCHMARKS.md, "A real cluster on one machine").
+        # host's 3 CPUs) workers died of SIGSEGV in oneDNN's convolution backward, not reproduced
+        # outside Ray (docs/BENCHMARKS.md, "A real cluster on one machine ... items 3-6").
         "train.torch_threads": 1}
 # Elastic between one host and two: a checkpoint every 4 steps (what a lost host can cost), the
 # controller looking for a joined host every 5 s, and room for the restarts a loss causes.
