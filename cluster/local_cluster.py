@@ -181,7 +181,9 @@ class LocalRayCluster:
         deadline = time.monotonic() + timeout
         while True:
             done = self.run(self.head, [sys.executable, "-c", script], check=False)
-            nodes = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+            # The JSON line, not a line Ray's driver may print after it ("(autoscaler +0s) Resized to ...").
+            listed = [line for line in done.stdout.splitlines() if line.startswith("[")]
+            nodes = json.loads(listed[-1]) if done.returncode == 0 and listed else []
             if len(nodes) >= count:
                 return nodes
             if time.monotonic() > deadline:

@@ -34,8 +34,10 @@ SETS = {**COMMON, **TINY[METHOD], "optim.epochs": 1, "train.probe_size": 0, "tra
         # outside Ray (docs/BENCHMARKS.md, "A real cluster on one machine ... items 3-6").
         "train.torch_threads": 1}
 # Elastic between one host and two: a checkpoint every 4 steps (what a lost host can cost), the
-# controller looking for a joined host every 5 s, and room for the restarts a loss causes.
-ELASTIC = {"optim.epochs": 2, "train.workers": "1:2", "train.checkpoint_every_steps": 4,
+# controller looking for a joined host every 5 s, and room for the restarts a loss causes. 8 epochs:
+# on an idle machine one worker ran 2 epochs' steps before the fresh host's join and the group's
+# restart were through, and the run ended without growing back.
+ELASTIC = {"optim.epochs": 8, "train.workers": "1:2", "train.checkpoint_every_steps": 4,
            "train.resize_interval_s": 5, "train.max_failures": 5}
 JOB_TIMEOUT_S = 1800
 
