@@ -33,8 +33,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/cross-host", help="data and the run's checkpoints (shared)")
     parser.add_argument("--workers", type=int, default=2, help="training workers; 2 puts one on each host")
     parser.add_argument("--lose-worker", action="store_true",
-                        help="elastic 1:2 workers (tests/helpers/cross_host.py ELASTIC): SIGKILL a worker host once the run has "
-                             "checkpointed, then join a fresh host (tests/helpers/cross_host.py)")
+                        help="elastic 1:2 workers (tests/helpers/cross_host.py, ELASTIC): SIGKILL a worker host "
+                             "once the run has checkpointed, then join a fresh host")
     args = parser.parse_args()
 
     from cluster.local_cluster import LocalRayCluster
