@@ -92,7 +92,6 @@ def emit(result: dict) -> None:
         import ray
 
         ray.shutdown()
-    end_transient()
     sys.stderr.flush()
     print(json.dumps(result, default=str), file=_stdout, flush=True)
 
@@ -630,25 +629,25 @@ def _run(args) -> int:
     if sys.stderr.isatty():
         log.info(f"{args.command}: loading PyTorch and Ray, then checking the inputs", extra={"transient": True})
     try:
-        emit(args.run(args))
+        try:
+            result = args.run(args)
+        finally:
+            end_transient()  # an error line or the JSON line starts on a clean line
+        emit(result)
     except (UsageError, DataError, UntestedVersion) as error:
-        end_transient()
         print(f"selfsup {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as error:  # one line; a second Ctrl-C now exits at once
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-        end_transient()
         print(f"selfsup {args.command}: {error}", file=sys.stderr)
         return 130
     except NonFiniteLossError as error:  # a clean stop, not a crash: no traceback
-        end_transient()
         print(f"selfsup {args.command}: error: training stopped: {error}", file=sys.stderr)
         return 1
     except Exception as error:
         if not _training_failed(error):
             raise
         # Ray's message carries every worker's traceback; the user first needs the cause.
-        end_transient()
         print(f"selfsup {args.command}: error: training failed: {_root_cause(error)}", file=sys.stderr)
         return 1
     return 0

@@ -38,6 +38,13 @@ def storage_path(storage: str | None) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
+def local_run_folder(storage: str | None, name: str | None) -> str | None:
+    """The folder of run `name` under a local `storage`; None without a name or on a URI (whose
+    run folders the pre-Ray checks do not read)."""
+    folder = storage_path(storage)
+    return os.path.join(folder, name) if name and "://" not in folder else None
+
+
 def preflight(config: RunConfig, data: str, val: str | None = None, storage: str | None = None,
               name: str | None = None, gpus_per_worker: float = 0, num_cpus: int | None = None) -> RunPlan:
     """Checks a run of `config` on the shards at `data` (and `val`, and `train.probe`) before Ray
@@ -46,7 +53,7 @@ def preflight(config: RunConfig, data: str, val: str | None = None, storage: str
     check_decode_device(config, gpus_per_worker)
     check_run_name(name)
     folder = storage_path(storage)
-    run = os.path.join(folder, name) if name and "://" not in folder else None
+    run = local_run_folder(storage, name)
     if "://" not in folder:
         check_writable(folder)
     if run:
@@ -124,8 +131,7 @@ def check_rerun(config: RunConfig, plan: RunPlan, storage: str | None, name: str
     is to be resumed (interrupted with these settings, or `resume`: continue with the new ones),
     and a refusal naming the first setting that differs (or the planned steps, when the data
     changed) otherwise. Settings that only say how the run runs (HOW_IT_RUNS) may differ."""
-    folder = storage_path(storage)
-    run = os.path.join(folder, name) if name and "://" not in folder else None
+    run = local_run_folder(storage, name)
     written = run_settings(run) if run else None
     if written is None:
         return None
