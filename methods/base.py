@@ -71,6 +71,20 @@ class LabelFreeObjective:
         return measured
 
 
+@dataclasses.dataclass(frozen=True)
+class HealthScale:
+    """What a method's healthy runs show at their last report: the embeddings' spread
+    (`embedding_std`) and the probe's RankMe fraction. Reports divide by it (`spread_vs_healthy`,
+    `rank_vs_healthy`), so about 1 reads as healthy for every method, and the collapse flag fires
+    at a share of it (pipelines/evaluate/label_free.py). A method's file states its medians over
+    the label-free searches' runs (docs/BENCHMARKS.md, "Health on one scale per method"); the
+    defaults, for a method that has not measured its own, are evenly spread embeddings and
+    SimCLR's ResNet."""
+
+    embedding_std: float = 1.0
+    rankme_fraction: float = 0.16
+
+
 class MethodContractError(TypeError):
     """A method class that breaks the `Method` contract; its message is one line naming the class."""
 
@@ -110,6 +124,8 @@ def contract_problems(cls: type) -> list[str]:
         problems.append("search_space must be a list of NAME=DIST(ARGS) strings")
     if not (isinstance(cls.label_free, LabelFreeObjective) and cls.label_free.mode in ("max", "min")):
         problems.append("label_free must be a LabelFreeObjective with mode max or min")
+    if not (isinstance(cls.health, HealthScale) and cls.health.embedding_std > 0 and cls.health.rankme_fraction > 0):
+        problems.append("health must be a HealthScale of positive values")
     if not isinstance(cls.smoke_sets, dict):
         problems.append("smoke_sets must be a dict of --set overrides")
     for capability in sorted(cls.capabilities):
@@ -157,6 +173,7 @@ class Method(nn.Module, abc.ABC):
         search_space: the `selfsup tune --space` dimensions searched when the user names none.
         label_free: the `LabelFreeObjective` a search without `--val` ranks trials by (RankMe,
             unmeasured, unless the method's file states the study's choice).
+        health: the `HealthScale` its reports' health indicators and collapse flag are read on.
         smoke_sets: `--set` overrides on the `tiny` preset for the smallest run that goes through
             the whole pipeline (16 px views, a network of under a million weights): what the test
             suite trains every registered method with.
@@ -176,6 +193,7 @@ class Method(nn.Module, abc.ABC):
     default_preset: ClassVar[str] = "tiny"
     search_space: ClassVar[list[str]] = []
     label_free: ClassVar[LabelFreeObjective] = LabelFreeObjective()
+    health: ClassVar[HealthScale] = HealthScale()
     smoke_sets: ClassVar[dict[str, Any]] = {}
     capabilities: ClassVar[frozenset[str]] = frozenset()
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from methods.base import LabelFreeObjective, Method, ema_update, register
+from methods.base import HealthScale, LabelFreeObjective, Method, ema_update, register
 from methods.checks import check_rules
 from methods.schedules import warmup_cosine
 from methods.views import ViewRecipe, ViewSpec
@@ -105,6 +105,8 @@ class BYOL(Method):
     # The label-free study's best metric for BYOL, on one search of the digits sample: alpha-ReQ, higher
     # better (docs/FINDINGS.md, "Label-free model selection", whose row tests/test_tune.py holds these to).
     label_free = LabelFreeObjective("alpha_req", "max", spearman=0.93, trials=8)
+    # Its healthy runs' medians (docs/BENCHMARKS.md, "Health on one scale per method").
+    health = HealthScale(embedding_std=0.56, rankme_fraction=0.36)
     smoke_sets = {"views.view1.size": 16, "views.view2.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64],
                   "backbone.kwargs.stem_width": 8, "hparams.proj_hidden": 64, "hparams.proj_out": 32,
                   "hparams.pred_hidden": 64}

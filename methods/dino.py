@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from methods.backbone import vit_last_attention
-from methods.base import LabelFreeObjective, Method, adamw, ema_update, register, set_weight_decay
+from methods.base import HealthScale, LabelFreeObjective, Method, adamw, ema_update, register, set_weight_decay
 from methods.checks import check_rules
 from methods.distributed import all_reduce_mean
 from methods.regularizers import koleo_loss
@@ -59,7 +59,6 @@ class DINOHead(nn.Module):
         norm_last_layer: fix the weight-norm magnitude g to 1 (the paper's default for ViT-S;
             more stable, slightly lower accuracy).
         batch_norm: BatchNorm after the hidden layers (the reference code's `use_bn_in_head`).
-
     `forward(x: (N, in_dim)) -> (N, out_dim)` logits.
     """
 
@@ -183,8 +182,7 @@ class DINOHyperparameters:
     teacher_momentum: EMA momentum at step 0; it follows a cosine to 1 at the last step (0.996).
     warmup_teacher_temp, teacher_temp, teacher_temp_warmup_epochs: the teacher temperature rises
         linearly per epoch from the first to the second over the warmup epochs (0.04 -> 0.07, 30).
-    student_temp: 0.1.
-    center_momentum: 0.9.
+    student_temp: 0.1; center_momentum: 0.9.
     centering: subtract the center (off only for collapse ablations).
     weight_decay_end: weight decay follows a cosine from optim.weight_decay (0.04) to this (0.4).
     koleo_weight: DINOv2's KoLeo term (`koleo_loss`) on the student's backbone features of each
@@ -245,8 +243,10 @@ class DINO(Method):
     lr_scaling = "linear"
     capabilities = frozenset({"attention"})
     search_space = ["teacher_temp=loguniform(0.01, 0.07)", "batch_size=choice(64, 128, 256)"]
-    # The label-free study's best on digits (docs/FINDINGS.md, "Label-free model selection"; tests/test_tune.py)
+    # The label-free study's best on digits (FINDINGS.md, "Label-free model selection"; tests/test_tune.py);
+    # its healthy runs' medians (BENCHMARKS.md, "Health on one scale per method").
     label_free = LabelFreeObjective("uniformity", "min", spearman=0.64, trials=8)
+    health = HealthScale(embedding_std=0.97, rankme_fraction=0.23)
     # The tiny preset at 16 px: 2 global + 2 local crops, a 2-block ViT of width 32.
     smoke_sets = {"views.global1.size": 16, "views.global2.size": 16, "views.local.size": 8, "views.local.copies": 2,
                   "backbone.img_size": 16, "backbone.kwargs.embed_dim": 32, "backbone.kwargs.depth": 2,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from methods.base import LabelFreeObjective, Method, register
+from methods.base import HealthScale, LabelFreeObjective, Method, register
 from methods.checks import check_rules
 from methods.distributed import gather_with_grad, rank
 from methods.views import ViewRecipe, ViewSpec
@@ -120,6 +120,8 @@ class SimCLR(Method):
     # distance to 1 (docs/FINDINGS.md, "Label-free model selection", whose 16-trial row
     # tests/test_tune.py holds these figures to).
     label_free = LabelFreeObjective("alpha_req_gap", "min", spearman=0.31, trials=16)
+    # Its healthy runs' medians (docs/BENCHMARKS.md, "Health on one scale per method").
+    health = HealthScale(embedding_std=0.18, rankme_fraction=0.16)
     smoke_sets = {"views.view.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64], "backbone.kwargs.stem_width": 8}
     # The demo's recipe: kNN 0.51-0.61 on MNIST-M against `tiny`'s 0.18-0.40 (docs/BENCHMARKS.md,
     # "The MNIST-M sample" and "The demo's learning rate").

@@ -13,6 +13,7 @@ from pipelines.evaluate.label_free import (
     alignment,
     alpha_req,
     check_rank,
+    health_ratios,
     lidar,
     probe_metrics,
     rankme,
@@ -173,11 +174,29 @@ def test_a_probe_too_small_to_fit_a_spectrum_is_refused_before_ray():
 
 def test_rank_collapse_flag_and_one_warning(caplog):
     warned = set()
-    assert check_rank({"rankme": 30.0, "rankme_fraction": 0.2}, warned) == {"collapsed": 0.0}
-    assert check_rank({"rankme": 30.0, "rankme_fraction": 0.2, "collapsed": 1.0}, warned) == {}  # DINO's flag stands
+    assert check_rank({"rankme": 30.0, "rank_vs_healthy": 0.9}, warned) == {"collapsed": 0.0}
+    assert check_rank({"rankme": 30.0, "rank_vs_healthy": 0.9, "collapsed": 1.0}, warned) == {}  # DINO's flag stands
     assert check_rank({"loss": 1.0}, warned) == {}  # a report without the probe
     with caplog.at_level("WARNING", logger="selfsup"):
-        assert check_rank({"rankme": 1.1, "rankme_fraction": 0.001}, warned) == {"collapsed": 1.0}
-        assert check_rank({"rankme": 1.1, "rankme_fraction": 0.001}, warned) == {"collapsed": 1.0}
+        assert check_rank({"rankme": 1.1, "rank_vs_healthy": 0.01}, warned) == {"collapsed": 1.0}
+        assert check_rank({"rankme": 1.1, "rank_vs_healthy": 0.01}, warned) == {"collapsed": 1.0}
     warnings = [r.getMessage() for r in caplog.records if "dimensional collapse" in r.getMessage()]
     assert len(warnings) == 1 and "RankMe" in warnings[0]
+
+
+def test_each_method_reads_its_measured_runs_on_its_own_scale():
+    """docs/BENCHMARKS.md's runs, read on each method's HealthScale: SimCLR's collapsed run (base LR
+    10) is flagged and its weakest healthy one (temperature 0.02) is not; the MAE trials that the
+    old one-for-all threshold (0.02 of the width) flagged, the kNN-best among them, are not; and
+    on SimCLR's scale the same MAE features would read as collapsed."""
+    def flagged(method: str, rankme_fraction: float, embedding_std: float = 0.2) -> bool:
+        ratios = health_ratios({"rankme_fraction": rankme_fraction, "embedding_std": embedding_std},
+                               METHODS[method].health)
+        return check_rank({"rankme": 2.0, **ratios}, set())["collapsed"] == 1.0
+
+    assert flagged("simclr", 0.015) and not flagged("simclr", 0.032)
+    assert not any(flagged("mae", fraction) for fraction in (0.0159, 0.0161, 0.0176, 0.0187, 0.0188))
+    assert flagged("simclr", 0.0161)
+    # the spread on the method's scale: SimCLR's ResNet features at the demo's end read near 1
+    demo_end = health_ratios({"embedding_std": 0.12}, METHODS["simclr"].health)["spread_vs_healthy"]
+    assert 0.5 < demo_end < 1.5 and health_ratios({}, METHODS["simclr"].health) == {}

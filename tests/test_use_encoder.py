@@ -190,7 +190,10 @@ def test_curves_picture_from_a_finished_run(one_epoch_run, tmp_path, capsys):
     assert result["reports"] == len(history) >= 1
     assert all(0 < row["rankme_fraction"] <= 1 for row in history)  # the label-free panel has its data
     assert result["panels"] == ["loss", "learning rate", "online kNN top-1", "label-free (probe set)",
-                                "collapse indicators"]
+                                "health (1 = the method's healthy runs)"]
+    # the health panel and the LR schedule have their data
+    assert all(row["spread_vs_healthy"] > 0 and row["rank_vs_healthy"] > 0 for row in history)
+    assert all(row["peak_lr"] >= row["lr"] >= row["min_lr"] and row["warmup_steps"] >= 0 for row in history)
     width, height = Image.open(picture).size
     assert width > 4 * height / 2 and height > 200
     assert main(["viz", "curves", "--run", str(tmp_path), "--out", str(picture)]) == 2

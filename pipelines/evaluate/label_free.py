@@ -32,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from methods.base import HealthScale
+
 log = logging.getLogger("selfsup")
 
 # What `probe_metrics` reports, by name.
@@ -54,10 +56,10 @@ ALPHA_FLOOR = 1e-10
 # Wang & Isola's defaults: alpha = 2 for alignment, t = 2 for uniformity.
 ALIGNMENT_ALPHA = 2.0
 UNIFORMITY_T = 2.0
-# Dimensional collapse: an effective rank below this fraction of what the probe can show
-# (min(probe images, feature width)); it separates the one collapsed run from every healthy or
-# merely weak one in docs/BENCHMARKS.md, "Label-free metrics".
-RANK_COLLAPSE_FRACTION = 0.02
+# Dimensional collapse: a RankMe fraction below this share of what the method's healthy runs show
+# (Method.health); it separates the one collapsed run from every healthy or merely weak one
+# (docs/BENCHMARKS.md, "Health on one scale per method").
+COLLAPSE_OF_HEALTHY = 0.15
 # A seed of its own, so the probe's views are the same at every report and drawing them leaves
 # the training RNG (and so a resumed run's views) untouched.
 PROBE_VIEW_SEED = 20230
@@ -190,18 +192,31 @@ def probe_metrics(method, batches, device) -> dict[str, float]:
     }
 
 
-def check_rank(metrics: dict, warned: set, fraction: float = RANK_COLLAPSE_FRACTION) -> dict[str, float]:
-    """The dimensional-collapse flag from a report carrying `rankme_fraction`: `{"collapsed": 1}`
-    (which stops Tune trials) and a warning, once per run, when the rank is below `fraction`;
+def health_ratios(metrics: dict, healthy: HealthScale) -> dict[str, float]:
+    """The report's health indicators on the method's scale: `spread_vs_healthy` (its
+    `embedding_std`) and `rank_vs_healthy` (its `rankme_fraction`) over what the method's healthy
+    runs show; about 1 healthy, towards 0 collapsed. Each only where the report has its metric."""
+    ratios = {}
+    if "embedding_std" in metrics:
+        ratios["spread_vs_healthy"] = metrics["embedding_std"] / healthy.embedding_std
+    if "rankme_fraction" in metrics:
+        ratios["rank_vs_healthy"] = metrics["rankme_fraction"] / healthy.rankme_fraction
+    return ratios
+
+
+def check_rank(metrics: dict, warned: set) -> dict[str, float]:
+    """The dimensional-collapse flag from a report carrying `rank_vs_healthy`: `{"collapsed": 1}`
+    (which stops Tune trials) and a warning, once per run, below COLLAPSE_OF_HEALTHY;
     `{"collapsed": 0}` above it unless the method already flagged the report."""
-    value = metrics.get("rankme_fraction")
+    value = metrics.get("rank_vs_healthy")
     if value is None:
         return {}
-    if value >= fraction:  # a method's own flag (DINO's) stands; otherwise the report says 0
+    if value >= COLLAPSE_OF_HEALTHY:  # a method's own flag (DINO's) stands; otherwise the report says 0
         return {} if "collapsed" in metrics else {"collapsed": 0.0}
     if "rank" not in warned:
         warned.add("rank")
         log.warning(f"dimensional collapse: the features' effective rank (RankMe) is {metrics['rankme']:.1f}, "
-                    f"{value:.3f} of what the probe can show (threshold {fraction}): the encoder uses a few "
-                    "directions only. Lower the learning rate, check the temperature, or keep the projection head")
+                    f"{value:.2f} of what this method's healthy runs show (threshold {COLLAPSE_OF_HEALTHY}): the "
+                    "encoder uses a few directions only. Lower the learning rate, check the temperature, or keep the "
+                    "projection head")
     return {"collapsed": 1.0}

@@ -10,8 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from methods import Method, get_method
+from methods.schedules import warmup_cosine
 from methods.views import ViewMaker, ViewRecipe
 from pipelines.config import build_config
+from pipelines.evaluate.label_free import COLLAPSE_OF_HEALTHY
 from pipelines.images.decode import BadImage, decode_canvas, image_bytes
 from pipelines.images.shards import find_shards
 
@@ -158,14 +160,30 @@ def attention_picture(method, image: np.ndarray, size: int, cell: int = 160) -> 
     return grid
 
 
-# Collapse indicators any method may report, drawn on the collapse panel when present.
-COLLAPSE_METRICS = ("embedding_std", "teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")
+# Collapse indicators of a method's own (DINO's teacher), drawn on a panel of their own when present.
+METHOD_INDICATORS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")
+# Points drawn along the LR schedule's curve.
+SCHEDULE_POINTS = 200
+
+
+def _schedule(history: list[dict]) -> tuple[list[float], list[float]]:
+    """The run's LR schedule over all its steps, from a report that carries it (warm-up included,
+    which epoch-end reports never sample); empty for reports from before they carried it."""
+    row = next((r for r in history if "warmup_steps" in r and "peak_lr" in r), None)
+    if row is None:
+        return [], []
+    total = row["total_steps"]
+    steps = sorted({round(total * i / SCHEDULE_POINTS) for i in range(SCHEDULE_POINTS + 1)} | {row["warmup_steps"]})
+    return steps, [warmup_cosine(step, total, row["peak_lr"], row["min_lr"], row["warmup_steps"]) for step in steps]
 
 
 def curves_picture(history: list[dict], out: str, title: str = "") -> list[str]:
-    """Training curves of a run's reports (`metrics.jsonl` rows) over steps: loss, learning rate,
-    online kNN, the label-free metrics on the probe set and the collapse indicators, with a red mark where a report flagged collapse and a
-    dotted line where the run resumed. Writes a PNG to `out`; returns the panels drawn."""
+    """Training curves of a run's reports (`metrics.jsonl` rows) over steps: loss, learning rate
+    (the reported points on the run's schedule), online kNN, the label-free metrics on the probe
+    set, the health indicators on the method's scale (1 = its healthy runs, with the collapse
+    threshold and a red mark where a report flagged collapse) and a method's own indicators, with
+    a dotted line where the run resumed. A series of few points is drawn with markers, a single
+    one with its value. Writes a PNG to `out`; returns the panels drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,17 +195,30 @@ def curves_picture(history: list[dict], out: str, title: str = "") -> list[str]:
 
     panels = [("loss", ["loss"]), ("learning rate", ["lr"]), ("online kNN top-1", ["knn_top1"]),
               ("label-free (probe set)", ["rankme_fraction", "alignment", "uniformity"]),
-              ("collapse indicators", [k for k in COLLAPSE_METRICS if any(k in row for row in history)])]
+              ("health (1 = the method's healthy runs)", ["spread_vs_healthy", "rank_vs_healthy"])]
+    own = [k for k in METHOD_INDICATORS if any(k in row for row in history)]
+    panels += [("the method's own indicators", own)] if own else []
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
     resumes = sorted({row["resumed_from_step"] for row in history if row.get("resumed_from_step")})
     for axis, (name, keys) in zip(axes[0], panels):
+        if name == "learning rate":
+            steps, values = _schedule(history)
+            if steps:
+                axis.plot(steps, values, color="grey", linewidth=1, label="schedule")
+            axis.set_ylim(bottom=0)
         for key in keys:
             steps, values = series(key)
             axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
-        if name == "collapse indicators":
+            if len(steps) == 1:
+                axis.annotate(f"{values[0]:.3g}", (steps[0], values[0]), textcoords="offset points", xytext=(4, 4),
+                              fontsize=8)
+        if name.startswith("health"):
+            axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+            axis.axhline(COLLAPSE_OF_HEALTHY, color="red", linestyle=":", linewidth=1, label="collapse below")
             flagged = [row["step"] for row in history if row.get("collapsed")]
             if flagged:
                 axis.scatter(flagged, [0] * len(flagged), color="red", marker="x", zorder=3, label="collapsed")
+            axis.set_ylim(bottom=0)
         if name == "learning rate":
             axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if not any(key in row for key in keys for row in history):
@@ -196,7 +227,7 @@ def curves_picture(history: list[dict], out: str, title: str = "") -> list[str]:
             axis.axvline(step, color="grey", linestyle=":", linewidth=1)
         axis.set_title(name, fontsize=10)
         axis.set_xlabel("step")
-        if len(keys) > 1 or name == "collapse indicators":
+        if len(axis.get_legend_handles_labels()[0]) > 1:
             axis.legend(fontsize=7)
     if title:
         figure.suptitle(title, fontsize=10)

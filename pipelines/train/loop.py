@@ -23,7 +23,7 @@ from pipelines.config import RunConfig, config_from_dict
 from pipelines.console import StepProgress, log, to_relay
 from pipelines.evaluate.features import collect_features
 from pipelines.evaluate.knn import knn_top1, split_bank_queries
-from pipelines.evaluate.label_free import check_rank, embedding_spread, probe_metrics
+from pipelines.evaluate.label_free import check_rank, embedding_spread, health_ratios, probe_metrics
 from pipelines.images.ingest import EpochStream, iter_canvas_batches
 from pipelines.images.quality import BadDataError
 from pipelines.train.stops import Stop
@@ -196,6 +196,9 @@ def _report(worker: Worker, window: ReportWindow, progress: Progress, lr: float,
         "samples": progress.samples,
         "loss": statistics.pop("loss", float("nan")),
         "lr": lr,
+        "warmup_steps": worker.plan.warmup_steps,  # the schedule's, for `viz curves`
+        "peak_lr": worker.plan.peak_lr,
+        "min_lr": worker.plan.min_lr,
         "images_per_s": window.images / max(window.time, 1e-9),
         "data_wait_frac": window.wait / max(window.time, 1e-9),
         "resumed_from_step": worker.resumed_from,
@@ -208,6 +211,7 @@ def _report(worker: Worker, window: ReportWindow, progress: Progress, lr: float,
     if statistics:
         metrics.update(worker.method.diagnose(metrics) if worker.rank == 0 else {})
     metrics.update(online)
+    metrics.update(health_ratios(metrics, worker.method.health))
     if worker.rank == 0:  # dimensional collapse, for every method (DINO's diagnose also flags its own)
         metrics.update(check_rank(metrics, worker.warned))
     with tempfile.TemporaryDirectory() as folder:
