@@ -15,7 +15,7 @@ from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_addres
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
 from methods.versions import UntestedVersion  # noqa: E402
-from pipelines.console import UsageError, end_transient, log, to_stderr  # noqa: E402
+from pipelines.console import UsageError, end_transient, log, stdout_while_running, to_stderr  # noqa: E402
 from pipelines.images.samples import SAMPLES  # noqa: E402
 from pipelines.images.shards import DataError  # noqa: E402
 from pipelines.train.stops import NonFiniteLossError, RunInterrupted  # noqa: E402
@@ -200,7 +200,7 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from pipelines.evaluate.frozen import evaluate_checkpoint
+    from pipelines.evaluate.frozen import evaluate_checkpoint, result_line
     from pipelines.images.shards import checked_shards
     from pipelines.weights.checkpoint import find_checkpoint
 
@@ -211,7 +211,9 @@ def cmd_eval(args) -> dict:
     log.info(f"eval {args.protocol}: the frozen encoder of {args.checkpoint}, its {fit} fit on {sizes[0]:,} labeled "
              f"images and scored on {sizes[1]:,}{floors}; starting Ray")
     start_ray(args.num_cpus)
-    return evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
+    result = evaluate_checkpoint(args.checkpoint, args.train, args.test, args.protocol, baselines=not args.no_baselines)
+    log.info(result_line(result))
+    return result
 
 
 def cmd_finetune(args) -> dict:
@@ -616,10 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     # stdout holds the JSON line only: Ray prints its raylets' warnings on the driver's stdout
     # whatever log_to_driver says, and any library may print; while the command runs, all of
     # that goes to stderr.
-    _stdout, sys.stdout = sys.stdout, sys.stderr
+    _stdout, sys.stdout = sys.stdout, stdout_while_running()
     try:
         return _run(args)
     finally:
+        sys.stdout.flush()
         sys.stdout = _stdout
 
 

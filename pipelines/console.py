@@ -99,6 +99,42 @@ def to_stderr() -> None:
     _use(_Stderr())
 
 
+# The raylet's notice that more worker processes started than the machine has CPUs. On a local Ray
+# it is what Ray Data's fractional-CPU decode tasks beside the training workers do on a small
+# machine, with nothing to act on (README, "The console"); a cluster's console keeps it.
+RAYLET_STARTUP_NOTICE = "maximum expected startup concurrency"
+
+
+class _DroppingLines:
+    """A text stream that hands `sink` every whole line except those holding `needle`."""
+
+    def __init__(self, sink, needle: str):
+        self.sink, self.needle, self.pending = sink, needle, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        kept = [line + "\n" for line in lines if self.needle not in line]
+        if kept:
+            self.sink.write("".join(kept))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.sink.write(self.pending)
+            self.pending = ""
+        self.sink.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno, ...: the sink's
+        return getattr(self.sink, name)
+
+
+def stdout_while_running():
+    """What `sys.stdout` is while a command runs, so that stdout holds the JSON line only: stderr,
+    without the raylet's startup notice when this command starts its own Ray."""
+    return sys.stderr if os.environ.get("RAY_ADDRESS") else _DroppingLines(sys.stderr, RAYLET_STARTUP_NOTICE)
+
+
 def forward_worker_logs() -> bool:
     """Whether Ray should forward every worker's output to the console (`SELFSUP_RAY_LOGS=all`)."""
     return os.environ.get(RAY_LOGS_ENV, "").lower() == "all"

@@ -75,6 +75,21 @@ def test_progress_lines_replace_each_other_on_a_terminal_and_are_sparse_elsewher
     assert capsys.readouterr().err == "[selfsup] lasting\n"
 
 
+def test_the_raylets_startup_notice_is_dropped_on_a_local_ray_and_kept_on_a_cluster(monkeypatch, capsys):
+    notice = ("(raylet) WARNING: 8 PYTHON worker processes have been started on node: 70dc with address: 127.0.0.1, "
+              "which is 4x the maximum expected startup concurrency (2). This could be a result of ...")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    stream = console.stdout_while_running()
+    print(notice, file=stream)  # print writes the line and its newline separately
+    print("a library's line", file=stream)
+    stream.write("no newline yet")
+    stream.flush()
+    assert capsys.readouterr().err == "a library's line\nno newline yet"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    print(notice, file=console.stdout_while_running())
+    assert capsys.readouterr().err == notice + "\n"
+
+
 def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_line(own_ray_pretrain):
     """A real `selfsup pretrain` in its own process (conftest's `own_ray_pretrain`): Ray's forwarded
     worker logs used to double each epoch line, bury it in Ray Train/Data INFO lines and land a

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from methods.schedules import scaled_lr, warmup_cosine
+from pipelines.evaluate.frozen import result_line, top1_margin
 from pipelines.evaluate.knn import knn_top1, split_bank_queries
 from pipelines.evaluate.label_free import embedding_std
 from pipelines.evaluate.linear import linear_probe_top1
@@ -30,6 +31,24 @@ def test_knn_and_linear_probe_separate_clusters_and_fail_on_noise():
 def test_embedding_std_is_about_one_when_spread_and_zero_when_collapsed():
     assert embedding_std(torch.randn(4096, 64)) == pytest.approx(1.0, abs=0.05)
     assert embedding_std(torch.ones(256, 64) + 1e-6 * torch.randn(256, 64)) < 0.01
+
+
+def test_top1_margin_covers_95_percent_of_test_sets_of_its_size():
+    """Wilson's interval around a top-1 on n test images holds the encoder's true accuracy in about
+    95% of test sets of that size; a margin of the plain sqrt(p(1-p)/n) (no 1.96) would hold it in
+    about 68%, and one that forgot n's square root in far fewer."""
+    assert top1_margin(0.5, 100) == pytest.approx(0.0962, abs=1e-4)  # Wilson's, worked by hand
+    generator = torch.Generator().manual_seed(0)
+    for true, images in ((0.65, 40), (0.9, 200), (0.3, 1000)):
+        measured = (torch.rand(4000, images, generator=generator) < true).float().mean(dim=1).tolist()
+        covered = [abs(p - true) <= top1_margin(p, images) + 0.5 / images for p in measured]  # a top-1 moves in steps of 1/n
+        assert 0.93 <= sum(covered) / len(covered) <= 0.995, (true, images, sum(covered) / len(covered))
+    with pytest.raises(ValueError, match="at least one test image"):
+        top1_margin(0.5, 0)
+    line = result_line({"protocol": "knn", "top1": 0.65, "random_init_top1": 0.75, "raw_pixels_top1": 0.6,
+                        "test_images": 40, "top1_margin_95": top1_margin(0.65, 40)})
+    assert line == ("eval knn: top-1 0.650 | random-init encoder 0.750 | raw pixels 0.600; each within about "
+                    "±0.14 (95%) on 40 test images")
 
 
 def test_bank_query_split_is_deterministic_and_disjoint():

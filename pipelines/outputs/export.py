@@ -40,6 +40,14 @@ SMALL_STEM_RECIPE = (  # str.format(arch=..., folder=...)
 FEATURE_TOLERANCE = 1e-4  # max |timm features - checkpoint features| accepted by the self-check
 
 
+def load_line(arch: str, folder: str, stem: bool) -> str:
+    """The Python line, imports included, that loads an export `folder` (absolute) of `arch`:
+    timm's own loader, or the small-image stem's recipe."""
+    if stem:
+        return "import json, safetensors.torch, timm, torch; " + SMALL_STEM_RECIPE.format(arch=arch, folder=folder)
+    return f'import timm; model = timm.create_model("local-dir:{folder}", pretrained=True)'
+
+
 class ExportError(DataError):
     """An export that would not load in timm as the checkpoint's encoder."""
 
@@ -106,8 +114,7 @@ def export_encoder(checkpoint: str, out: str, overwrite: bool = False, seed: int
     readable_by_umask(out)
     error = _check_reload(method, out, seed)
     folder = os.path.abspath(out)
-    load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
-            else f'timm.create_model("local-dir:{folder}", pretrained=True)')
+    load = load_line(config.backbone.name, folder, stem)
     result = {"out": out, "architecture": config.backbone.name, "model_args": args, "feature_dim": info["feature_dim"],
               "max_feature_difference": error, "method": config.method, "checkpoint": checkpoint, "load": load}
     if onnx:
@@ -164,8 +171,7 @@ def export_classifier(classifier, config, num_classes: int, out: str, info: dict
     readable_by_umask(out)
     error = _check_reload(classifier, out, seed)
     folder = os.path.abspath(out)
-    load = (SMALL_STEM_RECIPE.format(arch=config.backbone.name, folder=folder) if stem
-            else f'timm.create_model("local-dir:{folder}", pretrained=True)')
+    load = load_line(config.backbone.name, folder, stem)
     return {"out": out, "architecture": config.backbone.name, "model_args": args, "max_score_difference": error,
             "load": load}
 
