@@ -41,7 +41,8 @@ def test_top1_margin_covers_95_percent_of_test_sets_of_its_size():
     generator = torch.Generator().manual_seed(0)
     for true, images in ((0.65, 40), (0.9, 200), (0.3, 1000)):
         measured = (torch.rand(4000, images, generator=generator) < true).float().mean(dim=1).tolist()
-        covered = [abs(p - true) <= top1_margin(p, images) + 0.5 / images for p in measured]  # a top-1 moves in steps of 1/n
+        step = 0.5 / images  # a top-1 moves in steps of 1/n
+        covered = [abs(p - true) <= top1_margin(p, images) + step for p in measured]
         assert 0.93 <= sum(covered) / len(covered) <= 0.995, (true, images, sum(covered) / len(covered))
     with pytest.raises(ValueError, match="at least one test image"):
         top1_margin(0.5, 0)
