@@ -140,7 +140,7 @@ class SimCLR(Method):
         # `selfsup demo`'s recipe for MNIST-M (docs/FINDINGS.md, "composition"; docs/BENCHMARKS.md,
         # "The demo's learning rate"): tiny's network with one block per stage, views without crops
         # (at 32 px a crop keeps the photo and loses the digit), strong colour, and the LR held at
-        # its peak after the warm-up (min_lr = 0.3 x sqrt(64)), since the run is short.
+        # its peak after the warm-up, since the run is short.
         "demo": {
             "backbone": {"name": "resnet18", "small_images": True,
                          "kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16, "layers": [1, 1, 1, 1]}},
@@ -149,7 +149,7 @@ class SimCLR(Method):
                       "view.jitter": [0.8, 0.8, 0.8, 0.2], "view.grayscale": 0.5, "view.blur": 0.5,
                       "view.blur_sigma": [0.1, 1.0]},
             "data": {"canvas_size": 32},
-            "optim": {"epochs": 15, "batch_size": 64, "base_lr": 0.3, "lr_scaling": "sqrt", "min_lr": 2.4,
+            "optim": {"epochs": 15, "batch_size": 64, "base_lr": 0.3, "lr_scaling": "sqrt", "lr_schedule": "constant",
                       "warmup_epochs": 1, "weight_decay": 1e-4, "momentum": 0.9},
         },
         # The paper: ResNet-50, batch 4096, tau 0.1, LARS lr 0.3 x B/256, wd 1e-6, 10 warmup epochs.

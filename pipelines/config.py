@@ -83,8 +83,10 @@ class OptimConfig:
     batch_size: the *global* batch (split evenly across workers).
     base_lr: learning rate before scaling by the global batch (see lr_scaling).
     lr_scaling: `linear` (base x B/256), `sqrt` (base x sqrt(B)) or null for the method's rule.
-    warmup_epochs: linear warmup from 0, then per-iteration cosine to min_lr.
-    min_lr: final learning rate.
+    warmup_epochs: linear warmup from 0, then the schedule.
+    lr_schedule: after the warm-up, `cosine` (per iteration, to min_lr) or `constant` (the peak LR
+        to the end, whatever the batch it is scaled to).
+    min_lr: final learning rate of the cosine; not above the peak.
     weight_decay: on weights only (never biases or norms).
     momentum: for SGD/LARS; betas: for AdamW.
     clip_grad: clip the global gradient norm to this (0 = off).
@@ -97,6 +99,7 @@ class OptimConfig:
     base_lr: float = 0.3
     lr_scaling: str | None = None
     warmup_epochs: float = 1.0
+    lr_schedule: str = "cosine"
     min_lr: float = 0.0
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -111,6 +114,7 @@ class OptimConfig:
             "base_lr": (self.base_lr > 0, "a number > 0"),
             "lr_scaling": (self.lr_scaling in (None, "linear", "sqrt"), "linear, sqrt or null"),
             "warmup_epochs": (0 <= self.warmup_epochs <= self.epochs, "in [0, epochs]"),
+            "lr_schedule": (self.lr_schedule in ("cosine", "constant"), "cosine or constant"),
             "min_lr": (0 <= self.min_lr, "a number >= 0"),
             "weight_decay": (0 <= self.weight_decay < 1, "in [0, 1)"),
             "momentum": (0 <= self.momentum < 1, "in [0, 1)"),

@@ -128,10 +128,15 @@ def plan_run(config: RunConfig, train_rows: int, data: str = "the training shard
         fix = f"use --set optim.batch_size={fits} or smaller" if fits else f"use at most {train_rows} workers"
         raise ValueError(f"optim.batch_size={batch}: larger than the {train_rows} training images in {data}; {fix}")
     rule = config.lr_rule()
+    peak = peak_lr(config)
+    if config.optim.lr_schedule == "cosine" and config.optim.min_lr > peak:
+        raise ValueError(f"optim.min_lr={config.optim.min_lr:g}: above the peak LR {peak:.4g} at batch {batch}, so the "
+                         "LR would rise after the warm-up; lower it, or hold the peak with optim.lr_schedule=constant")
     splits = tuple(batch_plan(batch, world, config.optim.max_worker_batch, rule) for world in range(low, high + 1))
     steps_per_epoch = train_rows // batch
     return RunPlan(train_rows=train_rows, steps_per_epoch=steps_per_epoch,
                    total_steps=steps_per_epoch * config.optim.epochs,
                    warmup_steps=int(round(config.optim.warmup_epochs * steps_per_epoch)),
-                   peak_lr=peak_lr(config), lr_scaling=rule, min_lr=config.optim.min_lr,
+                   peak_lr=peak, lr_scaling=rule,
+                   min_lr=peak if config.optim.lr_schedule == "constant" else config.optim.min_lr,
                    workers=(low, high), splits=splits)
