@@ -14,7 +14,6 @@ from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_addres
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
-from methods.versions import UntestedVersion  # noqa: E402
 from pipelines.console import UsageError, end_transient, log, stdout_while_running, to_stderr  # noqa: E402
 from pipelines.images.samples import SAMPLES  # noqa: E402
 from pipelines.images.shards import DataError  # noqa: E402
@@ -627,10 +626,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    # On a terminal, a line at once: loading PyTorch and Ray and checking the inputs take seconds
-    # before the command's own first line. Transient: the next line replaces it (none in a pipe).
-    if sys.stderr.isatty():
-        log.info(f"{args.command}: loading PyTorch and Ray, then checking the inputs", extra={"transient": True})
+    # A line at once: loading PyTorch and Ray (the method registry imports them: about 6 s on a
+    # busy 2-core machine) and checking the inputs take seconds before the command's own first
+    # line. On a terminal the next line replaces it.
+    log.info(f"{args.command}: loading PyTorch and Ray, then checking the inputs", extra={"transient": True})
+    from methods.versions import UntestedVersion
+
     try:
         try:
             result = args.run(args)

@@ -147,7 +147,8 @@ class _RelayHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.queue.put((self.format(record), getattr(record, "transient", False)), timeout=10)
+            self.queue.put((self.format(record), getattr(record, "transient", False), getattr(record, "waiting", None)),
+                           timeout=10)
         except Exception:  # the driver is gone or slow: the line must not stop training
             print(self.format(record), file=sys.stderr, flush=True)
 
@@ -161,27 +162,43 @@ def to_relay(queue, prefix: str = "") -> None:
 
 class Relay:
     """Driver side: a queue actor the workers put lines into and a thread printing them on the
-    driver's stderr while the job runs. `with Relay() as relay:` and pass `relay.queue` to the
-    workers' config; leaving the block prints what is left and removes the actor."""
+    driver's stderr while the job runs. `with Relay(waiting) as relay:` and pass `relay.queue` to
+    the workers' config; leaving the block prints what is left and removes the actor.
 
-    def __init__(self):
+    While no line comes, the thread says what the job is waiting for, at the progress cadence:
+    `waiting` at first (e.g. the workers' start), then what a worker's line tagged
+    `extra={"waiting": ...}` names; a progress line (transient) ends the waiting, since from then
+    on the job prints its own progress."""
+
+    def __init__(self, waiting: str = ""):
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._print, name="selfsup-console", daemon=True)
+        self.waiting, self.since = waiting, time.monotonic()
 
     def _print(self) -> None:
         from ray.util.queue import Empty
 
         while not self._stop.is_set():
             try:
-                line, transient = self.queue.get(timeout=0.5)
+                line, transient, waiting = self.queue.get(timeout=0.5)
             except Empty:
+                self._say_waiting()
                 continue
             except Exception:  # Ray is shutting down
                 return
             write(line, transient)
+            if waiting is not None:
+                self.waiting, self.since = waiting, time.monotonic()
+            elif transient:
+                self.waiting = ""
+
+    def _say_waiting(self) -> None:
+        now = time.monotonic()
+        if self.waiting and now - max(_console["last"], self.since) >= PROGRESS_EVERY_S:
+            log.info(f"{self.waiting} · {format_seconds(now - self.since)} so far", extra={"transient": True})
 
     def __enter__(self) -> "Relay":
         self._thread.start()
@@ -191,7 +208,7 @@ class Relay:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            for line, transient in self.queue.get_nowait_batch(self.queue.qsize()):
+            for line, transient, _ in self.queue.get_nowait_batch(self.queue.qsize()):
                 write(line, transient)
             self.queue.shutdown()
         except Exception:
@@ -268,13 +285,22 @@ class StepProgress:
     def step(self, images: int, waited: float, elapsed: float, step: int, epoch: int) -> None:
         self.images, self.time, self.wait = self.images + images, self.time + elapsed, self.wait + waited
         now = time.monotonic()
+        timed = step - self.start_step
+        if timed == 1:  # the first step ends the start-up (the driver's relay stops saying what it waits for)
+            log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · the first step done "
+                     f"{format_seconds(now - self.started)} after the workers started; timing the next",
+                     extra={"transient": True})
+            self.started = self.last = now
+            self.images = self.time = self.wait = 0.0
+            return
         if now - self.last < self.every_s or step >= self.total_steps:
             return
-        timed = step - self.start_step
+        timed -= 1  # steps timed since the first
         per_step = (now - self.started) / max(timed, 1)
         # An ETA from the first step or two measures their start-up, not the run's pace: none until more are timed.
         eta = f" · ETA {format_seconds(per_step * (self.total_steps - step))}" if timed >= ETA_AFTER_STEPS else ""
-        log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · "
-                 f"{self.images / max(self.time, 1e-9):,.0f} img/s · data wait {self.wait / max(self.time, 1e-9):.0%}"
-                 f"{eta}", extra={"transient": True})
+        rate = self.images / max(self.time, 1e-9)
+        speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"  # a slow machine's 0.4 img/s is not "0"
+        log.info(f"epoch {epoch + 1}/{self.epochs} · step {step}/{self.total_steps} · {speed} img/s · "
+                 f"data wait {self.wait / max(self.time, 1e-9):.0%}{eta}", extra={"transient": True})
         self.last, self.images, self.time, self.wait = now, 0.0, 0.0, 0.0

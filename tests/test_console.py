@@ -16,11 +16,15 @@ def test_step_progress_says_where_training_is_and_when_it_ends(capsys, monkeypat
     ticker.step(images=64, waited=0.0, elapsed=1.0, step=10, epoch=1)  # the last step: the epoch line says it
     assert capsys.readouterr().err == ""
     quiet = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=3600)
-    quiet.step(images=64, waited=0.0, elapsed=1.0, step=1, epoch=0)
+    quiet.step(images=64, waited=0.0, elapsed=1.0, step=1, epoch=0)  # the first step is said at once: start-up over
+    assert "step 1/10 · the first step done " in capsys.readouterr().err
+    quiet.step(images=64, waited=0.0, elapsed=1.0, step=2, epoch=0)  # then the cadence
     assert capsys.readouterr().err == ""
-    early = StepProgress(total_steps=10, epochs=2, start_step=0, every_s=0)
-    early.step(images=64, waited=0.0, elapsed=1.0, step=1, epoch=0)  # one step timed: its start-up, no ETA
-    assert capsys.readouterr().err.strip() == "[selfsup] epoch 1/2 · step 1/10 · 64 img/s · data wait 0%"
+    early = StepProgress(total_steps=10, epochs=2, start_step=5, every_s=0)  # resumed at step 5
+    early.step(images=64, waited=0.0, elapsed=1.0, step=6, epoch=0)
+    assert "step 6/10 · the first step done" in capsys.readouterr().err
+    early.step(images=4, waited=0.0, elapsed=1.0, step=7, epoch=0)  # one step timed since: no ETA; a slow rate kept
+    assert capsys.readouterr().err.strip() == "[selfsup] epoch 1/2 · step 7/10 · 4.0 img/s · data wait 0%"
 
 
 def test_progress_at_zero_says_what_it_waits_for(capsys, monkeypatch):
@@ -90,6 +94,29 @@ def test_the_raylets_startup_notice_is_dropped_on_a_local_ray_and_kept_on_a_clus
     assert capsys.readouterr().err == notice + "\n"
 
 
+def test_the_relay_says_what_the_job_waits_for_after_a_silence_only(capsys, monkeypatch):
+    """Issue 34, item 4: between the start line and the first step (Ray Train starting the workers,
+    the first batches decoding: minutes on a busy machine) the driver says what it waits for."""
+    import time
+
+    from pipelines.console import Relay
+
+    monkeypatch.setattr(console, "SILENCE_S", 0)
+    to_stderr()
+    relay = Relay.__new__(Relay)  # its thread's logic, without the queue actor (Ray)
+    relay.waiting, relay.since = "waiting for the first decoded batches", time.monotonic() - 40
+    monkeypatch.setitem(console._console, "last", time.monotonic() - 1)  # a line a second ago
+    relay._say_waiting()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(console._console, "last", time.monotonic() - 20)
+    relay._say_waiting()
+    assert capsys.readouterr().err.strip() == "[selfsup] waiting for the first decoded batches · 40s so far"
+    relay.waiting = ""  # a progress line came: the job says its own progress from here on
+    monkeypatch.setitem(console._console, "last", time.monotonic() - 20)
+    relay._say_waiting()
+    assert capsys.readouterr().err == ""
+
+
 def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_line(own_ray_pretrain):
     """A real `selfsup pretrain` in its own process (conftest's `own_ray_pretrain`): Ray's forwarded
     worker logs used to double each epoch line, bury it in Ray Train/Data INFO lines and land a
@@ -106,7 +133,9 @@ def test_a_pretrain_console_is_selfsups_own_lines_once_and_stdout_is_one_json_li
     assert not any("Traceback" in line or "INFO" in line for line in lines), lines
     ours = [line for line in lines if line.startswith("[selfsup]")]
     assert len(ours) > len(lines) / 2, lines
-    assert ours[0].startswith("[selfsup] pretrain: simclr, preset tiny: 2 epochs x "), ours[0]  # what it chose
+    assert ours[0] == "[selfsup] pretrain: loading PyTorch and Ray, then checking the inputs"  # at once
+    assert ours[1].startswith("[selfsup] pretrain: simclr, preset tiny: 2 epochs x "), ours[1]  # what it chose
+    assert any(line.startswith("[selfsup] 1 worker ready on cpu; ") for line in ours), ours
 
 
 def test_a_command_on_a_terminal_says_at_once_what_it_is_loading(monkeypatch, tmp_path):

@@ -37,6 +37,9 @@ def train_loop_per_worker(loop_config: dict) -> Stop | None:
     config = config_from_dict(loop_config["config"])
     to_relay(loop_config.get("console"), loop_config.get("console_prefix", ""))  # lines reach the driver's console
     worker, progress = start_worker(config, loop_config)
+    if worker.rank == 0:  # the driver's console says, until the first step, that the data is what it waits for
+        log.info(f"{worker.world} worker{'s' * (worker.world > 1)} ready on {worker.device.type}; the first step "
+                 "waits for the first decoded batches", extra={"waiting": "waiting for the first decoded batches"})
     has_val, has_probe = loop_config["has_val"], loop_config.get("has_probe", False)
     train_shard = ray.train.get_dataset_shard("train")
 

@@ -107,7 +107,7 @@ def pretrain(config: RunConfig, data: str, plan: RunPlan | None = None, **kwargs
     (`preflight`'s, or planned here from the shards' row count). `kwargs`: `make_trainer`'s."""
     plan = plan or plan_run(config, find_shards(data).num_rows, data)
     kwargs["name"] = kwargs.get("name") or default_run_name(config)
-    with Relay() as relay:
+    with Relay(waiting="waiting for Ray Train to start the training workers") as relay:
         trainer = make_trainer(config, data, plan, console=relay.queue, **kwargs)
         try:
             result = trainer.fit()
