@@ -60,6 +60,7 @@ def _use(handler: logging.Handler, prefix: str = "") -> None:
 # CI) a progress line is written only when nothing was for SILENCE_S, so a long step still shows
 # life without burying the lasting lines.
 SILENCE_S = 1.7 * PROGRESS_EVERY_S  # with a line due every 15 s, no silence much over 30 s
+WATCH_POLL_S = 1.0  # how often a watcher checks whether a progress line is due
 _console = {"last": 0.0, "pending": False}
 
 
@@ -230,9 +231,9 @@ class Progress:
         stop = threading.Event()
 
         def watch():
-            while not stop.wait(self.every_s):
+            while not stop.wait(max(0.01, min(WATCH_POLL_S, self.every_s))):
                 try:
-                    self.tick(count(), force=True)
+                    self.tick(count())
                 except Exception:  # a count that failed once (Ray busy) is tried again next time
                     pass
 
@@ -245,7 +246,12 @@ class Progress:
             thread.join(timeout=5)
 
     def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every_s
+        """On a terminal every `every_s`; elsewhere once the console has been silent for SILENCE_S
+        (the only time `write` prints a progress line there), whoever printed last."""
+        now = time.monotonic()
+        if sys.stderr.isatty():
+            return now - self.last >= self.every_s
+        return now - self.last >= self.every_s and now - _console["last"] >= SILENCE_S
 
     def tick(self, done: int, rate: float | None = None, extra: str = "", force: bool = False) -> None:
         if not (force or self.due()):

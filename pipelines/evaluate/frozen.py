@@ -28,7 +28,6 @@ def evaluate_method(method, config, train: str, test: str, protocol: str = "knn"
     loaded with `method.init_encoder`), with `config` its run config."""
     encoders = (Encoder("top1", {k: v.cpu() for k, v in method.state_dict().items()}),
                 *((Encoder("random_init_top1"),) if baselines else ()))
-    train_set, test_set = (extract(location, config, encoders, pixels=baselines) for location in (train, test))
     columns = {encoder.name: encoder.name for encoder in encoders} | ({"raw_pixels_top1": PIXELS} if baselines else {})
 
     def score(name: str, column: str) -> float:
@@ -37,9 +36,14 @@ def evaluate_method(method, config, train: str, test: str, protocol: str = "knn"
             return knn_top1(*args, config.train.knn_k, config.train.knn_temperature)
         return linear_probe_top1(*args)
 
-    results, done = {}, 0
-    # A linear probe of raw pixels takes tens of seconds on a CPU: say so while it runs.
-    with Progress("eval: scored", len(columns) * (1 + len(also)), unit="probes").watching(lambda: done):
+    results, done, sets = {}, 0, []
+    # The feature passes and a linear probe of raw pixels take tens of seconds each on a CPU: say so while they run.
+    stages = 2 + len(columns) * (1 + len(also))
+    with Progress("eval: feature passes and probes", stages, unit="stages").watching(lambda: done):
+        for location in (train, test):
+            sets.append(extract(location, config, encoders, pixels=baselines))
+            done += 1
+        train_set, test_set = sets
         for name in (protocol, *also):
             results[name] = {}
             for key, column in columns.items():

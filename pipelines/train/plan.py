@@ -51,7 +51,7 @@ class BatchPlan:
                 "accumulation_steps": self.accumulation, "global_batch": self.global_batch}
 
     def describe(self) -> str:
-        split = f"{self.world_size} workers x {self.worker_batch} images" + (
+        split = f"{self.world_size} worker{'s' * (self.world_size > 1)} x {self.worker_batch} images" + (
             f" x {self.accumulation} accumulation steps" if self.accumulation > 1 else "")
         if self.exact:
             return f"{split} = global batch {self.global_batch} (the recipe's)"
