@@ -81,13 +81,14 @@ def test_cli_refuses_misfitting_weights_in_one_line_before_ray(digits, tmp_path,
     torch.save(build_method(tiny_config("mae")).backbone.state_dict(), tmp_path / "vit.pth")
     monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
     code = main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--init-from", str(tmp_path / "vit.pth")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"selfsup pretrain: error: --init-from {tmp_path / 'vit.pth'}: does not fit")
+    # one error line, after the line that says what is loading (replaced by it on a terminal)
+    loading, error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and loading == "[selfsup] pretrain: loading PyTorch and Ray, then checking the inputs"
+    assert error.startswith(f"selfsup pretrain: error: --init-from {tmp_path / 'vit.pth'}: does not fit")
     # A search refuses them once, before Ray, not in each of its trials.
     code = main(["tune", "--method", "simclr", "--data", f"{out}/train", "--set", f"train.init_from={tmp_path / 'vit.pth'}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith(f"selfsup tune: error: --init-from {tmp_path / 'vit.pth'}: does not fit")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith(f"selfsup tune: error: --init-from {tmp_path / 'vit.pth'}: does not fit")
 
 
 def test_pretraining_continues_from_an_export(digits, one_epoch_run, tmp_path, capsys):

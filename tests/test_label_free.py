@@ -200,3 +200,4 @@ def test_each_method_reads_its_measured_runs_on_its_own_scale():
     # the spread on the method's scale: SimCLR's ResNet features at the demo's end read near 1
     demo_end = health_ratios({"embedding_std": 0.12}, METHODS["simclr"].health)["spread_vs_healthy"]
     assert 0.5 < demo_end < 1.5 and health_ratios({}, METHODS["simclr"].health) == {}
+    assert health_ratios({"embedding_std": 0.3, "rankme_fraction": 0.2}, None) == {}  # fine-tuning's classifier

@@ -192,11 +192,14 @@ def probe_metrics(method, batches, device) -> dict[str, float]:
     }
 
 
-def health_ratios(metrics: dict, healthy: HealthScale) -> dict[str, float]:
+def health_ratios(metrics: dict, healthy: HealthScale | None) -> dict[str, float]:
     """The report's health indicators on the method's scale: `spread_vs_healthy` (its
     `embedding_std`) and `rank_vs_healthy` (its `rankme_fraction`) over what the method's healthy
-    runs show; about 1 healthy, towards 0 collapsed. Each only where the report has its metric."""
+    runs show; about 1 healthy, towards 0 collapsed. Each only where the report has its metric;
+    none for a model without a scale (fine-tuning's classifier)."""
     ratios = {}
+    if healthy is None:
+        return ratios
     if "embedding_std" in metrics:
         ratios["spread_vs_healthy"] = metrics["embedding_std"] / healthy.embedding_std
     if "rankme_fraction" in metrics:

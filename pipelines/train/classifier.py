@@ -94,6 +94,7 @@ class Classifier(nn.Module):
     `recipe`: its training view. Training input is `[views (N, 3, s, s), labels (N,)]`."""
 
     sync_bn = False
+    health = None  # no healthy scale of a classifier's own: its reports carry no health ratios or rank flag
 
     def __init__(self, model: nn.Module, recipe: ViewRecipe, settings: FineTuneConfig):
         super().__init__()
