@@ -176,7 +176,7 @@ class LocalRayCluster:
 
     def wait_for_nodes(self, count: int, timeout: float = STATUS_TIMEOUT_S) -> list[dict]:
         """The alive nodes (`ray.nodes()` records, read on the head), once there are `count`."""
-        script = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+        script = ("import json, ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
                   "print(json.dumps([n for n in ray.nodes() if n['Alive']]))")
         deadline = time.monotonic() + timeout
         while True:

@@ -24,13 +24,16 @@ CONFIG = os.path.join(REPO, "cluster", "aws.yaml")
 
 SPREAD = """
 import json, socket, ray
-ray.init(address="{head}:6379", logging_level="ERROR")
+# log_to_driver=False: no "(autoscaler +2s) Resized to 6 CPUs." after the JSON line (a CI failure)
+ray.init(address="{head}:6379", logging_level="ERROR", log_to_driver=False)
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def where():
     return ray.util.get_node_ip_address()
 
-print(json.dumps(sorted(ray.get([where.remote() for _ in range(4)]))))
+addresses = sorted(ray.get([where.remote() for _ in range(4)]))
+ray.shutdown()
+print(json.dumps(addresses))
 """
 
 
