@@ -166,10 +166,10 @@ def main() -> None:
 
     import ray
 
+    from methods.weights import fit_weights, read_weights
     from pipelines.cli import start_ray
     from pipelines.config import build_method
     from pipelines.weights.checkpoint import load_checkpoint
-    from pipelines.weights.init_from import fit_to_backbone, read_weights
 
     rows = []
     for name in methods:
@@ -181,8 +181,9 @@ def main() -> None:
         our_row = score(method, config, None, args.data, args.workdir, f"selfsup-{name}", args.labels_per_class,
                         args.all_labels, scratch=True)
         fresh = build_method(config)
-        weights, _ = fit_to_backbone(read_weights(theirs["weights"]), fresh.backbone, theirs["weights"],
-                                     config.backbone.name)
+        weights, _ = fit_weights(read_weights(theirs["weights"], "lightly's weights"), fresh.backbone,
+                                 theirs["weights"], f"the run's {config.backbone.name} backbone",
+                                 "the peer trained another architecture")
         their_row = score(fresh, config, weights, args.data, args.workdir, f"lightly-{name}", args.labels_per_class,
                           args.all_labels, scratch=False)
         for library, row, run in (("selfsup", our_row, ours), ("lightly", their_row, theirs)):
