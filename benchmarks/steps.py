@@ -86,8 +86,9 @@ class StepBench:
         return self.config.optim.batch_size
 
     def make_views(self, _: int = 0) -> None:
-        """The method's views of the canvases, as the step takes them."""
-        self.views = as_step_input(self.method.views(self.canvases), self.channels_last)
+        """The method's step input from the canvases (its views, and distillation's teacher
+        embeddings), as the worker loop makes it."""
+        self.views = as_step_input(self.method.step_input({"image": self.canvases}), self.channels_last)
 
     def model_step(self, _: int = 0) -> torch.Tensor:
         """Forward, backward and optimizer step on the views made last; the loss, on the device."""

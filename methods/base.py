@@ -211,6 +211,16 @@ class Method(nn.Module, abc.ABC):
         field, for methods that have one (the global BN of SimCLR and BYOL)."""
         return bool(getattr(self.hparams, "sync_bn", False))
 
+    @classmethod
+    def pinned(cls, hparams: Any, recipe: ViewRecipe) -> Any:
+        """The hyperparameters with what they point to outside the config checked and pinned, once
+        on the driver before a run starts (`pipelines.config.pinned_config`): distillation reads its
+        teacher's file, refuses a misfit and records the file's hash. The run's config, checkpoints
+        and a rerun's comparison hold what comes back, so a changed file is refused like any changed
+        setting, and a key ending in `_sha256` even by `--resume`. Refusals are ValueError, one line.
+        By default `hparams` unchanged."""
+        return hparams
+
     # --- views -------------------------------------------------------------------------
     @classmethod
     @abc.abstractmethod

@@ -132,11 +132,11 @@ def run_config(args, options: dict):
     model built from it once: architecture mismatches (e.g. width vs heads) surface only when the
     model is built."""
     from methods.base import checked_groups
-    from pipelines.config import build_config, build_method
+    from pipelines.config import build_config, build_method, pinned_config
 
     sets = {**parse_sets(args.set), **{key: value for key, value in options.items() if value is not None}}
     try:
-        config = build_config(args.method, args.preset, args.config, sets)
+        config = pinned_config(build_config(args.method, args.preset, args.config, sets))
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:

@@ -406,6 +406,12 @@ def config_from_dict(raw: dict) -> RunConfig:
     return config
 
 
+def pinned_config(config: RunConfig) -> RunConfig:
+    """`config` with its method's outside inputs checked and recorded (`Method.pinned`): what a run
+    that trains (pretrain, tune) starts from. A ValueError is one line naming what did not fit."""
+    return dataclasses.replace(config, hparams=config.method_class.pinned(config.hparams, config.recipe()))
+
+
 def build_method(config: RunConfig) -> Method:
     """The configured method with freshly initialised weights (seeded by `train.seed`)."""
     torch.manual_seed(config.train.seed)

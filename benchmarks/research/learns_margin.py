@@ -4,6 +4,10 @@ encoder, by kNN and linear probe, over several seeds: the margins `tests/test_le
 are chosen from these numbers (docs/BENCHMARKS.md, "Every method learns on the digits sample").
 
     python -m benchmarks.research.learns_margin --methods simclr,mae,dino,byol --seeds 0,1,2
+    python -m benchmarks.research.learns_margin --methods distill --seeds 0,1,2
+
+`distill` learns from SimCLR's seed-0 run exported as its teacher (tests/helpers/runs.py
+`DISTILL_LEARNS`), trained first when the methods do not start with simclr.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pipelines.cli import parse_sets, start_ray
 from pipelines.config import with_sets
 from pipelines.evaluate.frozen import evaluate_checkpoint
 from pipelines.images.prepare import PrepareConfig, prepare
+from pipelines.outputs.export import export_encoder
 from pipelines.train.pretrain import pretrain
-from tests.helpers.runs import LEARNS, learns_config
+from tests.helpers.runs import LEARNS, distill_learns_config, learns_config
 
 
 def main() -> None:
@@ -33,9 +38,13 @@ def main() -> None:
     prepare("sample:digits", f"{work}/digits", PrepareConfig(shard_mb=0.02, row_group_mb=0.005))
     train, test = f"{work}/digits/train", f"{work}/digits/test"
     margins: dict[str, list[tuple[float, float]]] = {}
+    teacher = None
     for method in args.methods.split(","):
+        if method == "distill" and teacher is None:
+            simclr = pretrain(learns_config("simclr", 0), train, storage=f"{work}/runs", name="simclr-teacher")
+            teacher = export_encoder(simclr["checkpoint"], f"{work}/teacher")["out"]
         for seed in (int(s) for s in args.seeds.split(",")):
-            config = learns_config(method, seed)
+            config = distill_learns_config(teacher, seed) if method == "distill" else learns_config(method, seed)
             if args.set:
                 config = with_sets(config.to_dict(), parse_sets(args.set))
             start = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.cli import parse_sets
-from pipelines.config import build_config, build_method
+from pipelines.config import build_config, build_method, pinned_config
 from pipelines.evaluate.knn import knn_top1
 from pipelines.evaluate.label_free import embedding_spread, probe_metrics
 from pipelines.evaluate.linear import linear_probe_top1
@@ -84,7 +84,7 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
     sees each history row as it is made; with `floors`, also "knn_random_init" and
     "linear_random_init" (the same encoder before training).
     """
-    config = build_config(method_name, "tiny", sets=sets)
+    config = pinned_config(build_config(method_name, "tiny", sets=sets))
     (train, train_labels), (test, test_labels) = (load(sample, config.data.canvas_size)[s] for s in ("train", "test"))
     method = build_method(config)
     probe_batches = [{"image": train[i:i + 512]} for i in range(0, min(len(train), probe_size), 512)]
@@ -102,7 +102,7 @@ def probe(method_name: str, sets: dict, sample: str = "mnist-m", knn_every: int 
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
             method.before_step(step, schedule.total_steps, epoch, optimizer)
-            loss, stats = method(method.views(train[order[index * batch:(index + 1) * batch]]))
+            loss, stats = method(method.step_input({"image": train[order[index * batch:(index + 1) * batch]]}))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.clip_grad > 0:
@@ -156,9 +156,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = {}
     if args.learns:  # the tests' config with the learns run's --sets (tests/helpers/runs.py)
-        from tests.helpers.runs import learns_sets
+        from tests.helpers.runs import DISTILL_LEARNS, learns_sets
 
-        base = learns_sets(args.method)
+        # distillation's adds its teacher's settings; give the folder with --set hparams.teacher_weights=
+        base = {**learns_sets(args.method), **(DISTILL_LEARNS if args.method == "distill" else {})}
     epochs = args.epochs or base.get("optim.epochs", 5)
     sets = {**base, "optim.epochs": epochs, **parse_sets(args.set)}
     result = probe(args.method, sets, args.sample, args.knn_every, on_row=lambda row: print(json.dumps(row), flush=True),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from methods import METHODS
-from pipelines.config import build_config, build_method
+from pipelines.config import build_config, build_method, pinned_config
 from pipelines.evaluate.knn import knn_top1
 from pipelines.evaluate.linear import linear_probe_top1
 from pipelines.images.decode import decode_canvas
@@ -42,7 +42,9 @@ def main() -> None:
     labels = {split: torch.from_numpy(tables[split].column("label").to_numpy()) for split in tables}
     results = {}
     for method in sorted(METHODS):
-        config = build_config(method, "tiny")
+        # a method whose settings name a file (distillation's teacher) takes its smoke teacher
+        teacher = {key: value for key, value in METHODS[method].smoke_sets.items() if key.startswith("hparams.teacher")}
+        config = pinned_config(build_config(method, "tiny", sets=teacher))
         images = {split: canvases(tables[split], config.data.canvas_size) for split in tables}
         if "raw pixels" not in results:
             pixels = {split: images[split].reshape(len(images[split]), -1).float() / 255 for split in images}

@@ -31,6 +31,10 @@ HOW_IT_RUNS = ("preset", "data.decode_block_mb", "data.decode_num_cpus", "data.d
                "train.max_failures", "train.cpus_per_worker", "train.torch_threads", "train.placement_strategy",
                "train.workers", "train.resize_interval_s", "train.compile", "train.channels_last", "tracking.")
 
+# A setting that ends so is the hash of a file the run depends on, pinned by `Method.pinned`
+# (distillation's teacher): even --resume does not continue a run on another file.
+PINNED_HASH = "_sha256"
+
 
 def storage_path(storage: str | None) -> str:
     """A local folder (made absolute, as Ray needs) or any URI pyarrow handles (s3://, gs://)."""
@@ -143,6 +147,11 @@ def check_rerun(config: RunConfig, plan: RunPlan, storage: str | None, name: str
     if last.get("total_steps") not in (None, plan.total_steps) and not any(k == "optim.epochs" for k, *_ in changed):
         changed.append(("planned steps (the data changed)", last["total_steps"], plan.total_steps))
     if resume:
+        swapped = [change for change in changed if change[0].endswith(PINNED_HASH)]
+        if swapped:
+            key, before, after = swapped[0]
+            raise UsageError(f"--name {name}: {run} was trained with {key}={before[:12]}..., this command's file has "
+                             f"{after[:12]}...; --resume does not continue a run on other weights (give a new --name)")
         if changed:
             log.info(f"--resume: run {name} goes on from step {last.get('step', 0)} with "
                      + ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changed))

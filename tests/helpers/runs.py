@@ -4,7 +4,7 @@ and a reader of the TensorBoard files runs write."""
 import os
 
 from methods import METHODS
-from pipelines.config import build_config
+from pipelines.config import build_config, pinned_config
 
 COMMON = {"data.canvas_size": 16, "data.decode_num_cpus": 0.25, "optim.batch_size": 64, "train.knn_every_epochs": 1,
           "train.probe_size": 256}
@@ -13,7 +13,8 @@ STEPS_PER_EPOCH = 1438 // 64  # sample:digits train split, global batch 64
 
 
 def tiny_config(method="simclr", **sets):
-    return build_config(method, "tiny", sets={**COMMON, **TINY[method], **sets})
+    """The smoke config of `method`, pinned as a run pins it (distillation's teacher read and hashed)."""
+    return pinned_config(build_config(method, "tiny", sets={**COMMON, **TINY[method], **sets}))
 
 
 # Each method's short run on sample:digits that must beat its random-init encoder (issue 35, item 5):
@@ -45,6 +46,19 @@ def learns_sets(method: str) -> dict:
 def learns_config(method: str, seed: int = 0):
     """`method`'s "it learns" run with `train.seed` = `seed`."""
     return build_config(method, "tiny", sets={**learns_sets(method), "train.seed": seed})
+
+
+# Distillation's "it learns" run (issue 32): the student of `tiny` at 16 px, taught by SimCLR's "it
+# learns" encoder exported as a timm folder (the teacher's architecture comes from its config.json);
+# its margins over seeds: docs/BENCHMARKS.md, "Every method learns on the digits sample".
+DISTILL_LEARNS = {"optim.epochs": 4, "optim.base_lr": 1e-2, "hparams.teacher": "", "hparams.teacher_args": {},
+                  "hparams.queue_size": 1024}
+
+
+def distill_learns_config(teacher: str, seed: int = 0):
+    """Distillation's "it learns" run from the teacher folder `teacher`, with `train.seed` = `seed`."""
+    return build_config("distill", "tiny", sets={**learns_sets("distill"), **DISTILL_LEARNS,
+                                                 "hparams.teacher_weights": teacher, "train.seed": seed})
 
 
 def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
