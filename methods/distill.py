@@ -160,9 +160,10 @@ def teacher_description(hparams: DistillHyperparameters) -> tuple[str, dict, boo
 def build_teacher(hparams: DistillHyperparameters) -> tuple[nn.Module, str, dict]:
     """(the teacher in eval mode with no gradient, its weights' SHA-256, its pretrained_cfg)."""
     architecture, args, stem, cfg = teacher_description(hparams)
-    torch.manual_seed(0)  # a `random` teacher is the same on every worker and every resume
     try:
-        model = timm.create_model(architecture, pretrained=False, **args)
+        with torch.random.fork_rng(devices=[]):  # the training RNG goes on untouched
+            torch.manual_seed(0)  # a `random` teacher is the same on every worker and every resume
+            model = timm.create_model(architecture, pretrained=False, **args)
     except Exception as error:  # noqa: BLE001  (timm raises TypeError, AssertionError, ...)
         raise WeightsError(f"hparams.teacher_args: timm cannot build {architecture} with {args} "
                            f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None

@@ -197,3 +197,12 @@ def test_a_student_distilled_from_a_small_teacher_beats_its_random_init(digits, 
     assert run["metrics"]["step"] == run["metrics"]["total_steps"]
     scores = evaluate_checkpoint(run["checkpoint"], f"{out}/train", f"{out}/test", "knn")
     assert scores["top1"] >= scores["random_init_top1"] + MARGIN, scores
+
+
+def test_loading_the_teacher_leaves_the_training_rng_alone():
+    method = build_method(tiny_config("distill"))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    method.teacher_on(torch.device("cpu"))  # at a worker's first step: the random teacher is built seeded
+    assert torch.equal(torch.rand(3), expected)
