@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.backbone import small_image_stem
-from methods.base import Method, adamw, register
+from methods.base import HealthScale, Method, adamw, register
 from methods.checks import check_rules
 from methods.distributed import gather_with_grad
 from methods.views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, ViewSpec
@@ -194,6 +194,8 @@ class Distill(Method):
     name = "distill"
     Hyperparameters = DistillHyperparameters
     lr_scaling = "linear"
+    # Its healthy runs' medians, four runs so far (docs/BENCHMARKS.md, "Health on one scale per method").
+    health = HealthScale(embedding_std=0.62, rankme_fraction=0.41)
     search_space = ["hparams.teacher_temperature=loguniform(0.02, 0.2)",
                     "hparams.student_temperature=loguniform(0.02, 0.2)",
                     "hparams.queue_size=choice(1024, 4096, 16384)", "optim.base_lr=loguniform(1e-4, 1e-2)"]
@@ -202,14 +204,16 @@ class Distill(Method):
                   "hparams.teacher_args": {"channels": [8, 16, 32, 64], "stem_width": 8}, "hparams.queue_size": 256}
     presets = {
         # The demo's student (SimCLR's `demo` network: a CIFAR-style ResNet of width 16, one block
-        # per stage) at 32 px; the teacher is the user's (hparams.teacher_weights).
+        # per stage) at 32 px; the teacher is the user's (hparams.teacher_weights). Uncropped
+        # views, the higher LR and the sharper teacher measured best on MNIST-M (docs/BENCHMARKS.md,
+        # "Distillation on the MNIST-M sample").
         "tiny": {
             "backbone": {"name": "resnet18", "small_images": True,
                          "kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16, "layers": [1, 1, 1, 1]}},
-            "hparams": {"queue_size": 4096},
-            "views": {"view.size": 32},
+            "hparams": {"queue_size": 4096, "teacher_temperature": 0.03, "student_temperature": 0.1},
+            "views": {"view.size": 32, "view.scale": [1.0, 1.0], "view.ratio": [1.0, 1.0]},
             "data": {"canvas_size": 32},
-            "optim": {"epochs": 15, "batch_size": 64, "base_lr": 2e-3, "lr_scaling": "linear",
+            "optim": {"epochs": 15, "batch_size": 64, "base_lr": 3e-2, "lr_scaling": "linear",
                       "warmup_epochs": 1, "weight_decay": 1e-4, "betas": [0.9, 0.999]},
         },
         # LightlyTrain's default: DINOv2's ViT-B/14 (timm's `vit_base_patch14_dinov2`, its folder on

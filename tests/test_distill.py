@@ -186,6 +186,8 @@ MARGIN = 0.05  # kNN top-1 points over the random-init student; docs/BENCHMARKS.
 
 @pytest.mark.slow  # SimCLR's "it learns" run as the teacher, then four epochs of distillation
 def test_a_student_distilled_from_a_small_teacher_beats_its_random_init(digits, learns_run, tmp_path):
+    import shutil
+
     from pipelines.evaluate.frozen import evaluate_checkpoint
     from pipelines.outputs.export import export_encoder
     from pipelines.train.pretrain import pretrain
@@ -195,6 +197,7 @@ def test_a_student_distilled_from_a_small_teacher_beats_its_random_init(digits, 
     teacher = export_encoder(learns_run("simclr")["checkpoint"], str(tmp_path / "teacher"))["out"]
     run = pretrain(distill_learns_config(teacher), f"{out}/train", storage=str(tmp_path / "runs"), name="student")
     assert run["metrics"]["step"] == run["metrics"]["total_steps"]
+    shutil.rmtree(teacher)  # the student is scored without its teacher
     scores = evaluate_checkpoint(run["checkpoint"], f"{out}/train", f"{out}/test", "knn")
     assert scores["top1"] >= scores["random_init_top1"] + MARGIN, scores
 
@@ -206,3 +209,30 @@ def test_loading_the_teacher_leaves_the_training_rng_alone():
     torch.manual_seed(123)
     method.teacher_on(torch.device("cpu"))  # at a worker's first step: the random teacher is built seeded
     assert torch.equal(torch.rand(3), expected)
+
+
+def _queue_after_one_step(rank, init_file, out_folder):
+    """One distillation step on this rank's half of a fixed batch, as a Ray Train worker takes it
+    (teacher embeddings, forward, backward, after_step); saves the rank's queue."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    method = build_method(tiny_config("distill"))
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))[rank * 4:(rank + 1) * 4]
+    loss, _ = method([images, method.teacher_embeddings(images)])
+    loss.backward()
+    method.after_step(0, 1)
+    torch.save(method.queue.contents(), f"{out_folder}/queue{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns its own processes (two gloo workers)
+def test_the_queue_is_gathered_from_every_worker_and_the_same_on_each(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_queue_after_one_step, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    queues = [torch.load(tmp_path / f"queue{rank}.pt", weights_only=True) for rank in (0, 1)]
+    method = build_method(tiny_config("distill"))
+    expected = F.normalize(method.teacher_embeddings(torch.randn(8, 3, 16, 16,
+                                                                 generator=torch.Generator().manual_seed(1))), dim=1)
+    assert torch.allclose(queues[0], expected, atol=1e-5) and torch.equal(queues[0], queues[1])

@@ -41,7 +41,7 @@ def make_trainer(config: RunConfig, data: str, plan: RunPlan, val: str | None = 
     `initial_weights(config)` when the caller already checked them. Fine-tuning passes
     `labeled` (the training records, whose labels the batches then carry) and `build` (what each
     worker builds instead of the config's method: `train.classifier.ClassifierBuild`)."""
-    config = pinned_config(config)  # the method's outside inputs (a teacher's file), read and hashed once more
+    config = config if build else pinned_config(config)  # a teacher's file read again (fine-tuning needs none)
     init = init or initial_weights(config)  # before anything starts: weights that do not fit are refused
     if init:
         log.info(f"init: {len(init[0])} tensors from {config.train.init_from or 'the given encoder'}"

@@ -51,8 +51,7 @@ def learns_config(method: str, seed: int = 0):
 # Distillation's "it learns" run (issue 32): the student of `tiny` at 16 px, taught by SimCLR's "it
 # learns" encoder exported as a timm folder (the teacher's architecture comes from its config.json);
 # its margins over seeds: docs/BENCHMARKS.md, "Every method learns on the digits sample".
-DISTILL_LEARNS = {"optim.epochs": 4, "optim.base_lr": 1e-2, "hparams.teacher": "", "hparams.teacher_args": {},
-                  "hparams.queue_size": 1024}
+DISTILL_LEARNS = {"optim.epochs": 4, "hparams.teacher": "", "hparams.teacher_args": {}, "hparams.queue_size": 1024}
 
 
 def distill_learns_config(teacher: str, seed: int = 0):
