@@ -83,10 +83,17 @@ class TeacherQueue(nn.Module):
         self.register_buffer("rows", torch.zeros(size, dim))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("next", torch.zeros((), dtype=torch.long))
+        # `filled` on the host too: reading the buffer every step would be a device sync per step
+        # (the loop's only one is its NaN check, docs/BENCHMARKS.md "The CUDA path").
+        self.count = 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.count = int(self.filled)  # once, at a resume
 
     def contents(self) -> torch.Tensor:
         """`(filled, dim)`: the rows pushed so far (all `size` once full), in no particular order."""
-        return self.rows[: int(self.filled)]
+        return self.rows[: self.count]
 
     @torch.no_grad()
     def push(self, embeddings: torch.Tensor) -> None:
@@ -96,7 +103,8 @@ class TeacherQueue(nn.Module):
         positions = (self.next + torch.arange(embeddings.shape[0], device=self.rows.device)) % size
         self.rows[positions] = embeddings.to(self.rows.dtype)
         self.next.copy_((self.next + embeddings.shape[0]) % size)
-        self.filled.copy_(torch.clamp(self.filled + embeddings.shape[0], max=size))
+        self.count = min(self.count + embeddings.shape[0], size)
+        self.filled.fill_(self.count)
 
 
 @dataclass
@@ -278,14 +286,14 @@ class Distill(Method):
                 raise WeightsError(f"{TEACHER} {self.hparams.teacher_weights}: its SHA-256 here is {sha[:12]}..., "
                                    f"the run pinned {self.hparams.teacher_sha256[:12]}... (the file changed, or this "
                                    "node sees another)")
-            if device.type == "cuda":
-                teacher = teacher.to(device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+            teacher = (teacher.to(device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+                       if device.type == "cuda" else teacher.to(device))
             mean, std = (torch.tensor(cfg.get(key, default), device=device).view(1, 3, 1, 1)
                          for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)))
             view_mean, view_std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
                                    for v in (self.recipe.mean, self.recipe.std))
             # x_teacher = (x_view * view_std + view_mean - mean) / std
-            object.__setattr__(self, "_teacher", (teacher.to(device), view_std / std, (view_mean - mean) / std))
+            object.__setattr__(self, "_teacher", (teacher, view_std / std, (view_mean - mean) / std))
         return self._teacher
 
     def teacher_embeddings(self, views: torch.Tensor) -> torch.Tensor:

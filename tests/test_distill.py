@@ -71,6 +71,9 @@ def test_the_queue_is_first_in_first_out_and_keeps_the_newest_rows():
     queue.push(torch.cat([rows, rows]))  # more than it holds at once: the last 5 pushed
     assert as_set(queue.contents()) == as_set(rows[2:7])
     assert set(queue.state_dict()) == {"rows", "filled", "next"}  # a checkpoint keeps it
+    resumed = TeacherQueue(size=5, dim=2)
+    resumed.load_state_dict(queue.state_dict())
+    assert torch.equal(resumed.contents(), queue.contents())  # and a resume reads it back
 
 
 def test_the_teacher_stays_frozen_outside_the_optimizer_and_the_checkpoint():

@@ -156,10 +156,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = {}
     if args.learns:  # the tests' config with the learns run's --sets (tests/helpers/runs.py)
-        from tests.helpers.runs import DISTILL_LEARNS, learns_sets
+        from tests.helpers.runs import learns_sets
 
-        # distillation's adds its teacher's settings; give the folder with --set hparams.teacher_weights=
-        base = {**learns_sets(args.method), **(DISTILL_LEARNS if args.method == "distill" else {})}
+        base = learns_sets(args.method)  # distillation's: give its teacher with --set hparams.teacher_weights=
     epochs = args.epochs or base.get("optim.epochs", 5)
     sets = {**base, "optim.epochs": epochs, **parse_sets(args.set)}
     result = probe(args.method, sets, args.sample, args.knn_every, on_row=lambda row: print(json.dumps(row), flush=True),

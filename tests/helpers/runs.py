@@ -36,11 +36,19 @@ LEARNS = {
 }
 
 
+# Distillation's "it learns" run (issue 32): the student of `tiny` at 16 px, taught by SimCLR's "it
+# learns" encoder exported as a timm folder (the teacher's architecture comes from its config.json,
+# its path from `distill_learns_config`); tests/test_distill.py judges it, not test_learns.py. Its
+# margins over seeds: docs/BENCHMARKS.md, "Every method learns on the digits sample".
+DISTILL_LEARNS = {"optim.epochs": 4, "hparams.teacher": "", "hparams.teacher_args": {}, "hparams.queue_size": 1024}
+LEARNS_SETS = {**{method: sets for method, (_, sets) in LEARNS.items()}, "distill": DISTILL_LEARNS}
+
+
 def learns_sets(method: str) -> dict:
-    """The `--set`s on the `tiny` preset of `method`'s "it learns" run (LEARNS; a method without one,
-    its tiny config): the label-free metrics (and the kNN, given a validation set) once, after the
-    last epoch."""
-    return {**COMMON, **TINY[method], **(LEARNS[method][1] if method in LEARNS else {}), "train.knn_every_epochs": 0}
+    """The `--set`s on the `tiny` preset of `method`'s "it learns" run (LEARNS_SETS; a method without
+    one, its tiny config): the label-free metrics (and the kNN, given a validation set) once, after
+    the last epoch."""
+    return {**COMMON, **TINY[method], **LEARNS_SETS.get(method, {}), "train.knn_every_epochs": 0}
 
 
 def learns_config(method: str, seed: int = 0):
@@ -48,16 +56,10 @@ def learns_config(method: str, seed: int = 0):
     return build_config(method, "tiny", sets={**learns_sets(method), "train.seed": seed})
 
 
-# Distillation's "it learns" run (issue 32): the student of `tiny` at 16 px, taught by SimCLR's "it
-# learns" encoder exported as a timm folder (the teacher's architecture comes from its config.json);
-# its margins over seeds: docs/BENCHMARKS.md, "Every method learns on the digits sample".
-DISTILL_LEARNS = {"optim.epochs": 4, "hparams.teacher": "", "hparams.teacher_args": {}, "hparams.queue_size": 1024}
-
-
 def distill_learns_config(teacher: str, seed: int = 0):
     """Distillation's "it learns" run from the teacher folder `teacher`, with `train.seed` = `seed`."""
-    return build_config("distill", "tiny", sets={**learns_sets("distill"), **DISTILL_LEARNS,
-                                                 "hparams.teacher_weights": teacher, "train.seed": seed})
+    return build_config("distill", "tiny", sets={**learns_sets("distill"), "hparams.teacher_weights": teacher,
+                                                 "train.seed": seed})
 
 
 def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
