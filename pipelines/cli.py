@@ -426,11 +426,41 @@ def cmd_embed(args) -> dict:
                  shards=shards)
 
 
+def cmd_curate(args) -> dict:
+    from pipelines.curate.curate import SHARDS, WORK, CurateOptions, curate, given_embeddings
+    from pipelines.images.shards import absolute_location, check_output_folder
+    from pipelines.outputs.embed import embeddable_shards
+    from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
+
+    try:
+        levels = tuple(int(count) for count in args.clusters.split(","))
+    except ValueError:
+        raise UsageError(f"--clusters {args.clusters}: comma-separated counts, first level to top (e.g. 100,10)"
+                         ) from None
+    options = CurateOptions(threshold=args.threshold, clusters=levels, target=args.target, seed=args.seed,
+                            partition_rows=args.partition_rows, probes=args.probes)
+    data, out = absolute_location(args.data.rstrip("/")), absolute_location(args.out.rstrip("/"))
+    if data == out or data.startswith(out + "/") or out.startswith(data + "/"):
+        raise UsageError(f"--out {args.out}: must be outside --data {args.data} (and not hold it)")
+    shards = embeddable_shards(data)  # no ids: refused before Ray starts
+    options.check(shards.num_rows)
+    embeddings = None
+    if args.embeddings:
+        embeddings = given_embeddings(args.embeddings, shards)
+    else:
+        args.checkpoint = find_checkpoint(args.checkpoint)
+        load_checkpoint(args.checkpoint)  # a checkpoint whose weights do not build its encoder: refused here
+    if not os.path.exists(os.path.join(out, WORK)):  # a rerun reuses and replaces its own output
+        check_output_folder(f"{out}/{SHARDS}", args.overwrite)
+    start_ray(args.num_cpus)
+    return curate(shards, out, options, checkpoint=args.checkpoint, embeddings=embeddings, batch_size=args.batch_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfsup", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_prepare_parser, _viz_parsers, _pretrain_parser, _tune_parser, _eval_parser, _finetune_parser,
-                _export_parser, _embed_parser, _demo_parser):
+                _export_parser, _embed_parser, _curate_parser, _demo_parser):
         add(commands)
     return parser
 
@@ -597,6 +627,31 @@ def _embed_parser(commands) -> None:
     embedding.add_argument("--overwrite", action="store_true", help="replace Parquet files already in --out")
     embedding.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     embedding.set_defaults(run=cmd_embed)
+
+
+def _curate_parser(commands) -> None:
+    curating = commands.add_parser("curate", help="remove duplicates and balance concepts: curated shards and a report")
+    curating.add_argument("--data", required=True, help=SHARDS_HELP)
+    encoder = curating.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--checkpoint", help=f"the encoder that embeds the images: {CHECKPOINT_HELP}")
+    encoder.add_argument("--embeddings", help="the images' embeddings already written by `selfsup embed`")
+    curating.add_argument("--out", required=True, help="folder or URI: curated shards in OUT/shards, the report, "
+                          "duplicate groups and clusters in OUT/curation (a rerun reuses what it finished)")
+    curating.add_argument("--threshold", type=float, default=0.9,
+                          help="cosine similarity from which two images are near-duplicates (default 0.9)")
+    curating.add_argument("--clusters", default="100,10",
+                          help="k-means clusters per level, first level (over images) to top (default 100,10)")
+    curating.add_argument("--target", type=int, default=None,
+                          help="images to keep, sampled evenly over the top-level clusters (default: all left "
+                          "after removing duplicates)")
+    curating.add_argument("--seed", type=int, default=0, help="k-means and sampling seed")
+    curating.add_argument("--partition-rows", type=int, default=25_000,
+                          help="rows per near-duplicate search task (bounds its memory; default 25000)")
+    curating.add_argument("--probes", type=int, default=2, help="partitions each image is searched in (default 2)")
+    curating.add_argument("--batch-size", type=int, default=256, help="images per model call when embedding")
+    curating.add_argument("--overwrite", action="store_true", help="replace Parquet files already in OUT/shards")
+    curating.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    curating.set_defaults(run=cmd_curate)
 
 
 def _demo_parser(commands) -> None:

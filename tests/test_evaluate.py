@@ -88,7 +88,8 @@ def test_one_feature_extractor_serves_eval_and_embed():
     trained = build_method(tiny_config(**{"train.seed": 7}))  # other weights than the seed-0 init
     weights = {k: v.clone() for k, v in trained.state_dict().items()}
     canvases = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    batch = {"image": canvases, "label": np.arange(5), "key": np.arange(5) * 3, "id": np.array(list("abcde"), object)}
+    batch = {"image": canvases, "label": np.arange(5), "key": np.arange(5) * 3, "id": np.array(list("abcde"), object),
+             "content_hash": np.array(list("vwxyz"), object)}
     extractor = FeatureExtractor(config.to_dict(), (Encoder("top1", weights), Encoder("random_init_top1")), pixels=True)
     out = extractor(batch)
     assert sorted(out) == ["key", "label", PIXELS, "random_init_top1", "top1"]
@@ -98,7 +99,8 @@ def test_one_feature_extractor_serves_eval_and_embed():
     assert np.array_equal(again["random_init_top1"], out["random_init_top1"])  # the floor is the same every time
     assert out[PIXELS].shape == (5, 16 * 16 * 3) and out[PIXELS].max() <= 1
     table = Embedder(config.to_dict(), weights, "fp32")(batch)
-    assert table.column_names == ["id", EMBEDDING, "label"] and table.column("id").to_pylist() == list("abcde")
+    assert table.column_names == ["id", EMBEDDING, "content_hash", "label"]
+    assert table.column("id").to_pylist() == list("abcde") and table.column("content_hash").to_pylist() == list("vwxyz")
     assert pa.types.is_fixed_size_list(table.schema.field(EMBEDDING).type)
     assert np.allclose(np.stack(table.column(EMBEDDING).to_numpy(zero_copy_only=False)), out["top1"], atol=1e-5)
 

@@ -15,7 +15,7 @@ PACKAGES = ("methods", "pipelines", "tune", "cluster")
 FORBIDDEN = {"methods": {"pipelines", "tune", "cluster"}, "pipelines": {"tune", "cluster"}}
 # The rooms of pipelines/, bottom first: each may import those before it, never one after it.
 PIPELINE_LAYERS = ("pipelines.console", "pipelines.images", "pipelines.config", "pipelines.weights",
-                   "pipelines.evaluate", "pipelines.train", "pipelines.outputs", "pipelines.cli")
+                   "pipelines.evaluate", "pipelines.train", "pipelines.outputs", "pipelines.curate", "pipelines.cli")
 LAZY_IMPORTS_ALLOWED = {os.path.join("pipelines", "cli.py")}
 
 

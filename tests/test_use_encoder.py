@@ -1,5 +1,6 @@
 """Using the encoder: timm-loadable export, embeddings with Ray Data, training curves."""
 
+import hashlib
 import json
 import os
 
@@ -150,11 +151,13 @@ def test_embed_writes_one_row_per_image_with_its_id(digits, one_epoch_run, tmp_p
         expected = method.features(method.eval_images(torch.from_numpy(canvases))).numpy()
     position = {record_id: i for i, record_id in enumerate(ids)}
     embeddings = table.column("embedding")
-    labels = table.column("label").to_pylist()
+    labels, hashes = table.column("label").to_pylist(), table.column("content_hash").to_pylist()
     for row, want in zip(rows, expected):
         got = np.asarray(embeddings[position[row["id"]]].as_py(), dtype=np.float32)
         assert np.allclose(got, want, atol=1e-4)
         assert labels[position[row["id"]]] == row["label"]
+        # what `selfsup curate` groups exact duplicates by: a hash of the record's own bytes
+        assert hashes[position[row["id"]]] == hashlib.blake2b(image_bytes(row["image"]), digest_size=16).hexdigest()
     assert json.loads((target / "_embeddings.json").read_text())["rows"] == test_rows
 
     # Corrupt images are skipped and counted; every good one gets its row.

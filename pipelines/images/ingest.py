@@ -8,6 +8,7 @@ across shards.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import zlib
@@ -22,13 +23,14 @@ import torch
 from ray.data.expressions import col
 
 from methods.checks import check_rules
-from pipelines.images.decode import DEFAULT_MAX_PIXELS, decode_batch
+from pipelines.images.decode import DEFAULT_MAX_PIXELS, decode_batch, image_bytes
 from pipelines.images.device_decode import device_canvases, route_records
 from pipelines.images.quality import check_bad_fraction, new_quality_log
 from pipelines.images.shards import find_shards
 
 CHECK_EVERY_BATCHES = 50
 MIN_SEEN_FOR_EARLY_STOP = 1000
+CONTENT_HASH = "content_hash"  # the column `with_ids` adds beside `id`
 
 
 @dataclass
@@ -93,8 +95,8 @@ def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, wit
     fails, ending the pass in its first decode tasks. The consumer's own checks cannot do it when
     every record is bad: then no batch ever reaches it (issue 18). `iter_canvas_batches` turns
     the failed pass back into one `BadDataError`."""
-    ids = record_ids(batch)
-    canvases, kept, bad = decode_batch(batch.column("image").to_pylist(), ids, size, max_pixels)
+    ids, images = record_ids(batch), batch.column("image").to_pylist()
+    canvases, kept, bad = decode_batch(images, ids, size, max_pixels)
     report_bad(quality_log, batch.num_rows, bad, stop_over)
     out = {"image": canvases}
     if with_labels:
@@ -107,7 +109,14 @@ def decode_records(batch: pa.Table, size: int, max_pixels: int, quality_log, wit
         out["key"] = np.array([record_key(str(ids[i])) for i in kept], dtype=np.int64)
     if with_ids:
         out["id"] = np.array([str(ids[i]) for i in kept], dtype=object)
+        out[CONTENT_HASH] = np.array([content_hash(image_bytes(images[i])) for i in kept], dtype=object)
     return out
+
+
+def content_hash(data: bytes) -> str:
+    """A record's `content_hash`: the hex BLAKE2b-128 of its encoded bytes (equal bytes, equal hash;
+    what `selfsup curate` groups exact duplicates by)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def route_for_device(batch: pa.Table, size: int, max_pixels: int, quality_log,
@@ -146,7 +155,8 @@ def image_dataset(
 ) -> tuple[ray.data.Dataset, object]:
     """A lazy, streaming dataset of `{"image": (S, S, 3) uint8}` rows; `with_labels` adds
     `"label"` (int64, -1 when null) and `"key"` (int64 hash of the record id); `with_ids` adds
-    `"id"` (the record's id string; the shard's path for shards without an id column).
+    `"id"` (the record's id string; the shard's path for shards without an id column) and
+    `"content_hash"` (`content_hash` of its encoded bytes).
     `stop_early`: a pass over `config.max_bad_fraction` fails in its decode tasks, as soon as
     enough records are seen (for a consumer that reads it with `iter_canvas_batches`).
     `jpeg_on_device`: rows are `route_for_device`'s instead, for `iter_canvas_batches` with

@@ -5,7 +5,8 @@ autoscaling pool of actors that each hold the model once (one GPU per actor when
 has GPUs), write Parquet as batches finish. Nothing is collected on the driver, so it scales
 with the cluster, not with the driver's memory. Each output row is `id` (string, from the
 shard), `embedding` (`fixed_size_list<float32>[d]`, readable by pyarrow/pandas/polars without
-Ray) and `label` when the shards have one. Undecodable images are skipped and counted.
+Ray), `content_hash` (of the encoded bytes, `ingest.content_hash`) and `label` when the shards have
+one. Undecodable images are skipped and counted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from pipelines.console import Progress
 from pipelines.evaluate.features import Encoder, FeatureExtractor
-from pipelines.images.ingest import IngestConfig, image_dataset
+from pipelines.images.ingest import CONTENT_HASH, IngestConfig, image_dataset
 from pipelines.images.shards import DataError, check_output_folder, find_shards, resolve_location
 from pipelines.weights.checkpoint import load_checkpoint, load_state
 
@@ -33,10 +34,11 @@ EMBEDDING = "embedding"  # the column of each row's features
 
 class Embedder(FeatureExtractor):
     """Ray Data actor: the checkpoint's encoder as a `FeatureExtractor`, its output a Parquet-ready
-    table of `id`, `embedding` (`fixed_size_list<float32>[d]`) and `label` when the shards have it."""
+    table of `id`, `embedding` (`fixed_size_list<float32>[d]`), `content_hash` and `label` when the
+    shards have it."""
 
     def __init__(self, config: dict, method_state: dict, precision: str):
-        super().__init__(config, (Encoder(EMBEDDING, method_state),), precision, carry=("id", "label"))
+        super().__init__(config, (Encoder(EMBEDDING, method_state),), precision, carry=("id", CONTENT_HASH, "label"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         out = super().__call__(batch)
@@ -44,6 +46,7 @@ class Embedder(FeatureExtractor):
         columns = {
             "id": pa.array(out["id"].tolist(), pa.string()),
             EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
+            CONTENT_HASH: pa.array(out[CONTENT_HASH].tolist(), pa.string()),
         }
         if "label" in out:
             columns["label"] = pa.array(out["label"], pa.int64())

@@ -1,0 +1,140 @@
+"""Issue 33's measurements of `selfsup curate` on a sample with injected duplicates and one class ten
+times as frequent (tests/helpers/curation_sample.py), printed as tables for docs/BENCHMARKS.md.
+
+    # duplicates found (pair precision and recall against the injection record, recall per kind)
+    # and class frequencies before and after, for an encoder's checkpoint:
+    python -m benchmarks.research.curation quality --checkpoint RUN --work DIR [--sample mnist-m]
+        [--threshold 0.9] [--clusters 30,10] [--target 300]
+    # peak memory of curating the sample and 10x the sample (repeated with augmentation):
+    python -m benchmarks.research.curation memory --checkpoint RUN --work DIR --repeats 1,10
+    # SimCLR (demo recipe) on the curated shards vs the uncurated ones, equal steps, kNN on the
+    # balanced test split (run `quality` first: it writes both):
+    python -m benchmarks.research.curation compare --work DIR --labeled PREPARED_SAMPLE [--steps 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from benchmarks.performance.ingest_memory import peak_during
+from tests.helpers.curation_sample import KINDS, curation_sample, found_pairs, true_pairs
+
+
+def build(sample: str, folder: str, repeats: int = 1) -> list:
+    """The curation sample in 4 shards under `folder` (kept when already there); its record."""
+    record_file = os.path.join(folder, "record.json")
+    if not os.path.exists(record_file):
+        table, record = curation_sample(sample, repeats=repeats)
+        os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+        step = -(-len(table) // 4)
+        for part in range(4):
+            pq.write_table(table.slice(part * step, step), os.path.join(folder, "shards", f"part-{part}.parquet"))
+        with open(record_file, "w") as stream:
+            json.dump(record, stream)
+    with open(record_file) as stream:
+        return [tuple(row) for row in json.load(stream)]
+
+
+def curate_cli(data: str, out: str, checkpoint: str, *options: str) -> dict:
+    """`selfsup curate` in a process of its own; its JSON line."""
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "curate", "--data", data, "--checkpoint", checkpoint,
+                           "--out", out, *options], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def class_counts(location: str) -> np.ndarray:
+    return np.bincount(pq.read_table(location, columns=["label"]).column("label").to_numpy(), minlength=10)
+
+
+def quality(args) -> None:
+    record = build(args.sample, args.work)
+    options = ["--threshold", str(args.threshold), "--clusters", args.clusters, "--num-cpus", "2"]
+    options += ["--target", str(args.target)] if args.target else []
+    shards, curated = os.path.join(args.work, "shards"), os.path.join(args.work, "curated")
+    result = curate_cli(shards, curated, args.checkpoint, *options)
+    truth = true_pairs(record)
+    found = found_pairs(pq.read_table(os.path.join(args.work, "curated", "curation", "duplicates.parquet")))
+    print(f"| pairs | true {len(truth)} | found {len(found)} | precision {len(truth & found) / max(1, len(found)):.3f} "
+          f"| recall {len(truth & found) / len(truth):.3f} |")
+    for kind in KINDS:
+        pairs = {tuple(sorted((copy, source))) for copy, source, k in record if k == kind}
+        print(f"| recall, {kind} copies | {len(pairs & found) / len(pairs):.3f} ({len(pairs)}) |")
+    before, after = class_counts(os.path.join(args.work, "shards")), class_counts(result["out"])
+    for name, counts in (("before", before), ("after", after)):
+        print(f"| classes {name} | {' '.join(map(str, counts))} | max/min {counts.max() / max(1, counts.min()):.2f} |")
+    keys = ("rows", "removed_exact", "removed_near", "left_after_duplicates", "selected", "top_clusters_before",
+            "top_clusters_after", "seconds")
+    print(json.dumps({key: result[key] for key in keys}))
+
+
+def memory(args) -> None:
+    for repeats in (int(r) for r in args.repeats.split(",")):
+        folder = os.path.join(args.work, f"x{repeats}")
+        build(args.sample, folder, repeats)
+        rows = pq.read_metadata(os.path.join(folder, "shards", "part-0.parquet")).num_rows * 4
+        options = ["--clusters", args.clusters, "--partition-rows", str(args.partition_rows), "--num-cpus", "2",
+                   "--overwrite"]
+        out = os.path.join(folder, f"curated-{os.getpid()}")
+
+        def run():
+            return curate_cli(os.path.join(folder, "shards"), out, args.checkpoint, *options)
+
+        (peak, processes, _), result = peak_during(run)
+        print(f"| x{repeats} | ~{rows:,} images | {result['left_after_duplicates']:,} left | peak PSS {peak:,.0f} MB "
+              f"over {processes} processes | {result['seconds']:.0f} s |", flush=True)
+
+
+def compare(args) -> None:
+    from benchmarks.research.distill_vs_simclr import knn  # `selfsup eval knn`, its JSON line
+
+    rows = {}
+    for name, data in (("uncurated", os.path.join(args.work, "shards")),
+                       ("curated", os.path.join(args.work, "curated", "shards"))):
+        images = int(class_counts(data).sum())
+        epochs = max(1, round(args.steps * 64 / images))
+        run = os.path.join(args.work, "runs", name)
+        if not os.path.exists(run):
+            subprocess.run([sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", data,
+                            "--storage", os.path.join(args.work, "runs"), "--name", name, "--set",
+                            f"optim.epochs={epochs}", "--set", f"train.seed={args.seed}", "--num-cpus", "2"],
+                           check=True, capture_output=True)
+        with open(os.path.join(run, "metrics.jsonl")) as stream:
+            steps = json.loads(stream.read().strip().splitlines()[-1])["step"]
+        top1 = knn(run, args.labeled, os.path.join(args.work, f"eval-{name}.log"))["top1"]
+        rows[name] = (images, epochs, steps, top1)
+        print(f"| {name} | {images} images | {epochs} epochs | {steps} steps | kNN {rows[name][3]:.3f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("quality", "memory", "compare"):
+        command = commands.add_parser(name)
+        command.add_argument("--work", required=True)
+        command.add_argument("--sample", default="mnist-m")
+        command.add_argument("--clusters", default="30,10")
+        if name != "compare":
+            command.add_argument("--checkpoint", required=True)
+    commands.choices["quality"].add_argument("--threshold", type=float, default=0.9)
+    commands.choices["quality"].add_argument("--target", type=int, default=300)
+    commands.choices["memory"].add_argument("--repeats", default="1,10")
+    commands.choices["memory"].add_argument("--partition-rows", type=int, default=2000)
+    commands.choices["compare"].add_argument(
+        "--labeled", required=True, help="`selfsup prepare sample:NAME` output: kNN bank train/, scored on test/")
+    commands.choices["compare"].add_argument("--steps", type=int, default=600)
+    commands.choices["compare"].add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    {"quality": quality, "memory": memory, "compare": compare}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Exact and near-duplicates among a set's embeddings, searched in partitions that bound memory.
+
+Exact duplicates share a `content_hash` (equal encoded bytes); near-duplicates are images whose
+embeddings have a cosine similarity of at least a threshold, found by faiss's exact inner-product
+range search over L2-normalised vectors. No process holds every embedding: a coarse k-means,
+trained on an evenly spaced sample of bounded size, splits the rows into partitions of about
+`partition_rows`; every row goes to the partitions of its `probes` nearest centroids, so a pair is
+missed only when neither image has the other's partition among its nearest (the same multi-probe
+idea as an IVF index); each partition is searched by a Ray task of its own, on any node. The
+pairs found are joined into groups (union-find) on the driver, whose memory grows with the
+duplicates, not with the rows. A group keeps its smallest id, so a rerun keeps the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.console import Progress
+from pipelines.images.ingest import CONTENT_HASH
+from pipelines.images.shards import resolve_location
+from pipelines.outputs.embed import EMBEDDING
+
+# k-means samples per centroid: faiss's own default cap (it subsamples above it).
+POINTS_PER_CENTROID = 256
+DUPLICATES_FILE = "duplicates.parquet"
+PAIRS_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("a_hash", pa.string()), ("b_hash", pa.string()),
+                          ("similarity", pa.float32())])
+DUPLICATES_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.string()), (CONTENT_HASH, pa.string()),
+                               ("reason", pa.string())])  # reason: kept, exact or near
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The Parquet files of a `selfsup embed` output (local paths or a pyarrow filesystem's)."""
+
+    filesystem: object
+    files: list[str]
+    rows: int
+    dim: int
+    center: tuple[float, ...] | None = None  # subtracted before normalising (`with_center`)
+
+    def with_center(self, batch_rows: int, size: int = 100_000) -> Embeddings:
+        """These embeddings, centred on the mean of an evenly spaced sample of `size` rows: features
+        after a ReLU are all positive, and their raw cosine says little (unrelated images of the
+        MNIST-M sample sit at 0.97, docs/BENCHMARKS.md, "Curation")."""
+        sample = spaced_sample(self, size, batch_rows, unit=False)
+        return replace(self, center=tuple(float(v) for v in sample.mean(axis=0)))
+
+    def unit(self, batch: pa.RecordBatch) -> np.ndarray:
+        """`unit_vectors` of the batch, centred first when these embeddings have a center."""
+        return unit_vectors(batch, self.center)
+
+    def batches(self, columns: list[str], batch_rows: int):
+        """Record batches of `columns` over every file in order: one batch in memory at a time."""
+        for path in self.files:
+            with self.filesystem.open_input_file(path) as stream:
+                yield from pq.ParquetFile(stream).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def unit_vectors(batch: pa.RecordBatch, center=None, unit: bool = True) -> np.ndarray:
+    """(n, d) float32 rows of the batch's `embedding` column, minus `center` when given, each of
+    L2 norm 1 (cosine = dot) unless `unit` is False."""
+    column = batch.column(EMBEDDING)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+    vectors = np.array(vectors, dtype=np.float32, order="C")  # a copy: faiss normalises in place
+    if center is not None:
+        vectors -= np.asarray(center, dtype=np.float32)
+    if unit:
+        faiss.normalize_L2(vectors)
+    return vectors
+
+
+def spaced_sample(embeddings: Embeddings, size: int, batch_rows: int, skip: frozenset = frozenset(),
+                  unit: bool = True) -> np.ndarray:
+    """About `size` vectors (`Embeddings.unit`'s, or raw when not `unit`) taken evenly over the file
+    order (every k-th row, rows in `skip` left out): a sorted set is sampled over all its classes,
+    and memory holds `size` rows, not the set."""
+    stride, taken, position = max(1, embeddings.rows // max(size, 1)), [], 0
+    for batch in embeddings.batches(["id", EMBEDDING], batch_rows):
+        picks = list(range(-position % stride, batch.num_rows, stride))  # rows whose overall index divides
+        position += batch.num_rows
+        if skip:
+            ids = batch.column("id").to_pylist()
+            picks = [i for i in picks if ids[i] not in skip]
+        if picks:
+            picked = batch.take(pa.array(picks))
+            taken.append(embeddings.unit(picked) if unit else unit_vectors(picked, unit=False))
+    return np.concatenate(taken) if taken else np.zeros((0, embeddings.dim), np.float32)
+
+
+def spherical_kmeans(points: np.ndarray, k: int, seed: int, iterations: int = 20) -> np.ndarray:
+    """(k, d) unit-norm centroids of faiss's k-means on `points`, started from `plus_plus_seeds`
+    (faiss starts from random points, which puts several seeds in a concept ten times as frequent
+    and ends with it split and small concepts merged: tests/test_curate.py). Above
+    POINTS_PER_CENTROID points per centroid, faiss trains on a subsample."""
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    kmeans = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed, spherical=True,
+                          min_points_per_centroid=1, max_points_per_centroid=POINTS_PER_CENTROID)
+    kmeans.train(points, init_centroids=plus_plus_seeds(points, k, np.random.default_rng(seed)))
+    return kmeans.centroids
+
+
+def plus_plus_seeds(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): each next seed a point drawn with
+    probability proportional to its squared distance to the nearest seed so far."""
+    chosen = [int(rng.integers(len(points)))]
+    closest = ((points - points[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        total = float(closest.sum())
+        chosen.append(int(rng.choice(len(points), p=closest / total)) if total > 0 else int(rng.integers(len(points))))
+        closest = np.minimum(closest, ((points - points[chosen[-1]]) ** 2).sum(axis=1))
+    return np.ascontiguousarray(points[chosen])
+
+
+def nearest(vectors: np.ndarray, centroids: np.ndarray, how_many: int = 1) -> np.ndarray:
+    """(n, how_many) indices of each vector's nearest centroids by cosine, nearest first."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    return index.search(vectors, min(how_many, len(centroids)))[1]
+
+
+def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, probes: int, seed: int,
+                     batch_rows: int) -> list[str]:
+    """Each row (`id`, `content_hash`, `embedding`) written to the Parquet file of each of its
+    `probes` nearest coarse centroids under `folder` (a local path or URI); returns the files.
+    (Equal bytes give equal embeddings, so an exact duplicate shares its original's partitions.)"""
+    count = max(1, -(-embeddings.rows // partition_rows))
+    if count > 1:
+        centroids = spherical_kmeans(spaced_sample(embeddings, count * POINTS_PER_CENTROID, batch_rows), count, seed)
+    filesystem, root = resolve_location(folder)
+    filesystem.create_dir(root, recursive=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    for batch in embeddings.batches(["id", CONTENT_HASH, EMBEDDING], batch_rows):
+        table = pa.Table.from_batches([batch])
+        homes = nearest(embeddings.unit(batch), centroids, probes) if count > 1 else np.zeros((batch.num_rows, 1), int)
+        for partition in np.unique(homes):
+            if partition not in writers:
+                path = f"{root.rstrip('/')}/partition-{partition:05d}.parquet"
+                writers[partition] = pq.ParquetWriter(path, table.schema, filesystem=filesystem)
+            writers[partition].write_table(table.take(pa.array(np.flatnonzero((homes == partition).any(axis=1)))))
+    for writer in writers.values():
+        writer.close()
+    return [f"{folder.rstrip('/')}/partition-{partition:05d}.parquet" for partition in sorted(writers)]
+
+
+@ray.remote(num_cpus=1)
+def partition_pairs(path: str, threshold: float, center) -> pa.Table:
+    """`pairs_in` the partition file at `path` (a Ray task: partitions are searched side by side)."""
+    faiss.omp_set_num_threads(1)  # the task's one CPU
+    filesystem, file = resolve_location(path)
+    return pairs_in(pq.read_table(file, filesystem=filesystem), threshold, center)
+
+
+def pairs_in(table: pa.Table, threshold: float, center=None) -> pa.Table:
+    """The duplicate pairs among the rows of `table` (`id`, `content_hash`, `embedding`): PAIRS_SCHEMA,
+    a < b. Images with the same `content_hash` pair with the smallest id among them (similarity 1);
+    one image per hash is searched for neighbours at cosine >= `threshold` (after subtracting
+    `center`, when given)."""
+    ids, hashes = table.column("id").to_pylist(), table.column(CONTENT_HASH).to_pylist()
+    first_of_hash: dict[str, int] = {}
+    pairs, similarity = [], []
+    for row in sorted(range(len(ids)), key=ids.__getitem__):
+        if hashes[row] in first_of_hash:
+            pairs.append((first_of_hash[hashes[row]], row)), similarity.append(1.0)
+        else:
+            first_of_hash[hashes[row]] = row
+    unique = np.array(sorted(first_of_hash.values()), dtype=np.int64)
+    if len(unique) > 1:
+        vectors = unit_vectors(table.take(pa.array(unique)), center)
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        limits, scores, neighbours = index.range_search(vectors, threshold)
+        for query in range(len(vectors)):
+            for hit in range(limits[query], limits[query + 1]):
+                if neighbours[hit] > query:
+                    pairs.append(tuple(sorted((unique[query], unique[neighbours[hit]]), key=ids.__getitem__)))
+                    similarity.append(float(scores[hit]))
+    return pa.table({"a": [ids[a] for a, _ in pairs], "b": [ids[b] for _, b in pairs],
+                     "a_hash": [hashes[a] for a, _ in pairs], "b_hash": [hashes[b] for _, b in pairs],
+                     "similarity": pa.array(similarity, pa.float32())}, schema=PAIRS_SCHEMA)
+
+
+def duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Every id in a pair -> its group's smallest id (the one kept): the connected components of
+    the pairs (union-find, path halving)."""
+    parent: dict[str, str] = {}
+
+    def root(item: str) -> str:
+        parent.setdefault(item, item)
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for a, b in pairs:
+        first, second = root(a), root(b)
+        if first != second:
+            parent[max(first, second)] = min(first, second)
+    return {item: root(item) for item in parent}
+
+
+def find_duplicates(embeddings: Embeddings, work: str, threshold: float, partition_rows: int, probes: int,
+                    seed: int, batch_rows: int) -> pa.Table:
+    """The duplicate groups of `embeddings` (DUPLICATES_SCHEMA: one row per image in a group of two
+    or more, the kept one first), searched in partitions written under `work`/partitions."""
+    files = write_partitions(embeddings, f"{work.rstrip('/')}/partitions", partition_rows, probes, seed, batch_rows)
+    pending, parts = [partition_pairs.remote(path, threshold, embeddings.center) for path in files], []
+    progress = Progress("curate: near-duplicate search:", len(files), unit="partitions")
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        parts += ray.get(done)
+        progress.tick(len(parts))
+    found = pa.concat_tables(parts)
+    keeper = duplicate_groups(zip(found.column("a").to_pylist(), found.column("b").to_pylist()))
+    hashes = dict(zip(found.column("a").to_pylist() + found.column("b").to_pylist(),
+                      found.column("a_hash").to_pylist() + found.column("b_hash").to_pylist()))
+    number = {kept: index for index, kept in enumerate(sorted(set(keeper.values())))}
+    members = sorted(keeper, key=lambda item: (number[keeper[item]], item != keeper[item], item))
+    reasons = ["kept" if keeper[m] == m else "exact" if hashes[m] == hashes[keeper[m]] else "near" for m in members]
+    return pa.table({"group": [number[keeper[m]] for m in members], "id": members,
+                     CONTENT_HASH: [hashes[m] for m in members], "reason": reasons}, schema=DUPLICATES_SCHEMA)
