@@ -427,10 +427,12 @@ def cmd_embed(args) -> dict:
 
 
 def cmd_curate(args) -> dict:
+    from pipelines.config import build_config
     from pipelines.curate.curate import SHARDS, WORK, CurateOptions, curate, given_embeddings
     from pipelines.images.shards import absolute_location, check_output_folder
     from pipelines.outputs.embed import embeddable_shards
     from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
+    from pipelines.weights.init_from import method_from_weights
 
     try:
         levels = tuple(int(count) for count in args.clusters.split(","))
@@ -444,16 +446,25 @@ def cmd_curate(args) -> dict:
         raise UsageError(f"--out {args.out}: must be outside --data {args.data} (and not hold it)")
     shards = embeddable_shards(data)  # no ids: refused before Ray starts
     options.check(shards.num_rows)
-    embeddings = None
+    embeddings, encoder = None, None
     if args.embeddings:
         embeddings = given_embeddings(args.embeddings, shards)
-    else:
+    elif args.checkpoint:
         args.checkpoint = find_checkpoint(args.checkpoint)
         load_checkpoint(args.checkpoint)  # a checkpoint whose weights do not build its encoder: refused here
+    else:  # weights that do not fit the method's backbone: refused here, naming the first misfit
+        if not args.method:
+            raise UsageError("--init-from: name the architecture with --method (and --method-preset)")
+        try:
+            config = build_config(args.method, args.method_preset, None, {"train.init_from": args.init_from})
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        encoder, args.checkpoint = (method_from_weights(config), config), args.init_from
     if not os.path.exists(os.path.join(out, WORK)):  # a rerun reuses and replaces its own output
         check_output_folder(f"{out}/{SHARDS}", args.overwrite)
     start_ray(args.num_cpus)
-    return curate(shards, out, options, checkpoint=args.checkpoint, embeddings=embeddings, batch_size=args.batch_size)
+    return curate(shards, out, options, checkpoint=args.checkpoint, embeddings=embeddings, batch_size=args.batch_size,
+                  encoder=encoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -634,7 +645,11 @@ def _curate_parser(commands) -> None:
     curating.add_argument("--data", required=True, help=SHARDS_HELP)
     encoder = curating.add_mutually_exclusive_group(required=True)
     encoder.add_argument("--checkpoint", help=f"the encoder that embeds the images: {CHECKPOINT_HELP}")
+    encoder.add_argument("--init-from", help="weights of the encoder (a timm or `selfsup export` folder, or a file), "
+                         "with --method (and --method-preset) naming its architecture")
     encoder.add_argument("--embeddings", help="the images' embeddings already written by `selfsup embed`")
+    curating.add_argument("--method", help="with --init-from: the method whose backbone the weights fit")
+    curating.add_argument("--method-preset", default=None, help="with --init-from: that method's preset")
     curating.add_argument("--out", required=True, help="folder or URI: curated shards in OUT/shards, the report, "
                           "duplicate groups and clusters in OUT/curation (a rerun reuses what it finished)")
     curating.add_argument("--threshold", type=float, default=0.9,

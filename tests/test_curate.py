@@ -171,14 +171,15 @@ def test_cli_refuses_bad_input_in_one_line_before_ray(tmp_path, capsys, monkeypa
     shards, embedded = tmp_path / "shards", tmp_path / "embedded"
     shards.mkdir(), embedded.mkdir()
     pq.write_table(pa.table({"image": [b"x"], "label": [0]}), shards / "part.parquet")  # no ids
-    assert "no `id` column" in refusal("--data", str(shards), "--embeddings", str(embedded), "--out", str(tmp_path / "o"))
+    out = str(tmp_path / "o")
+    assert "no `id` column" in refusal("--data", str(shards), "--embeddings", str(embedded), "--out", out)
     pq.write_table(pa.table({"image": [b"x", b"y"], "label": [0, 1], "id": ["a", "b"]}), shards / "part.parquet")
     pq.write_table(pa.table({"id": ["a", "b"], "features": [1.0, 2.0]}), embedded / "e.parquet")
     given = ["--data", str(shards), "--embeddings", str(embedded), "--clusters", "2,1"]
-    assert "no 'embedding' column" in refusal(*given, "--out", str(tmp_path / "o"))
-    assert "--target 3" in refusal(*given, "--out", str(tmp_path / "o"), "--target", "3")
+    assert "no 'embedding' column" in refusal(*given, "--out", out)
+    assert "--target 3" in refusal(*given, "--out", out, "--target", "3")
     assert "must be outside --data" in refusal(*given, "--out", str(shards / "curated"))
-    assert "--clusters 2,x" in refusal(*given[:-1], "2,x", "--out", str(tmp_path / "o"))
+    assert "--clusters 2,x" in refusal(*given[:-1], "2,x", "--out", out)
 
 
 @pytest.fixture(scope="module")
@@ -196,20 +197,25 @@ def duplicated_digits(ray_session, tmp_path_factory):
     return str(folder), record, rows
 
 
-def curate_command(data, out, checkpoint, *options) -> subprocess.CompletedProcess:
+def curate_args(data, out, checkpoint, *options) -> list[str]:
+    return ["curate", "--data", data, "--checkpoint", checkpoint, "--out", out, "--clusters", "20,5",
+            "--threshold", THRESHOLD, *options]
+
+
+def curate_command(*args) -> subprocess.CompletedProcess:
     """`selfsup curate` in a process of its own on the test session's Ray (as `ray job submit`
     joins a cluster)."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", "curate", "--data", data, "--checkpoint", checkpoint,
-                           "--out", out, "--clusters", "20,5", "--threshold", THRESHOLD, *options],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *curate_args(*args)], capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow
 def test_curate_removes_injected_duplicates_writes_shards_and_a_rerun_reuses_its_stages(
-        duplicated_digits, learns_run, tmp_path, report_line):
+        duplicated_digits, learns_run, tmp_path, report_line, capsys):
+    from pipelines.cli import main
     from tests.helpers.curation_sample import found_pairs, true_pairs
 
     data, record, rows = duplicated_digits
@@ -244,13 +250,41 @@ def test_curate_removes_injected_duplicates_writes_shards_and_a_rerun_reuses_its
     with open(result["picture"], "rb") as stream:
         assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    again = curate_command(data, out, checkpoint, "--target", "150")
-    assert again.returncode == 0, again.stderr[-3000:]
+    # the rerun (in this process: what it reuses is the point, not how it starts)
+    assert main(curate_args(data, out, checkpoint, "--target", "150")) == 0
+    again = capsys.readouterr()
     for stage in ("embeddings of", "duplicates:", "clusters:"):
-        assert any(stage in line and "reused" in line for line in again.stderr.splitlines()), (stage, again.stderr)
-    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+        assert any(stage in line and "reused" in line for line in again.err.splitlines()), (stage, again.err)
+    rerun = json.loads(again.out.strip().splitlines()[-1])
     assert {**rerun, "seconds": 0} == {**result, "seconds": 0}
 
-    too_many = curate_command(data, out, checkpoint, "--target", str(len(rows)))  # fewer are left
-    assert too_many.returncode == 2
-    assert f"only {result['left_after_duplicates']:,} images are left" in too_many.stderr.strip().splitlines()[-1]
+    assert main(curate_args(data, out, checkpoint, "--target", str(len(rows)))) == 2  # fewer are left
+    refused = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"only {result['left_after_duplicates']:,} images are left" in refused
+
+
+def test_init_from_builds_the_encoder_from_weights_and_refuses_a_misfit_before_ray(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from pipelines import cli
+    from pipelines.config import build_config, build_method
+    from pipelines.weights.init_from import method_from_weights
+    from tests.helpers.runs import COMMON, TINY, tiny_config
+
+    trained = build_method(tiny_config("simclr", **{"train.seed": 7}))  # other weights than the seed-0 init
+    torch.save(trained.backbone.state_dict(), tmp_path / "resnet.pth")
+    sets = {**COMMON, **TINY["simclr"], "train.init_from": str(tmp_path / "resnet.pth")}
+    method = method_from_weights(build_config("simclr", "tiny", None, sets))
+    for name, tensor in trained.backbone.state_dict().items():
+        assert torch.equal(method.backbone.state_dict()[name], tensor), name
+
+    torch.save(build_method(tiny_config("mae")).backbone.state_dict(), tmp_path / "vit.pth")
+    monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"image": [b"x", b"y"], "label": [0, 1], "id": ["a", "b"]}), shards / "part.parquet")
+    common = ["curate", "--data", str(shards), "--out", str(tmp_path / "o"), "--clusters", "2,1"]
+    assert cli.main([*common, "--init-from", str(tmp_path / "vit.pth"), "--method", "simclr"]) == 2
+    assert f"--init-from {tmp_path / 'vit.pth'}: does not fit" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli.main([*common, "--init-from", str(tmp_path / "vit.pth")]) == 2
+    assert "name the architecture with --method" in capsys.readouterr().err.strip().splitlines()[-1]

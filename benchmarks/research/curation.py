@@ -90,7 +90,8 @@ def memory(args) -> None:
 
         (peak, processes, _), result = peak_during(run)
         print(f"| x{repeats} | ~{rows:,} images | {result['left_after_duplicates']:,} left | peak PSS {peak:,.0f} MB "
-              f"over {processes} processes | {result['seconds']:.0f} s |", flush=True)
+              f"over {processes} processes (this script, the curate process and its Ray) | {result['seconds']:.0f} s |",
+              flush=True)
 
 
 def compare(args) -> None:

@@ -127,14 +127,15 @@ class Stages:
 
 
 def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str | None = None,
-           embeddings: Embeddings | None = None, batch_size: int = 256) -> dict:
+           embeddings: Embeddings | None = None, batch_size: int = 256, encoder: tuple | None = None) -> dict:
     """Curates the shards `shards` into `out`/shards (see the module's docstring); returns the
-    report (the command's JSON line). Either `checkpoint` embeds the images or `embeddings` holds
-    their `selfsup embed` output; the options were checked (`CurateOptions.check`)."""
+    report (the command's JSON line). Either `checkpoint`'s encoder embeds the images (`encoder`:
+    (method, RunConfig) when it was built from the weights file `checkpoint` names), or
+    `embeddings` holds their `selfsup embed` output; the options were checked (`CurateOptions.check`)."""
     started, stages = time.monotonic(), Stages(f"{out.rstrip('/')}/{WORK}")
     key = {"data": shards.root, "rows": shards.num_rows, "checkpoint": checkpoint,
            "embeddings": embeddings.files[0] if embeddings else None}
-    embeddings, bad_skipped = embeddings_stage(shards, stages, key, checkpoint, embeddings, batch_size)
+    embeddings, bad_skipped = embeddings_stage(shards, stages, key, checkpoint, embeddings, batch_size, encoder)
     embeddings = embeddings.with_center(options.batch_rows)
 
     key = {**key, **{name: getattr(options, name) for name in ("threshold", "partition_rows", "probes")}}
@@ -142,8 +143,8 @@ def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str |
     left = embeddings.rows - len(removed)
     if options.target is not None and options.target > left:
         raise DataError(f"--target {options.target:,}: only {left:,} images are left after removing {len(removed):,} "
-                        f"duplicates (kept in {stages.location_of(DUPLICATES_FILE)}; a rerun with --target {left:,} or less "
-                        "reuses them)")
+                        f"duplicates (kept in {stages.location_of(DUPLICATES_FILE)}; a rerun with --target "
+                        f"{left:,} or less reuses them)")
     key = {**key, "clusters": list(options.clusters), "target": options.target, "seed": options.seed}
     clusters = clusters_stage(embeddings, stages, key, options, removed)
     report = stages.finished(REPORT, key)
@@ -166,7 +167,8 @@ def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str |
 
 
 def embeddings_stage(shards: ShardSet, stages: Stages, key: dict, checkpoint: str | None,
-                     embeddings: Embeddings | None, batch_size: int) -> tuple[Embeddings, int]:
+                     embeddings: Embeddings | None, batch_size: int,
+                     encoder: tuple | None) -> tuple[Embeddings, int]:
     """(the images' embeddings: given, embedded now, or read back from a finished stage; how many
     images could not be decoded and have none)."""
     embedded = stages.finished("embedded.json", key)
@@ -176,7 +178,8 @@ def embeddings_stage(shards: ShardSet, stages: Stages, key: dict, checkpoint: st
     location = stages.location_of("embeddings")
     if embedded is None:
         log.info(f"curate: embedding {shards.num_rows:,} images with {checkpoint}")
-        summary = embed(checkpoint, shards.root, location, batch_size=batch_size, overwrite=True, shards=shards)
+        summary = embed(checkpoint, shards.root, location, batch_size=batch_size, overwrite=True, shards=shards,
+                        encoder=encoder)
         embedded = stages.finish("embedded.json", key, {"bad_skipped": summary["bad_skipped"]})
     else:
         log.info(f"curate: embeddings of {shards.num_rows:,} images: reused from {location}")

@@ -64,7 +64,7 @@ def embeddable_shards(data: str):
 
 def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: int | None = None,
           gpus_per_actor: float | None = None, precision: str = "auto", overwrite: bool = False,
-          shards=None) -> dict:
+          shards=None, encoder: tuple | None = None) -> dict:
     """Embed every image of the shards at `data` with `checkpoint`'s encoder into Parquet at `out`.
 
     Args:
@@ -73,10 +73,11 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
         gpus_per_actor: GPUs each actor reserves (default 1 when the cluster has GPUs, else 0).
         precision: autocast for the forward pass (`auto` = bf16 on GPU, fp32 on CPU).
         shards: `embeddable_shards(data)`, when the caller has it.
+        encoder: (method, RunConfig) already built, used instead of reading `checkpoint` (which then
+            only names the weights in the summary).
     Returns the summary printed as the command's JSON line (rows, dimension, skipped records).
     """
-    state = load_state(checkpoint)
-    method, config = load_checkpoint(checkpoint, state)
+    method, config = encoder or load_checkpoint(checkpoint, load_state(checkpoint))
     shards = shards or embeddable_shards(data)
     check_output_folder(out, overwrite)
 

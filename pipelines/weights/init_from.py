@@ -34,3 +34,12 @@ def initial_weights(config) -> tuple[dict[str, torch.Tensor], list[str]] | None:
                            "pick the preset or backbone.* settings these weights were trained with")
     except WeightsError as error:
         raise InitFromError(str(error)) from None
+
+
+def method_from_weights(config):
+    """`config`'s method with `config.train.init_from`'s weights in its backbone: an encoder from a
+    timm or `selfsup export` folder, for the commands that only run one (`selfsup curate`)."""
+    method = build_method(config)
+    weights, _ = initial_weights(config)
+    method.init_encoder(weights)  # as a run starts from them (DINO: student and teacher)
+    return method
