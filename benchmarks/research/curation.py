@@ -1,10 +1,10 @@
 """Issue 33's measurements of `selfsup curate` on a sample with injected duplicates and one class ten
 times as frequent (tests/helpers/curation_sample.py), printed as tables for docs/BENCHMARKS.md.
 
-    # duplicates found (pair precision and recall against the injection record, recall per kind)
-    # and class frequencies before and after, for an encoder's checkpoint:
+    # duplicates found (pairs found, pair precision and recall against the injection record, recall
+    # per kind) at each threshold, then class frequencies before and after the last one:
     python -m benchmarks.research.curation quality --checkpoint RUN --work DIR [--sample mnist-m]
-        [--threshold 0.9] [--clusters 30,10] [--target 300]
+        [--threshold 0.9,0.95,0.97] [--clusters 30,10] [--target 300]
     # peak memory of curating the sample and 10x the sample (repeated with augmentation):
     python -m benchmarks.research.curation memory --checkpoint RUN --work DIR --repeats 1,10
     # SimCLR (demo recipe) on the curated shards vs the uncurated ones, equal steps, kNN on the
@@ -57,17 +57,18 @@ def class_counts(location: str) -> np.ndarray:
 
 def quality(args) -> None:
     record = build(args.sample, args.work)
-    options = ["--threshold", str(args.threshold), "--clusters", args.clusters, "--num-cpus", "2"]
-    options += ["--target", str(args.target)] if args.target else []
     shards, curated = os.path.join(args.work, "shards"), os.path.join(args.work, "curated")
-    result = curate_cli(shards, curated, args.checkpoint, *options)
     truth = true_pairs(record)
-    found = found_pairs(pq.read_table(os.path.join(args.work, "curated", "curation", "duplicates.parquet")))
-    print(f"| pairs | true {len(truth)} | found {len(found)} | precision {len(truth & found) / max(1, len(found)):.3f} "
-          f"| recall {len(truth & found) / len(truth):.3f} |")
-    for kind in KINDS:
-        pairs = {tuple(sorted((copy, source))) for copy, source, k in record if k == kind}
-        print(f"| recall, {kind} copies | {len(pairs & found) / len(pairs):.3f} ({len(pairs)}) |")
+    for threshold in args.threshold.split(","):  # the last one's curated shards are kept; embedded once
+        options = ["--threshold", threshold, "--clusters", args.clusters, "--num-cpus", "2"]
+        result = curate_cli(shards, curated, args.checkpoint, *options, *(["--target", str(args.target)]
+                                                                         if args.target else []))
+        found = found_pairs(pq.read_table(os.path.join(curated, "curation", "duplicates.parquet")))
+        recall = {kind: len(pairs & found) / len(pairs) for kind in KINDS
+                  for pairs in [{tuple(sorted((copy, source))) for copy, source, k in record if k == kind}]}
+        print(f"| {threshold} | {len(found)} | {len(truth & found) / max(1, len(found)):.3f} | "
+              f"{len(truth & found) / len(truth):.3f} | " + " | ".join(f"{recall[k]:.2f}" for k in KINDS) + " |",
+              flush=True)
     before, after = class_counts(os.path.join(args.work, "shards")), class_counts(result["out"])
     for name, counts in (("before", before), ("after", after)):
         print(f"| classes {name} | {' '.join(map(str, counts))} | max/min {counts.max() / max(1, counts.min()):.2f} |")
@@ -106,7 +107,9 @@ def compare(args) -> None:
         if not os.path.exists(run):
             subprocess.run([sys.executable, "-m", "pipelines.cli", "pretrain", "--method", "simclr", "--data", data,
                             "--storage", os.path.join(args.work, "runs"), "--name", name, "--set",
-                            f"optim.epochs={epochs}", "--set", f"train.seed={args.seed}", "--num-cpus", "2"],
+                            f"optim.epochs={epochs}", "--set", f"train.seed={args.seed}", "--num-cpus", "2",
+                            # no evaluation each epoch: on 300 images that is most of the run's time
+                            "--set", "train.knn_every_epochs=0", "--set", "train.probe_size=0"],
                            check=True, capture_output=True)
         with open(os.path.join(run, "metrics.jsonl")) as stream:
             steps = json.loads(stream.read().strip().splitlines()[-1])["step"]
@@ -125,7 +128,7 @@ def main() -> None:
         command.add_argument("--clusters", default="30,10")
         if name != "compare":
             command.add_argument("--checkpoint", required=True)
-    commands.choices["quality"].add_argument("--threshold", type=float, default=0.9)
+    commands.choices["quality"].add_argument("--threshold", default="0.9", help="one, or several: 0.9,0.95,0.97")
     commands.choices["quality"].add_argument("--target", type=int, default=300)
     commands.choices["memory"].add_argument("--repeats", default="1,10")
     commands.choices["memory"].add_argument("--partition-rows", type=int, default=2000)
