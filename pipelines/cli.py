@@ -215,8 +215,20 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def cmd_finetune(args) -> dict:
+def init_from_config(args):
+    """The config of `--method` (`--method-preset`) with `--init-from`'s weights: the architecture
+    those weights must fit."""
     from pipelines.config import build_config
+
+    if not args.method:
+        raise UsageError("--init-from: name the architecture with --method (and --method-preset)")
+    try:
+        return build_config(args.method, args.method_preset, None, {"train.init_from": args.init_from})
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_finetune(args) -> dict:
     from pipelines.images.labeled import check_test_classes, labeled_subset
     from pipelines.images.shards import check_output_folder
     from pipelines.outputs.export import export_classifier
@@ -236,12 +248,7 @@ def cmd_finetune(args) -> dict:
         method, base = load_checkpoint(source)
         weights = {key: value.cpu() for key, value in method.encoder().state_dict().items()}
     else:
-        if not args.method:
-            raise UsageError("--init-from: name the architecture with --method (and --method-preset)")
-        try:
-            base = build_config(args.method, args.method_preset, None, {"train.init_from": args.init_from})
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        base = init_from_config(args)
         source, weights = args.init_from, initial_weights(base)[0]
     labeled = labeled_subset(args.data, args.labels_per_class, args.label_fraction)
     check_test_classes(args.test, labeled)
@@ -427,7 +434,6 @@ def cmd_embed(args) -> dict:
 
 
 def cmd_curate(args) -> dict:
-    from pipelines.config import build_config
     from pipelines.curate.curate import SHARDS, WORK, CurateOptions, curate, given_embeddings
     from pipelines.images.shards import absolute_location, check_output_folder
     from pipelines.outputs.embed import embeddable_shards
@@ -453,12 +459,7 @@ def cmd_curate(args) -> dict:
         args.checkpoint = find_checkpoint(args.checkpoint)
         load_checkpoint(args.checkpoint)  # a checkpoint whose weights do not build its encoder: refused here
     else:  # weights that do not fit the method's backbone: refused here, naming the first misfit
-        if not args.method:
-            raise UsageError("--init-from: name the architecture with --method (and --method-preset)")
-        try:
-            config = build_config(args.method, args.method_preset, None, {"train.init_from": args.init_from})
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        config = init_from_config(args)
         encoder, args.checkpoint = (method_from_weights(config), config), args.init_from
     if not os.path.exists(os.path.join(out, WORK)):  # a rerun reuses and replaces its own output
         check_output_folder(f"{out}/{SHARDS}", args.overwrite)
