@@ -434,7 +434,7 @@ def cmd_embed(args) -> dict:
 
 
 def cmd_curate(args) -> dict:
-    from pipelines.curate.curate import SHARDS, WORK, CurateOptions, curate, given_embeddings
+    from pipelines.curate.curate import SHARDS, CurateOptions, curate, earlier_curate, given_embeddings
     from pipelines.images.shards import absolute_location, check_output_folder
     from pipelines.outputs.embed import embeddable_shards
     from pipelines.weights.checkpoint import find_checkpoint, load_checkpoint
@@ -461,7 +461,7 @@ def cmd_curate(args) -> dict:
     else:  # weights that do not fit the method's backbone: refused here, naming the first misfit
         config = init_from_config(args)
         encoder, args.checkpoint = (method_from_weights(config), config), args.init_from
-    if not os.path.exists(os.path.join(out, WORK)):  # a rerun reuses and replaces its own output
+    if not earlier_curate(out):  # a rerun reuses and replaces its own output
         check_output_folder(f"{out}/{SHARDS}", args.overwrite)
     start_ray(args.num_cpus)
     return curate(shards, out, options, checkpoint=args.checkpoint, embeddings=embeddings, batch_size=args.batch_size,

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipelines.curate.duplicates import (
     POINTS_PER_CENTROID,
     Embeddings,
+    centroid_index,
     nearest,
     spaced_sample,
     spherical_kmeans,
@@ -45,7 +46,7 @@ def cluster_levels(embeddings: Embeddings, counts: tuple[int, ...], seed: int, r
 
 def parents(levels: list[np.ndarray]) -> list[np.ndarray]:
     """For each level but the top, each of its centroids' cluster at the level above."""
-    return [nearest(below, above)[:, 0] for below, above in zip(levels, levels[1:])]
+    return [nearest(below, centroid_index(above))[:, 0] for below, above in zip(levels, levels[1:])]
 
 
 def even_shares(sizes: list[int], target: int) -> list[int]:
@@ -54,20 +55,13 @@ def even_shares(sizes: list[int], target: int) -> list[int]:
     over by an even split goes to the largest groups first (then the lowest index)."""
     shares, left = [0] * len(sizes), min(target, sum(sizes))
     open_groups = sorted(range(len(sizes)), key=lambda g: (sizes[g], -g))
-    while left and open_groups:
-        even = left // len(open_groups)
-        smallest = open_groups[0]
-        if sizes[smallest] - shares[smallest] <= even:  # fits whole: take it all, split the rest again
-            left -= sizes[smallest] - shares[smallest]
-            shares[smallest] = sizes[smallest]
-            open_groups.pop(0)
-            continue
-        for group in open_groups:
-            shares[group] += even
-        left -= even * len(open_groups)
-        for group in reversed(open_groups[-left:] if left else []):
-            shares[group] += 1
-        left = 0
+    while open_groups and sizes[open_groups[0]] <= left // len(open_groups):  # the smallest fits whole
+        smallest = open_groups.pop(0)
+        shares[smallest], left = sizes[smallest], left - sizes[smallest]
+    if open_groups:
+        even, extra = divmod(left, len(open_groups))
+        for rank, group in enumerate(open_groups):  # the last `extra` (largest) get one more
+            shares[group] = even + (rank >= len(open_groups) - extra)
     return shares
 
 
@@ -105,12 +99,13 @@ def assign_and_select(embeddings: Embeddings, levels: list[np.ndarray], target: 
     first-level cluster before and after the selection)."""
     filesystem, root = resolve_location(work)
     assigned, sizes = f"{root.rstrip('/')}/assigned.parquet", np.zeros(len(levels[0]), dtype=np.int64)
+    first_level = centroid_index(levels[0])
     with pq.ParquetWriter(assigned, ASSIGNED_SCHEMA, filesystem=filesystem) as writer:
         for batch in embeddings.batches(["id", EMBEDDING], batch_rows):
             keep = [i for i, item in enumerate(batch.column("id").to_pylist()) if item not in removed]
             if keep:
                 batch = batch.take(pa.array(keep))
-                clusters = nearest(embeddings.unit(batch), levels[0])[:, 0]
+                clusters = nearest(embeddings.unit(batch), first_level)[:, 0]
                 sizes += np.bincount(clusters, minlength=len(sizes))
                 writer.write_table(pa.table({"id": batch.column("id"), "cluster_level1": clusters}, ASSIGNED_SCHEMA))
     up = parents(levels)

@@ -29,10 +29,10 @@ from ray.data.expressions import col
 
 from pipelines.console import UsageError, log
 from pipelines.curate.balance import CLUSTERS_FILE, assign_and_select, cluster_levels, parents
-from pipelines.curate.duplicates import DUPLICATES_FILE, Embeddings, find_duplicates
+from pipelines.curate.duplicates import DUPLICATES_FILE, REASONS, Embeddings, find_duplicates
 from pipelines.curate.report import draw_report
 from pipelines.images.ingest import CONTENT_HASH
-from pipelines.images.shards import DataError, ShardSet, read_classes, resolve_location, write_classes
+from pipelines.images.shards import DataError, ShardSet, parquet_files, read_classes, resolve_location, write_classes
 from pipelines.outputs.embed import EMBEDDING, embed
 
 WORK, SHARDS, REPORT = "curation", "shards", "report.json"
@@ -77,11 +77,7 @@ class CurateOptions:
 
 def given_embeddings(location: str, shards: ShardSet) -> Embeddings:
     """A `selfsup embed` output, refused in one line when it is not one for these shards."""
-    filesystem, root = resolve_location(location)
-    info = filesystem.get_file_info(root)
-    files = ([root] if info.type == pafs.FileType.File else sorted(
-        f.path for f in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        if f.path.endswith(".parquet")) if info.type != pafs.FileType.NotFound else [])
+    filesystem, files = parquet_files(location)
     if not files:
         raise DataError(f"--embeddings {location}: no Parquet files (expected a `selfsup embed` output)")
     schema = pq.read_schema(files[0], filesystem=filesystem)
@@ -94,6 +90,12 @@ def given_embeddings(location: str, shards: ShardSet) -> Embeddings:
         raise DataError(f"--embeddings {location}: {rows:,} rows, more than the {shards.num_rows:,} images of "
                         f"--data {shards.root} (embeddings of other shards?)")
     return Embeddings(filesystem, files, rows, schema.field(EMBEDDING).type.list_size)
+
+
+def earlier_curate(out: str) -> bool:
+    """Whether `out` (a path or URI) holds an earlier curate's stages, which a rerun reuses."""
+    filesystem, root = resolve_location(f"{out.rstrip('/')}/{WORK}")
+    return filesystem.get_file_info(root).type == pafs.FileType.Directory
 
 
 class Stages:
@@ -139,7 +141,7 @@ def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str |
     embeddings = embeddings.with_center(options.batch_rows)
 
     key = {**key, **{name: getattr(options, name) for name in ("threshold", "partition_rows", "probes")}}
-    removed = duplicates_stage(embeddings, stages, key, options)
+    removed, reasons = duplicates_stage(embeddings, stages, key, options)
     left = embeddings.rows - len(removed)
     if options.target is not None and options.target > left:
         raise DataError(f"--target {options.target:,}: only {left:,} images are left after removing {len(removed):,} "
@@ -150,11 +152,9 @@ def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str |
     report = stages.finished(REPORT, key)
     if report is None:
         shards_out = write_curated(shards, f"{out.rstrip('/')}/{SHARDS}", stages.location_of(CLUSTERS_FILE))
-        counts = pq.read_table(stages.path(DUPLICATES_FILE), columns=["reason"], filesystem=stages.filesystem)
-        reasons = dict(zip(*np.unique(counts.column("reason").to_numpy(zero_copy_only=False), return_counts=True)))
         report = {"out": shards_out, "rows": shards.num_rows, "bad_skipped": bad_skipped,
-                  "removed_exact": int(reasons.get("exact", 0)), "removed_near": int(reasons.get("near", 0)),
-                  "duplicate_groups": int(reasons.get("kept", 0)), "left_after_duplicates": left,
+                  "removed_exact": reasons["exact"], "removed_near": reasons["near"],
+                  "duplicate_groups": reasons["kept"], "left_after_duplicates": left,
                   "selected": clusters["selected"], "target": options.target, "options": asdict(options),
                   "top_clusters_before": clusters["before"], "top_clusters_after": clusters["after"],
                   "picture": draw_report(stages, shards_out, clusters), "work": stages.location}
@@ -186,21 +186,25 @@ def embeddings_stage(shards: ShardSet, stages: Stages, key: dict, checkpoint: st
     return given_embeddings(location, shards), embedded["bad_skipped"]
 
 
-def duplicates_stage(embeddings: Embeddings, stages: Stages, key: dict, options: CurateOptions) -> frozenset:
-    """The ids removed as duplicates: found now, or read back from a finished stage."""
-    if stages.finished("duplicates.json", key) is None:
+def duplicates_stage(embeddings: Embeddings, stages: Stages, key: dict,
+                     options: CurateOptions) -> tuple[frozenset, dict[str, int]]:
+    """(the ids removed as duplicates, images per reason: kept, exact, near): found now, or read back
+    from a finished stage."""
+    reasons = stages.finished("duplicates.json", key)
+    if reasons is None:
         log.info(f"curate: duplicates among {embeddings.rows:,} embeddings (exact by content hash, near at cosine >= "
                  f"{options.threshold}, partitions of ~{options.partition_rows:,} rows)")
         groups = find_duplicates(embeddings, stages.location, options.threshold, options.partition_rows, options.probes,
                                  options.seed, options.batch_rows)
         pq.write_table(groups, stages.path(DUPLICATES_FILE), filesystem=stages.filesystem)
-        stages.finish("duplicates.json", key, {"groups": int((groups.column("reason").to_numpy(
-            zero_copy_only=False) == "kept").sum())})
+        found = groups.column("reason").to_pylist()
+        reasons = stages.finish("duplicates.json", key, {reason: found.count(reason) for reason in REASONS})
     else:
         log.info(f"curate: duplicates: reused from {stages.location_of(DUPLICATES_FILE)}")
     groups = pq.read_table(stages.path(DUPLICATES_FILE), columns=["id", "reason"], filesystem=stages.filesystem)
-    return frozenset(item for item, reason in zip(groups.column("id").to_pylist(), groups.column("reason").to_pylist())
-                     if reason != "kept")
+    removed = frozenset(item for item, reason in zip(groups.column("id").to_pylist(),
+                                                      groups.column("reason").to_pylist()) if reason != "kept")
+    return removed, reasons
 
 
 def clusters_stage(embeddings: Embeddings, stages: Stages, key: dict, options: CurateOptions,

@@ -32,7 +32,8 @@ DUPLICATES_FILE = "duplicates.parquet"
 PAIRS_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("a_hash", pa.string()), ("b_hash", pa.string()),
                           ("similarity", pa.float32())])
 DUPLICATES_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.string()), (CONTENT_HASH, pa.string()),
-                               ("reason", pa.string())])  # reason: kept, exact or near
+                               ("reason", pa.string())])
+REASONS = ("kept", "exact", "near")  # a group's kept image, and why each other one was removed
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,16 @@ def plus_plus_seeds(points: np.ndarray, k: int, rng: np.random.Generator) -> np.
     return np.ascontiguousarray(points[chosen])
 
 
-def nearest(vectors: np.ndarray, centroids: np.ndarray, how_many: int = 1) -> np.ndarray:
-    """(n, how_many) indices of each vector's nearest centroids by cosine, nearest first."""
+def centroid_index(centroids: np.ndarray) -> faiss.IndexFlatIP:
+    """An exact inner-product index of unit-norm centroids, built once for a pass (`nearest`)."""
     index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    return index.search(vectors, min(how_many, len(centroids)))[1]
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def nearest(vectors: np.ndarray, index: faiss.IndexFlatIP, how_many: int = 1) -> np.ndarray:
+    """(n, how_many) indices of each vector's nearest centroids in `index` by cosine, nearest first."""
+    return index.search(vectors, min(how_many, index.ntotal))[1]
 
 
 def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, probes: int, seed: int,
@@ -134,13 +140,14 @@ def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, p
     (Equal bytes give equal embeddings, so an exact duplicate shares its original's partitions.)"""
     count = max(1, -(-embeddings.rows // partition_rows))
     if count > 1:
-        centroids = spherical_kmeans(spaced_sample(embeddings, count * POINTS_PER_CENTROID, batch_rows), count, seed)
+        index = centroid_index(spherical_kmeans(spaced_sample(embeddings, count * POINTS_PER_CENTROID, batch_rows),
+                                                count, seed))
     filesystem, root = resolve_location(folder)
     filesystem.create_dir(root, recursive=True)
     writers: dict[int, pq.ParquetWriter] = {}
     for batch in embeddings.batches(["id", CONTENT_HASH, EMBEDDING], batch_rows):
         table = pa.Table.from_batches([batch])
-        homes = nearest(embeddings.unit(batch), centroids, probes) if count > 1 else np.zeros((batch.num_rows, 1), int)
+        homes = nearest(embeddings.unit(batch), index, probes) if count > 1 else np.zeros((batch.num_rows, 1), int)
         for partition in np.unique(homes):
             if partition not in writers:
                 path = f"{root.rstrip('/')}/partition-{partition:05d}.parquet"

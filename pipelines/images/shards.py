@@ -103,6 +103,19 @@ def resolve_location(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), location
 
 
+def parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, the Parquet files at `location`): the file itself, or every `.parquet` file under
+    the folder, sorted; none when nothing is there."""
+    filesystem, root = resolve_location(location)
+    kind = filesystem.get_file_info(root).type
+    if kind == pafs.FileType.File:
+        return filesystem, [root]
+    if kind == pafs.FileType.NotFound:
+        return filesystem, []
+    entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    return filesystem, sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
+
+
 def is_image_column(field: pa.Field) -> bool:
     """Whether a candidate `image` column holds encoded bytes: binary, or Hugging Face's
     `struct<bytes, path>` (the decoder reads either)."""

@@ -16,7 +16,6 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -25,7 +24,7 @@ import torch
 from pipelines.console import Progress
 from pipelines.evaluate.features import Encoder, FeatureExtractor
 from pipelines.images.ingest import CONTENT_HASH, IngestConfig, image_dataset
-from pipelines.images.shards import DataError, check_output_folder, find_shards, resolve_location
+from pipelines.images.shards import DataError, check_output_folder, find_shards, parquet_files, resolve_location
 from pipelines.weights.checkpoint import load_checkpoint, load_state
 
 SUMMARY_FILE = "_embeddings.json"
@@ -102,9 +101,8 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
         embedded.write_parquet(out)
 
     quality = ray.get(quality_log.summary.remote())
-    filesystem, root = resolve_location(out)
-    files = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-                   if f.path.endswith(".parquet"))
+    filesystem, files = parquet_files(out)
+    root = resolve_location(out)[1]
     rows = sum(pq.ParquetFile(f, filesystem=filesystem).metadata.num_rows for f in files)
     probe = torch.zeros(2, config.data.canvas_size, config.data.canvas_size, 3, dtype=torch.uint8)
     dim = int(method.eval().features(method.eval_images(probe)).shape[1])
