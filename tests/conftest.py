@@ -14,6 +14,7 @@ os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 # Lines a test puts in the session's log even when it passes (CI runs `pytest -q`, which shows
 # no passing test's output): where a cross-host run trained, what the autoscaler took.
 REPORTED_LINES: list[str] = []
+WARM_WORKERS = 8
 
 
 @pytest.fixture
@@ -45,7 +46,11 @@ def ray_session():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The dashboard stays on: the state API (used to find and kill a worker) and Tune need it.
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=True)
+    # Idle worker processes stay up to WARM_WORKERS (Ray's default: one per CPU), so that no run
+    # of the session starts and imports its decode and Train processes again (what that saves:
+    # docs/BENCHMARKS.md, "The suite under CI's 40 minutes again").
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=True,
+             _system_config={"num_workers_soft_limit": WARM_WORKERS})
     yield ray
     ray.shutdown()
 
