@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipelines.train.local_ray import keep_local_ray_on_loopback  # noqa: E402
+from pipelines.train.local_ray import keep_local_ray_on_loopback, warm_workers_config  # noqa: E402
 
 # The tests' own Rays listen on loopback only, as `selfsup`'s do (set before anything imports Ray).
 keep_local_ray_on_loopback()
@@ -14,7 +14,6 @@ os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 # Lines a test puts in the session's log even when it passes (CI runs `pytest -q`, which shows
 # no passing test's output): where a cross-host run trained, what the autoscaler took.
 REPORTED_LINES: list[str] = []
-WARM_WORKERS = 8
 
 
 @pytest.fixture
@@ -46,11 +45,10 @@ def ray_session():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The dashboard stays on: the state API (used to find and kill a worker) and Tune need it.
-    # Idle worker processes stay up to WARM_WORKERS (Ray's default: one per CPU), so that no run
-    # of the session starts and imports its decode and Train processes again (what that saves:
-    # docs/BENCHMARKS.md, "The suite under CI's 40 minutes again").
+    # Idle workers kept as a local `selfsup` Ray keeps them, so that no run of the session starts
+    # and imports its decode and Train processes again.
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=True,
-             _system_config={"num_workers_soft_limit": WARM_WORKERS})
+             _system_config=warm_workers_config(2))
     yield ray
     ray.shutdown()
 

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from methods import METHODS
+from pipelines.train.local_ray import WARM_WORKERS, warm_workers_config
 from tests.helpers.cli import selfsup_command, set_args, trial_rows
 from tests.helpers.runs import COMMON, TINY
 from tests.helpers.timing import deadline
@@ -45,6 +46,12 @@ def worker_logs_saying(ray_tmp: str, text: str) -> list[str]:
                 if text in stream.read():
                     found.append(os.path.basename(path))
     return found
+
+
+def test_a_local_ray_keeps_warm_workers_up_to_a_floor_or_one_per_cpu():
+    """Ray's own limit (one idle worker per CPU) is raised on small machines and kept on big ones."""
+    assert warm_workers_config(2) == {"num_workers_soft_limit": WARM_WORKERS}
+    assert warm_workers_config(4 * WARM_WORKERS) == {"num_workers_soft_limit": 4 * WARM_WORKERS}
 
 
 @pytest.mark.slow

@@ -20,6 +20,11 @@ import os
 import sys
 
 RAY_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Idle worker processes a local Ray keeps up (Ray's default: one per CPU). A run holds more
+# processes than CPUs (fractional decode tasks, the Train and Data actors), and on a small machine
+# Ray kills the idle ones between passes and trials, so the next starts and imports them again
+# (what keeping them saves: docs/BENCHMARKS.md, "The suite under CI's 40 minutes again").
+WARM_WORKERS = 8
 LISTEN_ENV = "SELFSUP_RAY_LISTEN"  # "loopback" (default) or "all"
 LOOPBACK_HOSTS = ("127.0.0.1:", "localhost:")
 
@@ -57,3 +62,9 @@ def pin_ray_address() -> None:
     if not os.environ.get("RAY_ADDRESS"):  # unset, or empty as a caller may leave it to mean "start one"
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
+
+
+def warm_workers_config(num_cpus: int | None) -> dict:
+    """Ray's `_system_config` for a Ray that selfsup starts on this machine (`num_cpus`: its CPUs,
+    or the machine's): idle workers kept up to WARM_WORKERS, or one per CPU where that is more."""
+    return {"num_workers_soft_limit": max(WARM_WORKERS, num_cpus or os.cpu_count() or 1)}
