@@ -11,7 +11,8 @@ sockets of a local `selfsup pretrain`). Ray reads it when it is imported, and it
 inherit it, so it is set before the first `import ray`.
 
 A run that joins a cluster (`RAY_ADDRESS`, as under `ray job submit`) is left as it is. To offer a
-local Ray to other machines on purpose: `SELFSUP_RAY_LISTEN=all`.
+local Ray to other machines on purpose: `SELFSUP_RAY_LISTEN=all`. How many idle worker processes
+such a Ray keeps: `warm_workers_config`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import os
 import sys
 
 RAY_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# Idle worker processes a local Ray keeps up (Ray's default: one per CPU). A run holds more
+LISTEN_ENV = "SELFSUP_RAY_LISTEN"  # "loopback" (default) or "all"
+LOOPBACK_HOSTS = ("127.0.0.1:", "localhost:")
+# Idle worker processes a local Ray keeps (Ray's default: one per CPU). A run holds more
 # processes than CPUs (fractional decode tasks, the Train and Data actors), and on a small machine
 # Ray kills the idle ones between passes and trials, so the next starts and imports them again
 # (what keeping them saves: docs/BENCHMARKS.md, "The suite under CI's 40 minutes again").
 WARM_WORKERS = 8
-LISTEN_ENV = "SELFSUP_RAY_LISTEN"  # "loopback" (default) or "all"
-LOOPBACK_HOSTS = ("127.0.0.1:", "localhost:")
 
 
 def keep_local_ray_on_loopback(environ=os.environ) -> bool:
@@ -61,7 +62,6 @@ def pin_ray_address() -> None:
 
     if not os.environ.get("RAY_ADDRESS"):  # unset, or empty as a caller may leave it to mean "start one"
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
 
 
 def warm_workers_config(num_cpus: int | None) -> dict:
