@@ -201,7 +201,7 @@ def duplicates_stage(embeddings: Embeddings, stages: Stages, key: dict,
         reasons = stages.finish("duplicates.json", key, {reason: found.count(reason) for reason in REASONS})
     else:
         log.info(f"curate: duplicates: reused from {stages.location_of(DUPLICATES_FILE)}")
-    groups = pq.read_table(stages.path(DUPLICATES_FILE), columns=["id", "reason"], filesystem=stages.filesystem)
+        groups = pq.read_table(stages.path(DUPLICATES_FILE), columns=["id", "reason"], filesystem=stages.filesystem)
     removed = frozenset(item for item, reason in zip(groups.column("id").to_pylist(),
                                                       groups.column("reason").to_pylist()) if reason != "kept")
     return removed, reasons
