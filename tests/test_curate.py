@@ -16,7 +16,7 @@ import pytest
 from pipelines.curate.balance import assign_and_select, cluster_levels, even_shares, hierarchical_shares
 from pipelines.curate.curate import CurateOptions
 from pipelines.curate.duplicates import Embeddings, duplicate_groups, pairs_in, write_partitions
-from pipelines.images.ingest import CONTENT_HASH
+from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.images.shards import resolve_location
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

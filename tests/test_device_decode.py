@@ -12,15 +12,8 @@ from PIL import Image
 
 import pipelines.images.device_decode as device_decode
 from pipelines.cli import main
-from pipelines.images.decode import decode_canvas
-from pipelines.images.device_decode import (
-    ROUTE_CANVAS,
-    ROUTE_JPEG,
-    decode_jpegs,
-    device_canvases,
-    jpeg_orientation,
-    route_records,
-)
+from pipelines.images.decode import ROUTE_CANVAS, ROUTE_JPEG, decode_canvas, jpeg_orientation, route_records
+from pipelines.images.device_decode import decode_jpegs, device_canvases
 from pipelines.images.ingest import IngestConfig, image_dataset, iter_canvas_batches
 from tests.helpers.corpus import bad_images, encode, good_images, rgb_image, write_shards
 

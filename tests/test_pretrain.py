@@ -174,7 +174,7 @@ def test_a_pass_where_nothing_decodes_stops_in_its_first_decode_tasks(ray_sessio
     part of the data, not the whole pass."""
     import re
 
-    from pipelines.images.ingest import MIN_SEEN_FOR_EARLY_STOP
+    from pipelines.images.decode_tasks import MIN_SEEN_FOR_EARLY_STOP
     from pipelines.images.quality import BadDataError
     from tests.helpers.corpus import write_shards
 

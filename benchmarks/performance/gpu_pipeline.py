@@ -32,8 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.images import photo_crop_jpegs, write_shards
 from benchmarks.steps import StepBench, sync, timed
 from pipelines.config import build_config
-from pipelines.images.decode import DEFAULT_MAX_PIXELS, decode_canvas
-from pipelines.images.device_decode import device_canvases, route_records
+from pipelines.images.decode import DEFAULT_MAX_PIXELS, decode_canvas, route_records
+from pipelines.images.device_decode import device_canvases
 from pipelines.train.pretrain import pretrain
 
 

@@ -31,7 +31,7 @@ from pipelines.console import UsageError, log
 from pipelines.curate.balance import CLUSTERS_FILE, assign_and_select, cluster_levels, parents
 from pipelines.curate.duplicates import DUPLICATES_FILE, REASONS, Embeddings, find_duplicates
 from pipelines.curate.report import draw_report
-from pipelines.images.ingest import CONTENT_HASH
+from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.images.shards import DataError, ShardSet, parquet_files, read_classes, resolve_location, write_classes
 from pipelines.outputs.embed import EMBEDDING, embed
 

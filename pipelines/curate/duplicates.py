@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.console import Progress
-from pipelines.images.ingest import CONTENT_HASH
+from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.images.shards import resolve_location
 from pipelines.outputs.embed import EMBEDDING
 

@@ -1,7 +1,10 @@
-"""Decode encoded image bytes into fixed-size uint8 "canvas" arrays.
+"""Decode encoded image bytes into fixed-size uint8 "canvas" arrays, or, for `data.decode: gpu`,
+route the JPEGs the device can decode to it still encoded (`route_records`; the device side is
+device_decode.py).
 
-Runs inside Ray Data `map_batches` tasks on CPU workers. Every failure is turned into a
-`BadImage` with a short reason, so callers can skip the record, count it and name its `id`.
+Runs inside Ray Data `map_batches` tasks on CPU workers (through decode_tasks.py), so it imports
+no torch. Every failure is turned into a `BadImage` with a short reason, so callers can skip the
+record, count it and name its `id`.
 """
 
 from __future__ import annotations
@@ -10,12 +13,19 @@ import io
 import warnings
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 # 16-bit and 32-bit integer modes that `Image.convert("RGB")` would clip instead of scale.
 _WIDE_INTEGER_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+JPEG_MAGIC = b"\xff\xd8\xff"
+# nvJPEG's RGB output equals Pillow's conversion for these; Adobe CMYK/YCCK JPEGs go to Pillow.
+DEVICE_JPEG_MODES = ("RGB", "L")
+EXIF_ORIENTATION = 0x0112
+# Travels with each record: how a device-decoded JPEG is routed, or a canvas Pillow made.
+ROUTE_CANVAS, ROUTE_JPEG = 0, 1
 
 
 class BadImage(ValueError):
@@ -131,3 +141,57 @@ def decode_batch(
             bad.append((str(ids[index]) if ids is not None else str(index), str(error)))
     array = np.stack(canvases) if canvases else np.zeros((0, size, size, 3), dtype=np.uint8)
     return array, kept, bad
+
+
+def jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
+    """The EXIF orientation (1-8) of a JPEG the device can decode, from its header alone; None
+    for anything else (other formats, CMYK, too many pixels, a header Pillow cannot read), which
+    Pillow decodes on the CPU and, when bad, names the reason."""
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    try:
+        header = Image.open(io.BytesIO(data))  # reads the markers up to the frame header only
+        width, height = header.size
+        if header.format != "JPEG" or header.mode not in DEVICE_JPEG_MODES or width * height > max_pixels:
+            return None
+        orientation = header.getexif().get(EXIF_ORIENTATION, 1)
+        return orientation if orientation in range(1, 9) else 1
+    except Exception:
+        return None
+
+
+def route_records(images: list, ids: list, size: int, max_pixels: int) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """Ray Data side of `data.decode: gpu`: JPEGs for the device stay encoded, the rest become
+    canvases (Pillow), the bad ones are dropped.
+
+    Returns:
+        table: one row per kept record: `encoded` (binary: the JPEG, or the `(size, size, 3)`
+            uint8 canvas' bytes), `route` (int8: ROUTE_JPEG or ROUTE_CANVAS), `orientation`
+            (int8: EXIF 1-8 of a JPEG) and `id` (string).
+        bad: `(id, reason)` of each record dropped here.
+    """
+    encoded, routes, orientations, kept_ids, bad = [], [], [], [], []
+    for index, value in enumerate(images):
+        record_id = str(ids[index])
+        data = image_bytes(value)
+        orientation = jpeg_orientation(data, max_pixels) if data else None
+        if orientation is not None:
+            encoded.append(data)
+            routes.append(ROUTE_JPEG)
+        else:
+            try:
+                encoded.append(decode_canvas(data, size, max_pixels).tobytes())
+            except BadImage as error:
+                bad.append((record_id, str(error)))
+                continue
+            routes.append(ROUTE_CANVAS)
+            orientation = 1
+        orientations.append(orientation)
+        kept_ids.append(record_id)
+    table = pa.table({
+        "encoded": pa.array(encoded, type=pa.binary()),
+        "route": pa.array(routes, type=pa.int8()),
+        "orientation": pa.array(orientations, type=pa.int8()),
+        "id": pa.array(kept_ids, type=pa.string()),
+    })
+    return table, bad

@@ -2,9 +2,9 @@
 
 GPU nodes often have few CPUs per GPU (a g5.2xlarge: 8 vCPUs for one A10G) while DINO's 10 crops
 need well over 1,000 decoded images per second per GPU. With `data.decode: gpu` the Ray Data tasks
-only read each record's header (`route_records`): a JPEG the device can decode travels to the
-worker still encoded, and everything else (PNG, CMYK JPEGs, ...) is decoded to a canvas by Pillow
-there, as with `data.decode: cpu`. On the worker, `device_canvases` decodes the JPEGs of a batch
+only read each record's header (`decode.route_records`, torch-free like every decode task): a JPEG
+the device can decode travels to the worker still encoded, and everything else (PNG, CMYK JPEGs,
+...) is decoded to a canvas by Pillow there, as with `data.decode: cpu`. On the worker, `device_canvases` decodes the JPEGs of a batch
 in one `torchvision.io.decode_jpeg(device=...)` call (nvJPEG on CUDA) and fits each to the canvas
 on the device. A JPEG the device refuses (a truncated file, a coding nvJPEG lacks) is decoded by
 Pillow on the worker instead; one Pillow refuses too is a bad image, counted with its id.
@@ -17,76 +17,12 @@ Pillow decodes a JPEG of twice the canvas or more at a reduced DCT scale first.
 
 from __future__ import annotations
 
-import io
 import warnings
 
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from pipelines.images.decode import BadImage, decode_canvas, image_bytes
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-# nvJPEG's RGB output equals Pillow's conversion for these; Adobe CMYK/YCCK JPEGs go to Pillow.
-DEVICE_JPEG_MODES = ("RGB", "L")
-EXIF_ORIENTATION = 0x0112
-# Travels with each record: how a device-decoded JPEG is routed, or a canvas Pillow made.
-ROUTE_CANVAS, ROUTE_JPEG = 0, 1
-
-
-def jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
-    """The EXIF orientation (1-8) of a JPEG the device can decode, from its header alone; None
-    for anything else (other formats, CMYK, too many pixels, a header Pillow cannot read), which
-    Pillow decodes on the CPU and, when bad, names the reason."""
-    if not data.startswith(JPEG_MAGIC):
-        return None
-    try:
-        header = Image.open(io.BytesIO(data))  # reads the markers up to the frame header only
-        width, height = header.size
-        if header.format != "JPEG" or header.mode not in DEVICE_JPEG_MODES or width * height > max_pixels:
-            return None
-        orientation = header.getexif().get(EXIF_ORIENTATION, 1)
-        return orientation if orientation in range(1, 9) else 1
-    except Exception:
-        return None
-
-
-def route_records(images: list, ids: list, size: int, max_pixels: int) -> tuple[pa.Table, list[tuple[str, str]]]:
-    """Ray Data side of `data.decode: gpu`: JPEGs for the device stay encoded, the rest become
-    canvases (Pillow), the bad ones are dropped.
-
-    Returns:
-        table: one row per kept record: `encoded` (binary: the JPEG, or the `(size, size, 3)`
-            uint8 canvas' bytes), `route` (int8: ROUTE_JPEG or ROUTE_CANVAS), `orientation`
-            (int8: EXIF 1-8 of a JPEG) and `id` (string).
-        bad: `(id, reason)` of each record dropped here.
-    """
-    encoded, routes, orientations, kept_ids, bad = [], [], [], [], []
-    for index, value in enumerate(images):
-        record_id = str(ids[index])
-        data = image_bytes(value)
-        orientation = jpeg_orientation(data, max_pixels) if data else None
-        if orientation is not None:
-            encoded.append(data)
-            routes.append(ROUTE_JPEG)
-        else:
-            try:
-                encoded.append(decode_canvas(data, size, max_pixels).tobytes())
-            except BadImage as error:
-                bad.append((record_id, str(error)))
-                continue
-            routes.append(ROUTE_CANVAS)
-            orientation = 1
-        orientations.append(orientation)
-        kept_ids.append(record_id)
-    table = pa.table({
-        "encoded": pa.array(encoded, type=pa.binary()),
-        "route": pa.array(routes, type=pa.int8()),
-        "orientation": pa.array(orientations, type=pa.int8()),
-        "id": pa.array(kept_ids, type=pa.string()),
-    })
-    return table, bad
+from pipelines.images.decode import ROUTE_CANVAS, ROUTE_JPEG, BadImage, decode_canvas
 
 
 def decode_jpegs(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:

@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.expressions import col
 
-from pipelines.images.ingest import image_dataset, record_key
+from pipelines.images.decode_tasks import record_key
+from pipelines.images.ingest import image_dataset
 from pipelines.images.shards import DataError, find_shards
 
 

@@ -17,7 +17,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.images.ingest import decode_records
+from pipelines.images.decode_tasks import decode_records
 from pipelines.images.shards import DataError, find_shards
 
 

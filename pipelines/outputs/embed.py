@@ -5,8 +5,8 @@ autoscaling pool of actors that each hold the model once (one GPU per actor when
 has GPUs), write Parquet as batches finish. Nothing is collected on the driver, so it scales
 with the cluster, not with the driver's memory. Each output row is `id` (string, from the
 shard), `embedding` (`fixed_size_list<float32>[d]`, readable by pyarrow/pandas/polars without
-Ray), `content_hash` (of the encoded bytes, `ingest.content_hash`) and `label` when the shards have
-one. Undecodable images are skipped and counted.
+Ray), `content_hash` (of the encoded bytes, `decode_tasks.content_hash`) and `label` when the
+shards have one. Undecodable images are skipped and counted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 
 from pipelines.console import Progress
 from pipelines.evaluate.features import Encoder, FeatureExtractor
-from pipelines.images.ingest import CONTENT_HASH, IngestConfig, image_dataset
+from pipelines.images.decode_tasks import CONTENT_HASH
+from pipelines.images.ingest import IngestConfig, image_dataset
 from pipelines.images.shards import DataError, check_output_folder, find_shards, parquet_files, resolve_location
 from pipelines.weights.checkpoint import load_checkpoint, load_state
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from methods.schedules import scaled_lr, warmup_cosine
-from pipelines.config import RunConfig
+
+if TYPE_CHECKING:  # a RunPlan travels to Train's controller, which then needs no timm (pipelines.config's)
+    from pipelines.config import RunConfig
 
 
 @dataclass(frozen=True)
