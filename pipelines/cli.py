@@ -10,7 +10,12 @@ import os
 import signal
 import sys
 
-from pipelines.train.local_ray import keep_local_ray_on_loopback, pin_ray_address, warm_workers_config
+from pipelines.train.local_ray import (
+    keep_local_ray_on_loopback,
+    pin_ray_address,
+    use_local_train_settings,
+    warm_workers_config,
+)
 
 keep_local_ray_on_loopback()  # before anything imports Ray: a local Ray listens on loopback only
 
@@ -78,6 +83,7 @@ def start_ray(num_cpus: int | None = None) -> None:
         ray.init(**options)
     else:
         # Its workers are pinned to it: another Ray on the machine must not answer their state-API calls.
+        use_local_train_settings()
         ray.init(num_cpus=num_cpus, runtime_env={"worker_process_setup_hook": pin_ray_address},
                  _system_config=warm_workers_config(num_cpus), **options)
 

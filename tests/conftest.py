@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipelines.train.local_ray import keep_local_ray_on_loopback, warm_workers_config  # noqa: E402
+from pipelines.train.local_ray import keep_local_ray_on_loopback, use_local_train_settings, warm_workers_config  # noqa: E402
 
 # The tests' own Rays listen on loopback only, as `selfsup`'s do (set before anything imports Ray).
 keep_local_ray_on_loopback()
@@ -45,8 +45,9 @@ def ray_session():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The dashboard stays on: the state API (used to find and kill a worker) and Tune need it.
-    # Idle workers kept as a local `selfsup` Ray keeps them, so that no run of the session starts
-    # and imports its decode and Train processes again.
+    # Idle workers kept, and Ray Train's settings, as a local `selfsup` Ray has them, so that no run
+    # of the session starts and imports its decode and Train processes again.
+    use_local_train_settings()
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=True,
              _system_config=warm_workers_config(2))
     yield ray

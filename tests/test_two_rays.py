@@ -23,7 +23,7 @@ import time
 import pytest
 
 from methods import METHODS
-from pipelines.train.local_ray import WARM_WORKERS, warm_workers_config
+from pipelines.train.local_ray import LOCAL_TRAIN_SETTINGS, WARM_WORKERS, use_local_train_settings, warm_workers_config
 from tests.helpers.cli import selfsup_command, set_args, trial_rows
 from tests.helpers.runs import COMMON, TINY
 from tests.helpers.timing import deadline
@@ -52,6 +52,17 @@ def test_a_local_ray_keeps_warm_workers_up_to_a_floor_or_one_per_cpu():
     """Ray's own limit (one idle worker per CPU) is raised on small machines and kept on big ones."""
     assert warm_workers_config(2) == {"num_workers_soft_limit": WARM_WORKERS}
     assert warm_workers_config(4 * WARM_WORKERS) == {"num_workers_soft_limit": 4 * WARM_WORKERS}
+
+
+def test_ray_train_settings_of_a_local_ray_reach_its_controllers_and_leave_the_users_own():
+    """Ray Train hands these variables from the driver to each run's controller (a renamed one
+    would be silently ignored); a value the user set is kept."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert set(LOCAL_TRAIN_SETTINGS) <= set(ENV_VARS_TO_PROPAGATE)
+    environ = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+    use_local_train_settings(environ)
+    assert environ == {**LOCAL_TRAIN_SETTINGS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
 
 
 @pytest.mark.slow
