@@ -147,7 +147,8 @@ def test_a_job_across_two_hosts_loses_one_and_grows_onto_a_fresh_one(cluster, di
     report_line(f"the workers trained on {trained_on} (head {head.address}, worker hosts {worker_a.address} and "
           f"{worker_b.address}, lost; fresh {event['fresh'].address}); checkpointed step at the loss "
           f"{event['checkpointed_step_at_loss']}, {event['loss_to_first_report_s']} s from the loss to the one-host "
-          f"group's first report, {event['join_to_first_report_s']} s from the join to the regrown group's")
+          f"group's first report, {event['join_to_first_report_s']} s from the join to the regrown group's, "
+          f"at step {event['regrown_at_step']} of {metrics['total_steps']}")
     assert set(trained_on) == {worker_a.address, worker_b.address, event["fresh"].address}
 
     config = build_config(METHOD, "tiny", sets=sets)
