@@ -6,6 +6,8 @@ own)."""
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -117,3 +119,25 @@ def test_nothing_edits_the_import_path(tmp_path):
     planted = tmp_path / "script.py"
     planted.write_text("import os\nimport sys\n\nsys.path.append(os.getcwd())\n")
     assert edits_the_import_path(str(planted))
+
+
+# What a run's Ray processes unpickle besides Ray Train's own: the decode tasks' functions (Train's
+# controller, DatasetManager and SplitCoordinator, each decode worker) and the controller's
+# `train_loop_config` (the RunPlan) and callbacks (the tracker). Each process pays for what these
+# import before its first row (docs/BENCHMARKS.md, "Each run's Ray processes").
+UNPICKLED_IN_RAY_PROCESSES = ("pipelines.images.decode_tasks", "pipelines.images.probe", "pipelines.train.plan",
+                              "pipelines.train.tracking")
+HEAVY = ("torch", "timm", "torchvision", "kornia")
+
+
+def heavy_imports_of(modules: tuple[str, ...]) -> list[str]:
+    """The HEAVY packages a fresh interpreter has loaded after importing `modules`."""
+    probe = f"import sys\nimport {', '.join(modules)}\nprint(sorted(set(m.split('.')[0] for m in sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [name for name in HEAVY if f"'{name}'" in done.stdout]
+
+
+def test_what_a_runs_ray_processes_unpickle_imports_no_torch_or_timm():
+    assert heavy_imports_of(UNPICKLED_IN_RAY_PROCESSES) == []
+    assert heavy_imports_of(("pipelines.images.ingest",)) == ["torch"]  # the check sees an import of torch
