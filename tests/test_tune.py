@@ -76,15 +76,15 @@ def test_a_search_without_labels_ranks_by_the_methods_own_objective_and_says_how
     assert "under the +0.5 a trusted" in LabelFreeObjective("rankme", spearman=-0.48, trials=8).agreement("simclr")
     one_search = LabelFreeObjective("alpha_req", "max", spearman=0.93, trials=8).agreement("byol")
     assert "fewer than the 16 trials" in one_search and "--val" in one_search
-    assert "not measured" in LabelFreeObjective().agreement("mae")
+    assert "not measured" in LabelFreeObjective().agreement("distill")
 
     def rows(*values):
         return [{"trial_id": f"t{i}", "rankme": v, "status": "finished"} for i, v in enumerate(values)]
 
-    rankme = SearchSettings().resolved(has_val=False)  # MAE declares RankMe, unmeasured
+    rankme = SearchSettings().resolved(has_val=False)  # distillation declares RankMe, unmeasured
     apart, close = rows(20.0, 15.0, 9.0), rows(15.0, 15.0 - 6.0 * TOO_CLOSE / 2, 9.0)
     assert too_close_note(close[:2], rankme) is None  # two trials: no range to judge closeness by
-    assert "not measured for mae" in objective_note(rankme, "mae") and too_close_note(apart, rankme) is None
+    assert "not measured for distill" in objective_note(rankme, "distill") and too_close_note(apart, rankme) is None
     assert "does not separate trials t0 and t1" in too_close_note(close, rankme)
     assert "does not separate trials t0 and t1" in too_close_note(close[::-1], rankme)  # ranked, whatever the order
     labels = SearchSettings().resolved(has_val=True)
