@@ -45,8 +45,8 @@ def ray_session():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The dashboard stays on: the state API (used to find and kill a worker) and Tune need it.
-    # Idle workers kept, and Ray Train's settings, as a local `selfsup` Ray has them, so that no run
-    # of the session starts and imports its decode and Train processes again.
+    # As a local `selfsup` Ray (pipelines/train/local_ray.py): idle workers kept, so that no run of the
+    # session starts and imports its decode and Train processes again, and Ray Train's local settings.
     use_local_train_settings()
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, logging_level="WARNING", include_dashboard=True,
              _system_config=warm_workers_config(2))
