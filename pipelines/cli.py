@@ -437,7 +437,7 @@ def cmd_embed(args) -> dict:
     start_ray(args.num_cpus)
     return embed(args.checkpoint, args.data, args.out, batch_size=args.batch_size, actors=args.actors,
                  gpus_per_actor=args.gpus_per_actor, precision=args.precision, overwrite=args.overwrite,
-                 shards=shards)
+                 shards=shards, with_thumbnails=args.thumbnails)
 
 
 def cmd_curate(args) -> dict:
@@ -452,8 +452,13 @@ def cmd_curate(args) -> dict:
     except ValueError:
         raise UsageError(f"--clusters {args.clusters}: comma-separated counts, first level to top (e.g. 100,10)"
                          ) from None
-    options = CurateOptions(threshold=args.threshold, clusters=levels, target=args.target, seed=args.seed,
-                            partition_rows=args.partition_rows, probes=args.probes)
+    try:
+        match = None if args.match == "off" else float(args.match)
+    except ValueError:
+        raise UsageError(f"--match {args.match}: a correlation in (0, 1], or 'off'") from None
+    options = CurateOptions(threshold=args.threshold, match=match, candidates=args.candidates, clusters=levels,
+                            target=args.target, seed=args.seed, partition_rows=args.partition_rows,
+                            probes=args.probes)
     data, out = absolute_location(args.data.rstrip("/")), absolute_location(args.out.rstrip("/"))
     if data == out or data.startswith(out + "/") or out.startswith(data + "/"):
         raise UsageError(f"--out {args.out}: must be outside --data {args.data} (and not hold it)")
@@ -461,7 +466,7 @@ def cmd_curate(args) -> dict:
     options.check(shards.num_rows)
     embeddings, encoder = None, None
     if args.embeddings:
-        embeddings = given_embeddings(args.embeddings, shards)
+        embeddings = given_embeddings(args.embeddings, shards, need_thumbnails=match is not None)
     elif args.checkpoint:
         args.checkpoint = find_checkpoint(args.checkpoint)
         load_checkpoint(args.checkpoint)  # a checkpoint whose weights do not build its encoder: refused here
@@ -644,6 +649,8 @@ def _embed_parser(commands) -> None:
                            help="default 1 when the cluster has GPUs, else 0")
     embedding.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     embedding.add_argument("--overwrite", action="store_true", help="replace Parquet files already in --out")
+    embedding.add_argument("--thumbnails", action="store_true",
+                           help="also write each image's 32x32 grey thumbnail (for `selfsup curate --embeddings`)")
     embedding.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     embedding.set_defaults(run=cmd_embed)
 
@@ -661,7 +668,12 @@ def _curate_parser(commands) -> None:
     curating.add_argument("--out", required=True, help="folder or URI: curated shards in OUT/shards, the report, "
                           "duplicate groups and clusters in OUT/curation (a rerun reuses what it finished)")
     curating.add_argument("--threshold", type=float, default=0.9,
-                          help="cosine similarity from which two images are near-duplicates (default 0.9)")
+                          help="cosine similarity from which two images are near-duplicate candidates (default 0.9)")
+    curating.add_argument("--match", default="0.93",
+                          help="pixel match (the best correlation of a crop of one image with the other) from which "
+                          "a candidate is a near-duplicate; 'off': the cosine alone decides (default 0.93)")
+    curating.add_argument("--candidates", type=int, default=10,
+                          help="with --match: the most candidates checked per image, its nearest (default 10)")
     curating.add_argument("--clusters", default="100,10",
                           help="k-means clusters per level, first level (over images) to top (default 100,10)")
     curating.add_argument("--target", type=int, default=None,

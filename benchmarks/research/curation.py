@@ -4,9 +4,15 @@ times as frequent (tests/helpers/curation_sample.py), printed as tables for docs
     # duplicates found (pairs found, pair precision and recall against the injection record, recall
     # per kind) at each threshold, then class frequencies before and after the last one:
     python -m benchmarks.research.curation quality --checkpoint RUN --work DIR [--sample mnist-m]
-        [--threshold 0.9,0.95,0.97] [--clusters 30,10] [--target 300]
+        [--threshold 0.9,0.95,0.97] [--match 0.93|off] [--clusters 30,10] [--target 300]
     # peak memory of curating the sample and 10x the sample (repeated with augmentation):
     python -m benchmarks.research.curation memory --checkpoint RUN --work DIR --repeats 1,10
+    # the pixel match (curate.match) of every true pair against each image's 6 nearest others by
+    # pixel correlation (the hardest negatives), and the pairs passing each --match:
+    python -m benchmarks.research.curation separation [--sample mnist-m]
+    # flat k-means over a `quality` run's embeddings: purity, and how many clusters each class
+    # leads; then the classes of curate's draw of --target over each tree of --levels, 3 seeds:
+    python -m benchmarks.research.curation purity --work DIR [--clusters 10,100] [--levels 10/30,10/100,30,10]
     # SimCLR (demo recipe) on the curated shards vs the uncurated ones, equal steps, kNN on the
     # balanced test split (run `quality` first: it writes both):
     python -m benchmarks.research.curation compare --work DIR --labeled PREPARED_SAMPLE [--steps 600]
@@ -19,11 +25,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from benchmarks.performance.ingest_memory import peak_during
+from pipelines.curate.balance import assign_and_select, cluster_levels
+from pipelines.curate.duplicates import Embeddings, centroid_index, nearest, spherical_kmeans, unit_vectors
+from pipelines.curate.match import correlation, match_scores
+from pipelines.images.decode import decode_canvas
+from pipelines.images.shards import parquet_files
+from pipelines.outputs.embed import thumbnails
 from tests.helpers.curation_sample import KINDS, curation_sample, found_pairs, true_pairs
 
 
@@ -60,13 +75,13 @@ def quality(args) -> None:
     shards, curated = os.path.join(args.work, "shards"), os.path.join(args.work, "curated")
     truth = true_pairs(record)
     for threshold in args.threshold.split(","):  # the last one's curated shards are kept; embedded once
-        options = ["--threshold", threshold, "--clusters", args.clusters, "--num-cpus", "2"]
+        options = ["--threshold", threshold, "--match", args.match, "--clusters", args.clusters, "--num-cpus", "2"]
         result = curate_cli(shards, curated, args.checkpoint, *options, *(["--target", str(args.target)]
                                                                          if args.target else []))
         found = found_pairs(pq.read_table(os.path.join(curated, "curation", "duplicates.parquet")))
         recall = {kind: len(pairs & found) / len(pairs) for kind in KINDS
                   for pairs in [{tuple(sorted((copy, source))) for copy, source, k in record if k == kind}]}
-        print(f"| {threshold} | {len(found)} | {len(truth & found) / max(1, len(found)):.3f} | "
+        print(f"| {threshold} | {args.match} | {len(found)} | {len(truth & found) / max(1, len(found)):.3f} | "
               f"{len(truth & found) / len(truth):.3f} | " + " | ".join(f"{recall[k]:.2f}" for k in KINDS) + " |",
               flush=True)
     before, after = class_counts(os.path.join(args.work, "shards")), class_counts(result["out"])
@@ -95,6 +110,52 @@ def memory(args) -> None:
               flush=True)
 
 
+def separation(args) -> None:
+    table, record = curation_sample(args.sample)
+    ids = table.column("id").to_pylist()
+    canvases = np.stack([decode_canvas(data, 32) for data in table.column("image").to_pylist()])
+    thumbs = thumbnails(torch.from_numpy(canvases)).numpy()
+    row = {item: i for i, item in enumerate(ids)}
+    positive = sorted(tuple(sorted((row[a], row[b]))) for a, b in true_pairs(record))
+    flat = torch.tensor(thumbs, dtype=torch.float32)
+    similar = correlation(flat[:, None, :], flat[None, :, :]).fill_diagonal_(-2).topk(6, dim=1).indices
+    negative = sorted({tuple(sorted((i, int(j)))) for i in range(len(ids)) for j in similar[i]} - set(positive))
+    torch.set_num_threads(1)  # as in a partition's task
+    started = time.perf_counter()
+    scores = {name: match_scores(thumbs[[a for a, _ in pairs]], thumbs[[b for _, b in pairs]])
+              for name, pairs in (("true", positive), ("hard negative", negative))}
+    per_pair = (time.perf_counter() - started) / (len(positive) + len(negative))
+    print(f"{args.sample}: {len(positive)} true pairs, lowest match {scores['true'].min():.3f}; {len(negative)} hard "
+          f"negatives, highest {scores['hard negative'].max():.3f}; {per_pair * 1000:.1f} ms a pair on one thread")
+    for match in (0.9, 0.93, 0.95, 0.97, 0.98):
+        print(f"| {match} | {(scores['true'] >= match).mean():.3f} | {(scores['hard negative'] >= match).sum()} |")
+
+
+def purity(args) -> None:
+    filesystem, files = parquet_files(os.path.join(args.work, "curated", "curation", "embeddings"))
+    table = pa.concat_tables([pq.read_table(path, filesystem=filesystem) for path in files])
+    embeddings = Embeddings(filesystem, files, table.num_rows, table.schema.field("embedding").type.list_size)
+    vectors, labels = unit_vectors(table, embeddings.with_center(4096).center), table.column("label").to_numpy()
+    for count in (int(c) for c in args.clusters.split(",")):
+        cluster = nearest(vectors, centroid_index(spherical_kmeans(vectors, count, 0)))[:, 0]
+        per_cluster = [np.bincount(labels[cluster == c], minlength=10) for c in np.unique(cluster)]
+        leads = np.bincount([counts.argmax() for counts in per_cluster], minlength=10)
+        print(f"| {count} | {sum(c.max() for c in per_cluster) / len(labels):.3f} | {' '.join(map(str, leads))} |")
+    groups = pq.read_table(os.path.join(args.work, "curated", "curation", "duplicates.parquet"))
+    reasons = zip(groups.column("id").to_pylist(), groups.column("reason").to_pylist())
+    removed = frozenset(item for item, reason in reasons if reason != "kept")
+    label_of = dict(zip(table.column("id").to_pylist(), labels.tolist()))
+    embeddings = embeddings.with_center(4096)
+    for tree in args.levels.split("/"):
+        ratios = []
+        for seed in range(3):
+            levels = cluster_levels(embeddings, tuple(int(c) for c in tree.split(",")), seed, removed, 4096)
+            chosen = assign_and_select(embeddings, levels, args.target, seed, removed, args.work, 4096)[0]
+            counts = np.bincount([label_of[item] for item in chosen], minlength=10)
+            ratios.append(f"{counts.max() / max(1, counts.min()):.1f}")
+        print(f"| {tree} | {' '.join(ratios)} |")
+
+
 def compare(args) -> None:
     from benchmarks.research.distill_vs_simclr import knn  # `selfsup eval knn`, its JSON line
 
@@ -121,15 +182,18 @@ def compare(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("quality", "memory", "compare"):
+    for name in ("quality", "memory", "compare", "separation", "purity"):
         command = commands.add_parser(name)
-        command.add_argument("--work", required=True)
+        command.add_argument("--work", required=name != "separation")
         command.add_argument("--sample", default="mnist-m")
-        command.add_argument("--clusters", default="30,10")
-        if name != "compare":
+        command.add_argument("--clusters", default="10,100" if name == "purity" else "30,10")
+        if name in ("quality", "memory"):
             command.add_argument("--checkpoint", required=True)
     commands.choices["quality"].add_argument("--threshold", default="0.9", help="one, or several: 0.9,0.95,0.97")
+    commands.choices["quality"].add_argument("--match", default="0.93", help="curate's --match (or 'off')")
     commands.choices["quality"].add_argument("--target", type=int, default=300)
+    commands.choices["purity"].add_argument("--levels", default="10/30,10/100,10/100,30,10/200,50,10")
+    commands.choices["purity"].add_argument("--target", type=int, default=300)
     commands.choices["memory"].add_argument("--repeats", default="1,10")
     commands.choices["memory"].add_argument("--partition-rows", type=int, default=2000)
     commands.choices["compare"].add_argument(
@@ -137,7 +201,8 @@ def main() -> None:
     commands.choices["compare"].add_argument("--steps", type=int, default=600)
     commands.choices["compare"].add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    {"quality": quality, "memory": memory, "compare": compare}[args.command](args)
+    {"quality": quality, "memory": memory, "compare": compare, "separation": separation,
+     "purity": purity}[args.command](args)
 
 
 if __name__ == "__main__":

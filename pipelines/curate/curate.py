@@ -6,8 +6,9 @@ its stage and those after it):
 
 1. embeddings: `selfsup embed` of the shards with the checkpoint's encoder (Ray Data actors, a GPU
    each when there is one), or a given `selfsup embed` output;
-2. duplicates (`curate.duplicates`): exact by content hash, near by cosine similarity, one image
-   kept per group; the groups in `duplicates.parquet`;
+2. duplicates (`curate.duplicates`): exact by content hash, near by cosine similarity and then by
+   their thumbnails' pixels (`curate.match`), one image kept per group; the groups in
+   `duplicates.parquet`;
 3. clusters (`curate.balance`): hierarchical k-means over what is left and the target sampled
    evenly over the top-level clusters; every image's clusters in `clusters.parquet`;
 4. shards: the selected rows copied from the input shards to `OUT/shards` (same schema, original
@@ -33,7 +34,7 @@ from pipelines.curate.duplicates import DUPLICATES_FILE, REASONS, Embeddings, fi
 from pipelines.curate.report import draw_report
 from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.images.shards import DataError, ShardSet, parquet_files, read_classes, resolve_location, write_classes
-from pipelines.outputs.embed import EMBEDDING, embed
+from pipelines.outputs.embed import EMBEDDING, THUMBNAIL, embed
 
 WORK, SHARDS, REPORT = "curation", "shards", "report.json"
 
@@ -41,7 +42,11 @@ WORK, SHARDS, REPORT = "curation", "shards", "report.json"
 @dataclass(frozen=True)
 class CurateOptions:
     """Args:
-    threshold: cosine similarity from which two images are near-duplicates.
+    threshold: cosine similarity from which two images are near-duplicate candidates.
+    match: pixel match score (`curate.match`) from which a candidate pair is a near-duplicate;
+        None takes every candidate (the embeddings alone decide).
+    candidates: with `match`, the most candidates checked per image (its nearest at `threshold` or
+        more): each check costs milliseconds, and a loose threshold lets in many.
     clusters: k-means clusters per level, first (over the images) to top, e.g. (100, 10).
     target: images to keep, sampled evenly over the top-level clusters; None keeps every image
         left after removing duplicates.
@@ -52,6 +57,8 @@ class CurateOptions:
     """
 
     threshold: float = 0.9
+    match: float | None = 0.93
+    candidates: int = 10
     clusters: tuple[int, ...] = (100, 10)
     target: int | None = None
     seed: int = 0
@@ -63,6 +70,8 @@ class CurateOptions:
         """Refuses, in one line naming the option, a value that cannot work on `rows` images."""
         if not 0.0 < self.threshold <= 1.0:
             raise UsageError(f"--threshold {self.threshold}: a cosine similarity in (0, 1]")
+        if self.match is not None and not 0.0 < self.match <= 1.0:
+            raise UsageError(f"--match {self.match}: a correlation in (0, 1], or 'off'")
         if not self.clusters or any(k < 1 for k in self.clusters) or list(self.clusters) != sorted(self.clusters)[::-1]:
             raise UsageError(f"--clusters {','.join(map(str, self.clusters))}: positive counts, first level to top, "
                              "each at most the one before (e.g. 100,10)")
@@ -70,13 +79,14 @@ class CurateOptions:
             raise UsageError(f"--clusters {self.clusters[0]}: more first-level clusters than the {rows:,} images")
         if self.target is not None and not 1 <= self.target <= rows:
             raise UsageError(f"--target {self.target}: must be between 1 and the {rows:,} images of --data")
-        for name in ("partition_rows", "probes", "batch_rows"):
+        for name in ("candidates", "partition_rows", "probes", "batch_rows"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
 
 
-def given_embeddings(location: str, shards: ShardSet) -> Embeddings:
-    """A `selfsup embed` output, refused in one line when it is not one for these shards."""
+def given_embeddings(location: str, shards: ShardSet, need_thumbnails: bool = False) -> Embeddings:
+    """A `selfsup embed` output, refused in one line when it is not one for these shards (or has no
+    thumbnails when `need_thumbnails`)."""
     filesystem, files = parquet_files(location)
     if not files:
         raise DataError(f"--embeddings {location}: no Parquet files (expected a `selfsup embed` output)")
@@ -85,11 +95,15 @@ def given_embeddings(location: str, shards: ShardSet) -> Embeddings:
         if column not in schema.names:
             raise DataError(f"{files[0]}: no '{column}' column (found {', '.join(schema.names)}); write the "
                             "embeddings with `selfsup embed` of this version, or give --checkpoint")
+    if need_thumbnails and THUMBNAIL not in schema.names:
+        raise DataError(f"{files[0]}: no '{THUMBNAIL}' column to match pixels with; write the embeddings with "
+                        "`selfsup embed --thumbnails`, or give --match off")
     rows = sum(pq.ParquetFile(f, filesystem=filesystem).metadata.num_rows for f in files)
     if rows > shards.num_rows:
         raise DataError(f"--embeddings {location}: {rows:,} rows, more than the {shards.num_rows:,} images of "
                         f"--data {shards.root} (embeddings of other shards?)")
-    return Embeddings(filesystem, files, rows, schema.field(EMBEDDING).type.list_size)
+    return Embeddings(filesystem, files, rows, schema.field(EMBEDDING).type.list_size,
+                      thumbnails=THUMBNAIL in schema.names)
 
 
 def earlier_curate(out: str) -> bool:
@@ -136,11 +150,12 @@ def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str |
     `embeddings` holds their `selfsup embed` output; the options were checked (`CurateOptions.check`)."""
     started, stages = time.monotonic(), Stages(f"{out.rstrip('/')}/{WORK}")
     key = {"data": shards.root, "rows": shards.num_rows, "checkpoint": checkpoint,
-           "embeddings": embeddings.files[0] if embeddings else None}
+           "embeddings": embeddings.files[0] if embeddings else None, THUMBNAIL: True}
     embeddings, bad_skipped = embeddings_stage(shards, stages, key, checkpoint, embeddings, batch_size, encoder)
     embeddings = embeddings.with_center(options.batch_rows)
 
-    key = {**key, **{name: getattr(options, name) for name in ("threshold", "partition_rows", "probes")}}
+    searched = ("threshold", "match", "candidates", "partition_rows", "probes")
+    key = {**key, **{name: getattr(options, name) for name in searched}}
     removed, reasons = duplicates_stage(embeddings, stages, key, options)
     left = embeddings.rows - len(removed)
     if options.target is not None and options.target > left:
@@ -179,7 +194,7 @@ def embeddings_stage(shards: ShardSet, stages: Stages, key: dict, checkpoint: st
     if embedded is None:
         log.info(f"curate: embedding {shards.num_rows:,} images with {checkpoint}")
         summary = embed(checkpoint, shards.root, location, batch_size=batch_size, overwrite=True, shards=shards,
-                        encoder=encoder)
+                        encoder=encoder, with_thumbnails=True)
         embedded = stages.finish("embedded.json", key, {"bad_skipped": summary["bad_skipped"]})
     else:
         log.info(f"curate: embeddings of {shards.num_rows:,} images: reused from {location}")
@@ -192,10 +207,11 @@ def duplicates_stage(embeddings: Embeddings, stages: Stages, key: dict,
     from a finished stage."""
     reasons = stages.finished("duplicates.json", key)
     if reasons is None:
+        verified = f" and pixel match >= {options.match}" if options.match is not None else ""
         log.info(f"curate: duplicates among {embeddings.rows:,} embeddings (exact by content hash, near at cosine >= "
-                 f"{options.threshold}, partitions of ~{options.partition_rows:,} rows)")
+                 f"{options.threshold}{verified}, partitions of ~{options.partition_rows:,} rows)")
         groups = find_duplicates(embeddings, stages.location, options.threshold, options.partition_rows, options.probes,
-                                 options.seed, options.batch_rows)
+                                 options.seed, options.batch_rows, options.match, options.candidates)
         pq.write_table(groups, stages.path(DUPLICATES_FILE), filesystem=stages.filesystem)
         found = groups.column("reason").to_pylist()
         reasons = stages.finish("duplicates.json", key, {reason: found.count(reason) for reason in REASONS})

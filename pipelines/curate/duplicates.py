@@ -2,13 +2,15 @@
 
 Exact duplicates share a `content_hash` (equal encoded bytes); near-duplicates are images whose
 embeddings have a cosine similarity of at least a threshold, found by faiss's exact inner-product
-range search over L2-normalised vectors. No process holds every embedding: a coarse k-means,
-trained on an evenly spaced sample of bounded size, splits the rows into partitions of about
-`partition_rows`; every row goes to the partitions of its `probes` nearest centroids, so a pair is
-missed only when neither image has the other's partition among its nearest (the same multi-probe
-idea as an IVF index); each partition is searched by a Ray task of its own, on any node. The
-pairs found are joined into groups (union-find) on the driver, whose memory grows with the
-duplicates, not with the rows. A group keeps its smallest id, so a rerun keeps the same images.
+range search over L2-normalised vectors, and, with a match threshold, whose thumbnails then match
+pixel by pixel (`curate.match`: a crop, recolouring or re-encoding of the other). No process
+holds every embedding: a coarse k-means, trained on an evenly spaced sample of bounded size,
+splits the rows into partitions of about `partition_rows`; every row goes to the partitions of
+its `probes` nearest centroids, so a pair is missed only when neither image has the other's
+partition among its nearest (the same multi-probe idea as an IVF index); each partition is
+searched by a Ray task of its own, on any node. The pairs found are joined into groups
+(union-find) on the driver, whose memory grows with the duplicates, not with the rows. A group
+keeps its smallest id, so a rerun keeps the same images.
 """
 
 from __future__ import annotations
@@ -22,18 +24,20 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.console import Progress
+from pipelines.curate.match import match_scores
 from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.images.shards import resolve_location
-from pipelines.outputs.embed import EMBEDDING
+from pipelines.outputs.embed import EMBEDDING, THUMBNAIL
 
 # k-means samples per centroid: faiss's own default cap (it subsamples above it).
 POINTS_PER_CENTROID = 256
 DUPLICATES_FILE = "duplicates.parquet"
 PAIRS_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("a_hash", pa.string()), ("b_hash", pa.string()),
-                          ("similarity", pa.float32())])
+                          ("similarity", pa.float32()), ("match", pa.float32())])
 DUPLICATES_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.string()), (CONTENT_HASH, pa.string()),
                                ("reason", pa.string())])
 REASONS = ("kept", "exact", "near")  # a group's kept image, and why each other one was removed
+MATCH_CHUNK = 32  # candidates checked at once: smaller skips more joined pairs, larger batches better
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Embeddings:
     rows: int
     dim: int
     center: tuple[float, ...] | None = None  # subtracted before normalising (`with_center`)
+    thumbnails: bool = False  # whether the files have `selfsup embed`'s THUMBNAIL column
 
     def with_center(self, batch_rows: int, size: int = 100_000) -> Embeddings:
         """These embeddings, centred on the mean of an evenly spaced sample of `size` rows: features
@@ -134,9 +139,10 @@ def nearest(vectors: np.ndarray, index: faiss.IndexFlatIP, how_many: int = 1) ->
 
 
 def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, probes: int, seed: int,
-                     batch_rows: int) -> list[str]:
-    """Each row (`id`, `content_hash`, `embedding`) written to the Parquet file of each of its
-    `probes` nearest coarse centroids under `folder` (a local path or URI); returns the files.
+                     batch_rows: int, with_thumbnails: bool = False) -> list[str]:
+    """Each row (`id`, `content_hash`, `embedding`, and `thumbnail` when asked) written to the
+    Parquet file of each of its `probes` nearest coarse centroids under `folder` (a local path or
+    URI); returns the files.
     (Equal bytes give equal embeddings, so an exact duplicate shares its original's partitions.)"""
     count = max(1, -(-embeddings.rows // partition_rows))
     if count > 1:
@@ -145,7 +151,7 @@ def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, p
     filesystem, root = resolve_location(folder)
     filesystem.create_dir(root, recursive=True)
     writers: dict[int, pq.ParquetWriter] = {}
-    for batch in embeddings.batches(["id", CONTENT_HASH, EMBEDDING], batch_rows):
+    for batch in embeddings.batches(["id", CONTENT_HASH, EMBEDDING] + [THUMBNAIL] * with_thumbnails, batch_rows):
         table = pa.Table.from_batches([batch])
         homes = nearest(embeddings.unit(batch), index, probes) if count > 1 else np.zeros((batch.num_rows, 1), int)
         for partition in np.unique(homes):
@@ -159,18 +165,22 @@ def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, p
 
 
 @ray.remote(num_cpus=1)
-def partition_pairs(path: str, threshold: float, center) -> pa.Table:
+def partition_pairs(path: str, threshold: float, center, match: float | None, candidates: int) -> pa.Table:
     """`pairs_in` the partition file at `path` (a Ray task: partitions are searched side by side)."""
     faiss.omp_set_num_threads(1)  # the task's one CPU
     filesystem, file = resolve_location(path)
-    return pairs_in(pq.read_table(file, filesystem=filesystem), threshold, center)
+    return pairs_in(pq.read_table(file, filesystem=filesystem), threshold, center, match, candidates)
 
 
-def pairs_in(table: pa.Table, threshold: float, center=None) -> pa.Table:
-    """The duplicate pairs among the rows of `table` (`id`, `content_hash`, `embedding`): PAIRS_SCHEMA,
-    a < b. Images with the same `content_hash` pair with the smallest id among them (similarity 1);
-    one image per hash is searched for neighbours at cosine >= `threshold` (after subtracting
-    `center`, when given)."""
+def pairs_in(table: pa.Table, threshold: float, center=None, match: float | None = None,
+             candidates: int = 10) -> pa.Table:
+    """The duplicate pairs among the rows of `table` (`id`, `content_hash`, `embedding`, and
+    `thumbnail` with `match`): PAIRS_SCHEMA, a < b. Images with the same `content_hash` pair with
+    the smallest id among them (similarity and match 1); one image per hash is searched for
+    neighbours at cosine >= `threshold` (after subtracting `center`, when given). With `match`,
+    only each image's `candidates` nearest are, and a neighbour is kept only when the two
+    thumbnails' `match_scores` is at least `match` (`checked_until_joined`: a pair already joined
+    through others is left out); without `match`, its match is NaN."""
     ids, hashes = table.column("id").to_pylist(), table.column(CONTENT_HASH).to_pylist()
     first_of_hash: dict[str, int] = {}
     pairs, similarity = [], []
@@ -182,17 +192,83 @@ def pairs_in(table: pa.Table, threshold: float, center=None) -> pa.Table:
     unique = np.array(sorted(first_of_hash.values()), dtype=np.int64)
     if len(unique) > 1:
         vectors = unit_vectors(table.take(pa.array(unique)), center)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
+        for first, second, score in similar_pairs(vectors, threshold, None if match is None else candidates):
+            pairs.append(tuple(sorted((unique[first], unique[second]), key=ids.__getitem__)))
+            similarity.append(score)
+    matched = np.ones(len(pairs), np.float32)
+    near = np.array([hashes[a] != hashes[b] for a, b in pairs], bool)
+    if match is None:
+        matched[near] = np.nan
+    elif near.any():
+        order = sorted(np.flatnonzero(near), key=lambda k: -similarity[k])
+        exact = [pair for pair, is_near in zip(pairs, near) if not is_near]
+        matched[order] = checked_until_joined([pairs[k] for k in order], thumbnail_array(table), match, exact)
+    keep = np.flatnonzero(np.isnan(matched) | (matched >= (match or 0)))
+    return pa.table({"a": [ids[pairs[k][0]] for k in keep], "b": [ids[pairs[k][1]] for k in keep],
+                     "a_hash": [hashes[pairs[k][0]] for k in keep], "b_hash": [hashes[pairs[k][1]] for k in keep],
+                     "similarity": pa.array([similarity[k] for k in keep], pa.float32()),
+                     "match": pa.array(matched[keep], pa.float32())}, schema=PAIRS_SCHEMA)
+
+
+def similar_pairs(vectors: np.ndarray, threshold: float, most: int | None) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) with i < j for the rows of unit `vectors` at cosine >= `threshold`: every
+    such pair (faiss range search), or with `most`, those among each row's `most` nearest (a
+    nearest-neighbour search, whose output is bounded by rows x `most` at any threshold: each pair
+    found then costs a pixel match)."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    if most is None:
         limits, scores, neighbours = index.range_search(vectors, threshold)
-        for query in range(len(vectors)):
-            for hit in range(limits[query], limits[query + 1]):
-                if neighbours[hit] > query:
-                    pairs.append(tuple(sorted((unique[query], unique[neighbours[hit]]), key=ids.__getitem__)))
-                    similarity.append(float(scores[hit]))
-    return pa.table({"a": [ids[a] for a, _ in pairs], "b": [ids[b] for _, b in pairs],
-                     "a_hash": [hashes[a] for a, _ in pairs], "b_hash": [hashes[b] for _, b in pairs],
-                     "similarity": pa.array(similarity, pa.float32())}, schema=PAIRS_SCHEMA)
+        hits = ((query, int(neighbours[hit]), float(scores[hit])) for query in range(len(vectors))
+                for hit in range(limits[query], limits[query + 1]))
+    else:
+        scores, neighbours = index.search(vectors, min(most + 1, len(vectors)))
+        hits = ((query, int(near), float(score)) for query in range(len(vectors))
+                for near, score in zip(neighbours[query], scores[query]) if near >= 0 and score >= threshold)
+    found = {(min(query, near), max(query, near)): score for query, near, score in hits if query != near}
+    return [(first, second, score) for (first, second), score in found.items()]
+
+
+def checked_until_joined(candidates: list[tuple[int, int]], thumbnails: np.ndarray, match: float,
+                         joined: list[tuple[int, int]]) -> np.ndarray:
+    """The `match_scores` of each candidate pair of rows (most similar first), MATCH_CHUNK at a
+    time, 0 for one not checked: a candidate whose two images are already in one group (by the
+    matches before it, or by the `joined` pairs) cannot change the groups. The copies of an image
+    are each other's candidates, so most of their pairs need no check."""
+    parent: dict[int, int] = {}
+
+    def root(row: int) -> int:
+        while parent.setdefault(row, row) != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    def join(first: int, second: int) -> None:
+        parent[root(first)] = root(second)
+
+    for first, second in joined:
+        join(first, second)
+    scores, position = np.zeros(len(candidates), np.float32), 0
+    while position < len(candidates):
+        chunk = []
+        while position < len(candidates) and len(chunk) < MATCH_CHUNK:
+            first, second = candidates[position]
+            if root(first) != root(second):
+                chunk.append(position)
+            position += 1
+        if chunk:
+            rows = np.array([candidates[k] for k in chunk], dtype=np.int64)
+            scores[chunk] = match_scores(thumbnails[rows[:, 0]], thumbnails[rows[:, 1]])
+            for k in chunk:
+                if scores[k] >= match:
+                    join(*candidates[k])
+    return scores
+
+
+def thumbnail_array(table: pa.Table) -> np.ndarray:
+    """(rows, THUMBNAIL_SIDE**2) uint8: the table's `thumbnail` column."""
+    column = table.column(THUMBNAIL).combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
 def duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -215,11 +291,14 @@ def duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def find_duplicates(embeddings: Embeddings, work: str, threshold: float, partition_rows: int, probes: int,
-                    seed: int, batch_rows: int) -> pa.Table:
+                    seed: int, batch_rows: int, match: float | None = None, candidates: int = 10) -> pa.Table:
     """The duplicate groups of `embeddings` (DUPLICATES_SCHEMA: one row per image in a group of two
-    or more, the kept one first), searched in partitions written under `work`/partitions."""
-    files = write_partitions(embeddings, f"{work.rstrip('/')}/partitions", partition_rows, probes, seed, batch_rows)
-    pending, parts = [partition_pairs.remote(path, threshold, embeddings.center) for path in files], []
+    or more, the kept one first), searched in partitions written under `work`/partitions (with
+    `match`, each image's `candidates` nearest verified by their thumbnails: `pairs_in`)."""
+    files = write_partitions(embeddings, f"{work.rstrip('/')}/partitions", partition_rows, probes, seed, batch_rows,
+                             with_thumbnails=match is not None)
+    pending = [partition_pairs.remote(path, threshold, embeddings.center, match, candidates) for path in files]
+    parts = []
     progress = Progress("curate: near-duplicate search:", len(files), unit="partitions")
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

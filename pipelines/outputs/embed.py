@@ -5,8 +5,9 @@ autoscaling pool of actors that each hold the model once (one GPU per actor when
 has GPUs), write Parquet as batches finish. Nothing is collected on the driver, so it scales
 with the cluster, not with the driver's memory. Each output row is `id` (string, from the
 shard), `embedding` (`fixed_size_list<float32>[d]`, readable by pyarrow/pandas/polars without
-Ray), `content_hash` (of the encoded bytes, `decode_tasks.content_hash`) and `label` when the
-shards have one. Undecodable images are skipped and counted.
+Ray), `content_hash` (of the encoded bytes, `decode_tasks.content_hash`), `label` when the
+shards have one and, when asked, `thumbnail` (a small grey copy of the image, which `selfsup
+curate` compares pixel by pixel). Undecodable images are skipped and counted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
+import torch.nn.functional as F
+from kornia.color import rgb_to_grayscale
 
 from pipelines.console import Progress
 from pipelines.evaluate.features import Encoder, FeatureExtractor
@@ -30,15 +33,26 @@ from pipelines.weights.checkpoint import load_checkpoint, load_state
 
 SUMMARY_FILE = "_embeddings.json"
 EMBEDDING = "embedding"  # the column of each row's features
+THUMBNAIL = "thumbnail"  # the column of each row's grey thumbnail, when asked for
+THUMBNAIL_SIDE = 32
+
+
+def thumbnails(canvases: torch.Tensor) -> torch.Tensor:
+    """(n, THUMBNAIL_SIDE**2) uint8 grey thumbnails of (n, h, w, 3) uint8 canvases."""
+    grey = rgb_to_grayscale(canvases.permute(0, 3, 1, 2).float() / 255)
+    small = F.interpolate(grey, size=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return (small * 255).round().clamp(0, 255).to(torch.uint8).flatten(1)
 
 
 class Embedder(FeatureExtractor):
     """Ray Data actor: the checkpoint's encoder as a `FeatureExtractor`, its output a Parquet-ready
-    table of `id`, `embedding` (`fixed_size_list<float32>[d]`), `content_hash` and `label` when the
-    shards have it."""
+    table of `id`, `embedding` (`fixed_size_list<float32>[d]`), `content_hash`, `label` when the
+    shards have it and `thumbnail` (`fixed_size_list<uint8>[THUMBNAIL_SIDE**2]`) with `with_thumbnails`."""
 
-    def __init__(self, config: dict, method_state: dict, precision: str):
+    def __init__(self, config: dict, method_state: dict, precision: str, with_thumbnails: bool = False):
         super().__init__(config, (Encoder(EMBEDDING, method_state),), precision, carry=("id", CONTENT_HASH, "label"))
+        self.with_thumbnails = with_thumbnails
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         out = super().__call__(batch)
@@ -50,6 +64,9 @@ class Embedder(FeatureExtractor):
         }
         if "label" in out:
             columns["label"] = pa.array(out["label"], pa.int64())
+        if self.with_thumbnails:
+            small = thumbnails(torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))).numpy()
+            columns[THUMBNAIL] = pa.FixedSizeListArray.from_arrays(pa.array(small.reshape(-1)), small.shape[1])
         return pa.table(columns)
 
 
@@ -64,7 +81,7 @@ def embeddable_shards(data: str):
 
 def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: int | None = None,
           gpus_per_actor: float | None = None, precision: str = "auto", overwrite: bool = False,
-          shards=None, encoder: tuple | None = None) -> dict:
+          shards=None, encoder: tuple | None = None, with_thumbnails: bool = False) -> dict:
     """Embed every image of the shards at `data` with `checkpoint`'s encoder into Parquet at `out`.
 
     Args:
@@ -75,6 +92,7 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
         shards: `embeddable_shards(data)`, when the caller has it.
         encoder: (method, RunConfig) already built, used instead of reading `checkpoint` (which then
             only names the weights in the summary).
+        with_thumbnails: also write each image's `thumbnail` (1 KB a row).
     Returns the summary printed as the command's JSON line (rows, dimension, skipped records).
     """
     method, config = encoder or load_checkpoint(checkpoint, load_state(checkpoint))
@@ -91,7 +109,8 @@ def embed(checkpoint: str, data: str, out: str, batch_size: int = 256, actors: i
     dataset, quality_log = image_dataset(data, ingest, with_labels=shards.has_label, with_ids=True)
     embedded = dataset.map_batches(
         Embedder,
-        fn_constructor_args=(config.to_dict(), {k: v.cpu() for k, v in method.state_dict().items()}, precision),
+        fn_constructor_args=(config.to_dict(), {k: v.cpu() for k, v in method.state_dict().items()}, precision,
+                             with_thumbnails),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
