@@ -35,11 +35,16 @@ import torch
 from benchmarks.performance.ingest_memory import peak_during
 from pipelines.curate.balance import assign_and_select, cluster_levels
 from pipelines.curate.duplicates import Embeddings, centroid_index, nearest, spherical_kmeans, unit_vectors
-from pipelines.curate.match import correlation, match_scores
-from pipelines.images.decode import decode_canvas
+from pipelines.curate.match import match_scores
 from pipelines.images.shards import parquet_files
-from pipelines.outputs.embed import thumbnails
-from tests.helpers.curation_sample import KINDS, curation_sample, found_pairs, true_pairs
+from tests.helpers.curation_sample import (
+    KINDS,
+    curation_sample,
+    found_pairs,
+    look_alikes,
+    thumbnails_of,
+    true_pairs,
+)
 
 
 def build(sample: str, folder: str, repeats: int = 1) -> list:
@@ -112,14 +117,8 @@ def memory(args) -> None:
 
 def separation(args) -> None:
     table, record = curation_sample(args.sample)
-    ids = table.column("id").to_pylist()
-    canvases = np.stack([decode_canvas(data, 32) for data in table.column("image").to_pylist()])
-    thumbs = thumbnails(torch.from_numpy(canvases)).numpy()
-    row = {item: i for i, item in enumerate(ids)}
-    positive = sorted(tuple(sorted((row[a], row[b]))) for a, b in true_pairs(record))
-    flat = torch.tensor(thumbs, dtype=torch.float32)
-    similar = correlation(flat[:, None, :], flat[None, :, :]).fill_diagonal_(-2).topk(6, dim=1).indices
-    negative = sorted({tuple(sorted((i, int(j)))) for i in range(len(ids)) for j in similar[i]} - set(positive))
+    thumbs = thumbnails_of(table.column("image").to_pylist())
+    positive, negative = look_alikes(thumbs, sorted(true_pairs(record)), table.column("id").to_pylist())
     torch.set_num_threads(1)  # as in a partition's task
     started = time.perf_counter()
     scores = {name: match_scores(thumbs[[a for a, _ in pairs]], thumbs[[b for _, b in pairs]])

@@ -10,10 +10,14 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image, ImageEnhance
 
+from pipelines.curate.match import correlation
+from pipelines.images.decode import decode_canvas
 from pipelines.images.samples import sample_tables
 from pipelines.images.shards import SHARD_SCHEMA
+from pipelines.outputs.embed import thumbnails
 
 KINDS = ("exact", "crop", "colour", "jpeg")
 CROP_SIDE = (0.85, 0.95)  # a crop keeps this fraction of each side
@@ -83,3 +87,21 @@ def found_pairs(groups: pa.Table) -> set[tuple[str, str]]:
     for group, item in zip(groups.column("group").to_pylist(), groups.column("id").to_pylist()):
         members.setdefault(group, []).append(item)
     return {(a, b) for family in members.values() for a in family for b in family if a < b}
+
+
+def thumbnails_of(images: list[bytes]) -> np.ndarray:
+    """(n, 32 * 32) uint8: the thumbnails `selfsup embed --thumbnails` writes for these encoded
+    images on a 32-pixel canvas."""
+    return thumbnails(torch.from_numpy(np.stack([decode_canvas(data, 32) for data in images]))).numpy()
+
+
+def look_alikes(thumbnails: np.ndarray, pairs: list[tuple[str, str]], ids: list[str],
+                nearest: int = 6) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(the row pairs of `pairs`, each image's `nearest` others by plain pixel correlation of the
+    `thumbnails` that are not among them: the hardest negatives for a pixel test), rows a < b."""
+    row = {item: i for i, item in enumerate(ids)}
+    positive = sorted(tuple(sorted((row[a], row[b]))) for a, b in pairs)
+    flat = torch.tensor(thumbnails, dtype=torch.float32)
+    similar = correlation(flat[:, None, :], flat[None, :, :]).fill_diagonal_(-2).topk(nearest, dim=1).indices
+    negative = sorted({tuple(sorted((i, int(j)))) for i in range(len(ids)) for j in similar[i]} - set(positive))
+    return positive, negative
