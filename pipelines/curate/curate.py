@@ -102,8 +102,7 @@ def given_embeddings(location: str, shards: ShardSet, need_thumbnails: bool = Fa
     if rows > shards.num_rows:
         raise DataError(f"--embeddings {location}: {rows:,} rows, more than the {shards.num_rows:,} images of "
                         f"--data {shards.root} (embeddings of other shards?)")
-    return Embeddings(filesystem, files, rows, schema.field(EMBEDDING).type.list_size,
-                      thumbnails=THUMBNAIL in schema.names)
+    return Embeddings(filesystem, files, rows, schema.field(EMBEDDING).type.list_size)
 
 
 def earlier_curate(out: str) -> bool:
@@ -150,7 +149,8 @@ def curate(shards: ShardSet, out: str, options: CurateOptions, checkpoint: str |
     `embeddings` holds their `selfsup embed` output; the options were checked (`CurateOptions.check`)."""
     started, stages = time.monotonic(), Stages(f"{out.rstrip('/')}/{WORK}")
     key = {"data": shards.root, "rows": shards.num_rows, "checkpoint": checkpoint,
-           "embeddings": embeddings.files[0] if embeddings else None, THUMBNAIL: True}
+           "embeddings": embeddings.files[0] if embeddings else None,
+           THUMBNAIL: True}  # earlier curates embedded without thumbnails: embed again
     embeddings, bad_skipped = embeddings_stage(shards, stages, key, checkpoint, embeddings, batch_size, encoder)
     embeddings = embeddings.with_center(options.batch_rows)
 

@@ -49,7 +49,6 @@ class Embeddings:
     rows: int
     dim: int
     center: tuple[float, ...] | None = None  # subtracted before normalising (`with_center`)
-    thumbnails: bool = False  # whether the files have `selfsup embed`'s THUMBNAIL column
 
     def with_center(self, batch_rows: int, size: int = 100_000) -> Embeddings:
         """These embeddings, centred on the mean of an evenly spaced sample of `size` rows: features
@@ -229,31 +228,40 @@ def similar_pairs(vectors: np.ndarray, threshold: float, most: int | None) -> li
     return [(first, second, score) for (first, second), score in found.items()]
 
 
+class UnionFind:
+    """Groups of items joined pair by pair (path halving); a group's root is its smallest item."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def root(self, item):
+        """`item`'s group's smallest item (itself when it was never joined)."""
+        while self.parent.setdefault(item, item) != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def join(self, a, b) -> None:
+        first, second = self.root(a), self.root(b)
+        if first != second:
+            self.parent[max(first, second)] = min(first, second)
+
+
 def checked_until_joined(candidates: list[tuple[int, int]], thumbnails: np.ndarray, match: float,
                          joined: list[tuple[int, int]]) -> np.ndarray:
     """The `match_scores` of each candidate pair of rows (most similar first), MATCH_CHUNK at a
     time, 0 for one not checked: a candidate whose two images are already in one group (by the
     matches before it, or by the `joined` pairs) cannot change the groups. The copies of an image
     are each other's candidates, so most of their pairs need no check."""
-    parent: dict[int, int] = {}
-
-    def root(row: int) -> int:
-        while parent.setdefault(row, row) != row:
-            parent[row] = parent[parent[row]]
-            row = parent[row]
-        return row
-
-    def join(first: int, second: int) -> None:
-        parent[root(first)] = root(second)
-
+    groups = UnionFind()
     for first, second in joined:
-        join(first, second)
+        groups.join(first, second)
     scores, position = np.zeros(len(candidates), np.float32), 0
     while position < len(candidates):
         chunk = []
         while position < len(candidates) and len(chunk) < MATCH_CHUNK:
             first, second = candidates[position]
-            if root(first) != root(second):
+            if groups.root(first) != groups.root(second):
                 chunk.append(position)
             position += 1
         if chunk:
@@ -261,7 +269,7 @@ def checked_until_joined(candidates: list[tuple[int, int]], thumbnails: np.ndarr
             scores[chunk] = match_scores(thumbnails[rows[:, 0]], thumbnails[rows[:, 1]])
             for k in chunk:
                 if scores[k] >= match:
-                    join(*candidates[k])
+                    groups.join(*candidates[k])
     return scores
 
 
@@ -273,21 +281,11 @@ def thumbnail_array(table: pa.Table) -> np.ndarray:
 
 def duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
     """Every id in a pair -> its group's smallest id (the one kept): the connected components of
-    the pairs (union-find, path halving)."""
-    parent: dict[str, str] = {}
-
-    def root(item: str) -> str:
-        parent.setdefault(item, item)
-        while parent[item] != item:
-            parent[item] = parent[parent[item]]
-            item = parent[item]
-        return item
-
+    the pairs."""
+    groups = UnionFind()
     for a, b in pairs:
-        first, second = root(a), root(b)
-        if first != second:
-            parent[max(first, second)] = min(first, second)
-    return {item: root(item) for item in parent}
+        groups.join(a, b)
+    return {item: groups.root(item) for item in list(groups.parent)}
 
 
 def find_duplicates(embeddings: Embeddings, work: str, threshold: float, partition_rows: int, probes: int,

@@ -65,7 +65,8 @@ class Embedder(FeatureExtractor):
         if "label" in out:
             columns["label"] = pa.array(out["label"], pa.int64())
         if self.with_thumbnails:
-            small = thumbnails(torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))).numpy()
+            canvases = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device)
+            small = thumbnails(canvases).cpu().numpy()
             columns[THUMBNAIL] = pa.FixedSizeListArray.from_arrays(pa.array(small.reshape(-1)), small.shape[1])
         return pa.table(columns)
 
