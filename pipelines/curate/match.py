@@ -94,16 +94,10 @@ def refined(source: torch.Tensor, target: torch.Tensor, crops: torch.Tensor, ste
 def best_crop(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(P,) the highest correlation of a crop of each source with its target: every size of
     `crop_sizes` at every position (`every_position`), then half a pixel around the best."""
-    best_score, best_crops = None, None
-    for width, height in crop_sizes(source.shape[-1]):
-        crops, scores = every_position(source, target, width, height)
-        if best_score is None:
-            best_score, best_crops = scores, crops
-        else:
-            better = scores > best_score
-            best_score, best_crops = torch.where(better, scores, best_score), torch.where(better[:, None], crops,
-                                                                                           best_crops)
-    return torch.maximum(best_score, refined(source, target, best_crops, 0.5))
+    found = [every_position(source, target, width, height) for width, height in crop_sizes(source.shape[-1])]
+    crops, scores = torch.stack([c for c, _ in found]), torch.stack([s for _, s in found])  # (sizes, P, ...)
+    best, pairs = scores.argmax(dim=0), torch.arange(len(source))
+    return torch.maximum(scores[best, pairs], refined(source, target, crops[best, pairs], 0.5))
 
 
 def match_scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:

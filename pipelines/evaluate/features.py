@@ -81,9 +81,14 @@ class FeatureExtractor:
         with torch.no_grad(), self.autocast:
             for name, method in self.methods.items():
                 out[name] = method.features(method.eval_images(canvases)).float().cpu().numpy()
+        out.update(self.from_canvases(canvases))
         if self.pixels:
             out[PIXELS] = batch["image"].reshape(len(canvases), -1).astype(np.float32) / 255
         return out
+
+    def from_canvases(self, canvases: torch.Tensor) -> dict[str, np.ndarray]:
+        """More columns made from a batch's canvases already on the device (none here; a subclass's)."""
+        return {}
 
 
 def extract(location: str, config: RunConfig, encoders: tuple[Encoder, ...], pixels: bool = False,

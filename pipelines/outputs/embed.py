@@ -65,10 +65,12 @@ class Embedder(FeatureExtractor):
         if "label" in out:
             columns["label"] = pa.array(out["label"], pa.int64())
         if self.with_thumbnails:
-            canvases = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device)
-            small = thumbnails(canvases).cpu().numpy()
+            small = out[THUMBNAIL]
             columns[THUMBNAIL] = pa.FixedSizeListArray.from_arrays(pa.array(small.reshape(-1)), small.shape[1])
         return pa.table(columns)
+
+    def from_canvases(self, canvases: torch.Tensor) -> dict[str, np.ndarray]:
+        return {THUMBNAIL: thumbnails(canvases).cpu().numpy()} if self.with_thumbnails else {}
 
 
 def embeddable_shards(data: str):
