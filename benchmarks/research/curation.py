@@ -13,6 +13,10 @@ times as frequent (tests/helpers/curation_sample.py), printed as tables for docs
     # flat k-means over a `quality` run's embeddings: purity, and how many clusters each class
     # leads; then the classes of curate's draw of --target over each tree of --levels, 3 seeds:
     python -m benchmarks.research.curation purity --work DIR [--clusters 10,100] [--levels 10/30,10/100,30,10]
+    # what any top level over first-level clusters could reach on a `quality` run's embeddings (the
+    # clusters grouped by their majority class, with labels), and the label-free top levels tried
+    # beside curate's tree (Vo et al.'s resampling steps, k-center seeds, inverse-density draws):
+    python -m benchmarks.research.curation bound --work DIR [--clusters 30,100,200] [--target 300]
     # SimCLR (demo recipe) on the curated shards vs the uncurated ones, equal steps, kNN on the
     # balanced test split (run `quality` first: it writes both):
     python -m benchmarks.research.curation compare --work DIR --labeled PREPARED_SAMPLE [--steps 600]
@@ -33,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.performance.ingest_memory import peak_during
-from pipelines.curate.balance import assign_and_select, cluster_levels
+from pipelines.curate.balance import assign_and_select, cluster_levels, draw_rank, hierarchical_shares
 from pipelines.curate.duplicates import Embeddings, centroid_index, nearest, spherical_kmeans, unit_vectors
 from pipelines.curate.match import match_scores
 from pipelines.images.shards import parquet_files
@@ -130,21 +134,26 @@ def separation(args) -> None:
         print(f"| {match} | {(scores['true'] >= match).mean():.3f} | {(scores['hard negative'] >= match).sum()} |")
 
 
-def purity(args) -> None:
-    filesystem, files = parquet_files(os.path.join(args.work, "curated", "curation", "embeddings"))
+def run_embeddings(work: str) -> tuple[pa.Table, Embeddings, frozenset]:
+    """A `quality` run's embeddings (the table and, centred, the files) and the ids it removed as
+    duplicates."""
+    filesystem, files = parquet_files(os.path.join(work, "curated", "curation", "embeddings"))
     table = pa.concat_tables([pq.read_table(path, filesystem=filesystem) for path in files])
     embeddings = Embeddings(filesystem, files, table.num_rows, table.schema.field("embedding").type.list_size)
-    vectors, labels = unit_vectors(table, embeddings.with_center(4096).center), table.column("label").to_numpy()
+    groups = pq.read_table(os.path.join(work, "curated", "curation", "duplicates.parquet"))
+    reasons = zip(groups.column("id").to_pylist(), groups.column("reason").to_pylist())
+    return table, embeddings.with_center(4096), frozenset(item for item, reason in reasons if reason != "kept")
+
+
+def purity(args) -> None:
+    table, embeddings, removed = run_embeddings(args.work)
+    vectors, labels = unit_vectors(table, embeddings.center), table.column("label").to_numpy()
     for count in (int(c) for c in args.clusters.split(",")):
         cluster = nearest(vectors, centroid_index(spherical_kmeans(vectors, count, 0)))[:, 0]
         per_cluster = [np.bincount(labels[cluster == c], minlength=10) for c in np.unique(cluster)]
         leads = np.bincount([counts.argmax() for counts in per_cluster], minlength=10)
         print(f"| {count} | {sum(c.max() for c in per_cluster) / len(labels):.3f} | {' '.join(map(str, leads))} |")
-    groups = pq.read_table(os.path.join(args.work, "curated", "curation", "duplicates.parquet"))
-    reasons = zip(groups.column("id").to_pylist(), groups.column("reason").to_pylist())
-    removed = frozenset(item for item, reason in reasons if reason != "kept")
     label_of = dict(zip(table.column("id").to_pylist(), labels.tolist()))
-    embeddings = embeddings.with_center(4096)
     for tree in args.levels.split("/"):
         ratios = []
         for seed in range(3):
@@ -153,6 +162,77 @@ def purity(args) -> None:
             counts = np.bincount([label_of[item] for item in chosen], minlength=10)
             ratios.append(f"{counts.max() / max(1, counts.min()):.1f}")
         print(f"| {tree} | {' '.join(ratios)} |")
+
+
+def drawn_ratio(first_level: np.ndarray, top_of: np.ndarray, labels: np.ndarray, ids: list[str], target: int,
+                seed: int) -> float:
+    """max/min of the classes curate's draw takes: `target` even over the top clusters (`top_of`:
+    each first-level cluster's), then over their first-level clusters, lowest `draw_rank`s."""
+    shares = hierarchical_shares(np.bincount(first_level, minlength=len(top_of)), [top_of], target)
+    chosen = [row for cluster, share in enumerate(shares) for row in sorted(
+        np.flatnonzero(first_level == cluster), key=lambda row: draw_rank(ids[row], seed))[:share]]
+    counts = np.bincount(labels[chosen], minlength=10)
+    return counts.max() / max(1, counts.min())
+
+
+def resampled_kmeans(points: np.ndarray, k: int, seed: int, steps: int = 10) -> np.ndarray:
+    """Vo et al.'s resampling-clustering steps: k-means, then each centroid moved `steps` times to
+    the mean of the half of its cluster nearest it (the same number from every cluster)."""
+    centroids = spherical_kmeans(points, k, seed)
+    for _ in range(steps):
+        cluster = nearest(points, centroid_index(centroids))[:, 0]
+        similarity, keep = (points * centroids[cluster]).sum(axis=1), max(1, len(points) // k // 2)
+        for c in np.unique(cluster):
+            members = np.flatnonzero(cluster == c)
+            mean = points[members[np.argsort(-similarity[members])[:keep]]].mean(axis=0)
+            centroids[c] = mean / np.linalg.norm(mean)
+    return centroids
+
+
+def k_center(points: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Greedy k-center (each next point the farthest from those taken): seeds spread over the
+    support whatever its density."""
+    taken = [int(np.random.default_rng(seed).integers(len(points)))]
+    distance = 1 - points @ points[taken[0]]
+    while len(taken) < count:
+        taken.append(int(distance.argmax()))
+        distance = np.minimum(distance, 1 - points @ points[taken[-1]])
+    return points[taken]
+
+
+def bound(args) -> None:
+    table, embeddings, removed = run_embeddings(args.work)
+    every_id = table.column("id").to_pylist()
+    keep = np.array([item not in removed for item in every_id])
+    vectors, labels = unit_vectors(table, embeddings.center)[keep], table.column("label").to_numpy()[keep]
+    ids = [item for item, kept in zip(every_id, keep) if kept]
+    print(f"{len(ids)} images left after duplicates; classes {' '.join(map(str, np.bincount(labels)))}")
+    rows = {}
+    for count in (int(c) for c in args.clusters.split(",")):
+        for seed in range(3):
+            first_level = nearest(vectors, centroid_index(spherical_kmeans(vectors, count, seed)))[:, 0]
+            majority = np.array([np.bincount(labels[first_level == c], minlength=10).argmax()
+                                 if (first_level == c).any() else 0 for c in range(count)])
+            rows.setdefault(f"{count} clusters grouped by their majority class (labels)", []).append(
+                drawn_ratio(first_level, majority, labels, ids, args.target, seed))
+    for seed in range(3):  # label-free: first-level centroids, then a top level of 10 over them
+        for name, first, resampled in (
+                ("tree 30,10 (curate's)", spherical_kmeans(vectors, 30, seed), False),
+                ("tree 30,10, Vo et al.'s resampling at each level", resampled_kmeans(vectors, 30, seed), True),
+                ("100 k-center seeds, k-means 10 over them", k_center(vectors, 100, seed), False)):
+            top = (resampled_kmeans if resampled else spherical_kmeans)(first, 10, seed + 1)
+            top_of = nearest(first, centroid_index(top))[:, 0]
+            first_level = nearest(vectors, centroid_index(first))[:, 0]
+            rows.setdefault(name, []).append(drawn_ratio(first_level, top_of, labels, ids, args.target, seed))
+        similarity = centroid_index(vectors).search(vectors, 21)[0][:, 20]  # the 20th neighbour (1st: itself)
+        weight = np.maximum(0, 2 - 2 * similarity) ** 8  # the distance^16: sparse regions drawn more
+        # a weighted draw without replacement (Efraimidis-Spirakis: the largest u^(1/w)), in logs
+        keys = np.log(np.random.default_rng(seed).random(len(ids))) / np.maximum(weight, 1e-300)
+        counts = np.bincount(labels[np.argsort(-keys)[:args.target]], minlength=10)
+        rows.setdefault("drawn by inverse density (20th neighbour's distance^16)", []).append(
+            counts.max() / max(1, counts.min()))
+    for name, ratios in rows.items():
+        print(f"| {name} | {' '.join(f'{r:.1f}' for r in ratios)} |")
 
 
 def compare(args) -> None:
@@ -181,18 +261,19 @@ def compare(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("quality", "memory", "compare", "separation", "purity"):
+    for name in ("quality", "memory", "compare", "separation", "purity", "bound"):
         command = commands.add_parser(name)
         command.add_argument("--work", required=name != "separation")
         command.add_argument("--sample", default="mnist-m")
-        command.add_argument("--clusters", default="10,100" if name == "purity" else "30,10")
+        command.add_argument("--clusters", default={"purity": "10,100", "bound": "30,100,200"}.get(name, "30,10"))
         if name in ("quality", "memory"):
             command.add_argument("--checkpoint", required=True)
     commands.choices["quality"].add_argument("--threshold", default="0.9", help="one, or several: 0.9,0.95,0.97")
     commands.choices["quality"].add_argument("--match", default="0.93", help="curate's --match (or 'off')")
     commands.choices["quality"].add_argument("--target", type=int, default=300)
     commands.choices["purity"].add_argument("--levels", default="10/30,10/100,10/100,30,10/200,50,10")
-    commands.choices["purity"].add_argument("--target", type=int, default=300)
+    for name in ("purity", "bound"):
+        commands.choices[name].add_argument("--target", type=int, default=300)
     commands.choices["memory"].add_argument("--repeats", default="1,10")
     commands.choices["memory"].add_argument("--partition-rows", type=int, default=2000)
     commands.choices["compare"].add_argument(
@@ -201,7 +282,7 @@ def main() -> None:
     commands.choices["compare"].add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     {"quality": quality, "memory": memory, "compare": compare, "separation": separation,
-     "purity": purity}[args.command](args)
+     "purity": purity, "bound": bound}[args.command](args)
 
 
 if __name__ == "__main__":
