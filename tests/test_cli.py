@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main
+from tests.helpers.cli import said_lines
 
 
 def last_json(capsys):
@@ -49,8 +50,8 @@ def test_mae_picture_shows_the_patches_the_encoder_does_not_see(digits, tmp_path
 
 def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("selfsup prepare: error:") and str(tmp_path / "nope") in err and "\n" not in err
+    [err] = said_lines(capsys.readouterr().err)
+    assert err.startswith("selfsup prepare: error:") and str(tmp_path / "nope") in err
     assert main(["viz", "augment", "--data", str(tmp_path), "--method", "simclr", "--out", "x.png",
                  "--set", "view.scale=[0.9,0.1]"]) == 2
     assert "views.view.scale" in capsys.readouterr().err
@@ -64,8 +65,8 @@ def test_prepare_refuses_an_output_holding_shards_before_ray_starts(digits, tmp_
     out, _ = digits
     monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
     assert cli.main(["prepare", "sample:digits", "--out", out]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"selfsup prepare: error: --out {out}: already holds Parquet files; pass --overwrite to replace them"
+    assert said_lines(capsys.readouterr().err) == [
+        f"selfsup prepare: error: --out {out}: already holds Parquet files; pass --overwrite to replace them"]
 
 
 def test_viz_attention_refuses_a_method_without_attention_and_names_those_with_it(tmp_path, capsys):

@@ -13,6 +13,7 @@ from methods import METHODS
 from methods.views import ViewSpec
 from pipelines.cli import main
 from pipelines.config import build_config
+from tests.helpers.cli import said_lines
 
 VALUES = {"string": "abc", "bool": True, "list": [1, 2], "null": None, "negative": -1, "nan": float("nan")}
 SECTIONS = ("backbone", "hparams", "data", "optim", "train", "tracking")
@@ -66,5 +67,5 @@ def test_every_field_refuses_a_wrong_value_in_one_line_naming_it(method):
 def test_the_cli_says_a_wrong_type_in_one_line_with_exit_2(sets, says, capsys, tmp_path):
     args = ["pretrain", "--method", "simclr", "--data", str(tmp_path)]
     assert main(args + [arg for item in sets for arg in ("--set", item)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = said_lines(capsys.readouterr().err)
     assert lines == [f"selfsup pretrain: error: {says}"]

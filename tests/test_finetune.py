@@ -21,7 +21,7 @@ from pipelines.train.classifier import ClassifierBuild
 from pipelines.train.finetune import plan_finetune
 from pipelines.train.plan import plan_run
 from pipelines.weights.checkpoint import save_checkpoint
-from tests.helpers.cli import selfsup_command
+from tests.helpers.cli import said_lines, selfsup_command
 from tests.helpers.corpus import encode, rgb_image
 from tests.helpers.runs import tiny_config
 
@@ -160,7 +160,7 @@ def test_bad_input_is_one_line_and_exit_2_before_ray(tmp_path, checkpoint, capsy
     args = ["finetune", "--checkpoint", checkpoint, "--data", write_labeled(tmp_path / "train", train),
             "--test", write_labeled(tmp_path / "test", test), *extra]
     assert main(args) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = said_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0], lines
 
 

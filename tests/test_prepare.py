@@ -6,6 +6,7 @@ import pytest
 
 from pipelines.images.prepare import PrepareConfig, prepare
 from pipelines.images.shards import SHARD_SCHEMA, DataError, find_shards, read_classes
+from tests.helpers.cli import said_lines
 from tests.helpers.corpus import bad_images, encode, good_images, rgb_image
 
 
@@ -188,5 +189,5 @@ def test_test_fraction_refusals_come_before_ray(tmp_path, capsys, monkeypatch):
         ([str(tmp_path / "few"), "--test-fraction", "0.2"], "would leave the test split of the 1 images empty"),
     ]:
         assert cli.main(["prepare", *args, "--out", str(tmp_path / "o")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert message in err and "\n" not in err
+        lines = said_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and message in lines[0], lines

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.train.pretrain import pretrain
 from pipelines.train.tracking import read_history
-from tests.helpers.cli import selfsup_command
+from tests.helpers.cli import said_lines, selfsup_command
 from tests.helpers.runs import LEARNS, STEPS_PER_EPOCH, tensorboard_scalars, tiny_config
 
 
@@ -85,7 +85,7 @@ def test_bad_config_fails_fast_with_one_line_before_ray_starts(digits, override,
     monkeypatch.setattr(cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray was started for a bad config"))
     assert cli.main(["pretrain", "--method", "simclr", "--data", f"{out}/train", "--set", override]) == 2
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
+    lines = said_lines(captured.err)
     assert lines == [f"selfsup pretrain: error: {message}"] or (len(lines) == 1 and message in lines[0])
     assert captured.out == ""
 

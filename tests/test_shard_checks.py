@@ -8,6 +8,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.images.shards import SHARD_SCHEMA, DataError, checked_shards
+from tests.helpers.cli import said_lines
 from tests.helpers.corpus import encode, rgb_image, write_shards
 
 
@@ -24,7 +25,7 @@ def refused(capsys, folder) -> str:
     assert main(["pretrain", "--method", "simclr", "--data", str(folder), "--preset", "tiny",
                  "--set", "optim.batch_size=4"]) == 2
     assert time.perf_counter() - started < 30  # refused by the checks, not by a worker
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = said_lines(capsys.readouterr().err)
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -61,7 +62,7 @@ def test_checked_shards_counts_every_row(good):
 
 def run_line(capsys, *extra, data) -> str:
     assert main(["pretrain", "--method", "simclr", "--data", str(data), "--set", "optim.batch_size=4", *extra]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = said_lines(capsys.readouterr().err)
     assert len(lines) == 1, lines
     return lines[0]
 

@@ -1,6 +1,6 @@
 """Running `selfsup` from a test: the command line of a subprocess (`selfsup_command`), a config
-dict as `--set` arguments (`set_args`), as a user would type them, and a search's trial table
-(`trial_rows`)."""
+dict as `--set` arguments (`set_args`), as a user would type them, a search's trial table
+(`trial_rows`), and a refused command's own lines (`said_lines`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ def set_args(sets: dict) -> list[str]:
 def selfsup_command(*args: str, sets: dict | None = None) -> list[str]:
     """`python -m pipelines.cli ARGS --set ...`, this checkout's CLI in a process of its own."""
     return [sys.executable, "-m", "pipelines.cli", *args, *set_args(sets or {})]
+
+
+LOADING = "loading PyTorch and Ray, then checking the inputs"
+
+
+def said_lines(err: str) -> list[str]:
+    """The non-empty lines of a command's stderr, less the progress line each command opens with
+    (`[selfsup] CMD: loading PyTorch and Ray, ...`). That line is transient: erased on a terminal
+    and, elsewhere, written only after a silence (pipelines/console.py), so whether a test sees it
+    depends on what the test before it wrote and how busy the machine is."""
+    return [line for line in err.splitlines() if line.strip() and not line.endswith(LOADING)]
 
 
 def trial_rows(result: dict) -> list[dict]:
