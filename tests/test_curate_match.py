@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.curate.curate import CurateOptions
 from pipelines.curate.duplicates import duplicate_groups, pairs_in
-from pipelines.curate.match import correlation, match_scores
+from pipelines.curate.match import correlation, crops_compared, match_scores
 from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.outputs.embed import THUMBNAIL
 from tests.helpers.curation_sample import copy_of, curation_sample, look_alikes, thumbnails_of, true_pairs
@@ -59,6 +59,18 @@ def test_the_crop_search_is_what_finds_a_crop(originals):
     thumbs, crops = thumbnails_of(originals), thumbnails_of([copy_of(data, "crop", rng) for data in originals])
     whole = correlation(torch.tensor(thumbs, dtype=torch.float32), torch.tensor(crops, dtype=torch.float32))
     assert whole.max() < MATCH <= match_scores(thumbs, crops).min()
+
+
+def test_a_crop_box_spans_its_pixels_edges():
+    """A crop (x, y, width, height) covers source pixels x to x + width edge to edge, as a resize
+    of that slice does: the affine grid gives it back (0.995: at its border the slice has no
+    neighbours to blend), and a box one pixel off does not (0.20, 0.66 on this noise)."""
+    source = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = torch.nn.functional.interpolate(source[..., 4:28, 6:26], size=(32, 32), mode="bilinear",
+                                             align_corners=False)  # rows 4-27, columns 6-25
+    boxes = torch.tensor([[[6.0, 4.0, 20.0, 24.0], [7.0, 4.0, 20.0, 24.0], [6.0, 4.0, 21.0, 24.0]]])
+    exact, shifted, wider = crops_compared(source, target, boxes)[0].tolist()
+    assert exact > 0.99 and max(shifted, wider) < 0.9, (exact, shifted, wider)
 
 
 def candidates_table(images: list[bytes], hashes: list[str], rng) -> pa.Table:

@@ -10,6 +10,8 @@ times as frequent (tests/helpers/curation_sample.py), printed as tables for docs
     # the pixel match (curate.match) of every true pair against each image's 6 nearest others by
     # pixel correlation (the hardest negatives), and the pairs passing each --match:
     python -m benchmarks.research.curation separation [--sample mnist-m]
+    # the same with each crop resized by Kornia's crop_and_resize instead of curate's affine grid:
+    python -m benchmarks.research.curation separation --resize kornia
     # flat k-means over a `quality` run's embeddings: purity, and how many clusters each class
     # leads; then the classes of curate's draw of --target over each tree of --levels, 3 seeds:
     python -m benchmarks.research.curation purity --work DIR [--clusters 10,100] [--levels 10/30,10/100,30,10]
@@ -35,8 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from kornia.geometry.transform import crop_and_resize
 
 from benchmarks.performance.ingest_memory import peak_during
+from pipelines.curate import match as pixel_match
 from pipelines.curate.balance import assign_and_select, cluster_levels, draw_rank, hierarchical_shares
 from pipelines.curate.duplicates import Embeddings, centroid_index, nearest, spherical_kmeans, unit_vectors
 from pipelines.curate.match import match_scores
@@ -119,7 +123,23 @@ def memory(args) -> None:
               flush=True)
 
 
+def kornia_crops_compared(source: torch.Tensor, target: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """`match.crops_compared` by Kornia's `crop_and_resize`: the crop's span (its pixels' edges)
+    as the box Kornia takes (its first and last output pixels' centres, in input pixel centres)."""
+    pairs, count, side = source.shape[0], crops.shape[1], source.shape[-1]
+    x, y, w, h = crops.unbind(-1)
+    left, top = x + 0.5 * w / side - 0.5, y + 0.5 * h / side - 0.5
+    right, bottom = x + (side - 0.5) * w / side - 0.5, y + (side - 0.5) * h / side - 0.5
+    corners = [(left, top), (right, top), (right, bottom), (left, bottom)]
+    boxes = torch.stack([torch.stack(corner, dim=-1) for corner in corners], dim=-2).view(-1, 4, 2)
+    resized = crop_and_resize(source.repeat_interleave(count, dim=0), boxes, (side, side), mode="bilinear",
+                              padding_mode="border", align_corners=True)
+    return pixel_match.correlation(resized.view(pairs, count, side * side), target.view(pairs, 1, side * side))
+
+
 def separation(args) -> None:
+    if args.resize == "kornia":
+        pixel_match.crops_compared = kornia_crops_compared
     table, record = curation_sample(args.sample)
     thumbs = thumbnails_of(table.column("image").to_pylist())
     positive, negative = look_alikes(thumbs, sorted(true_pairs(record)), table.column("id").to_pylist())
@@ -274,6 +294,8 @@ def main() -> None:
     commands.choices["purity"].add_argument("--levels", default="10/30,10/100,10/100,30,10/200,50,10")
     for name in ("purity", "bound"):
         commands.choices[name].add_argument("--target", type=int, default=300)
+    commands.choices["separation"].add_argument("--resize", choices=("grid", "kornia"), default="grid",
+                                                help="how a crop is resized: curate's affine grid, or Kornia's")
     commands.choices["memory"].add_argument("--repeats", default="1,10")
     commands.choices["memory"].add_argument("--partition-rows", type=int, default=2000)
     commands.choices["compare"].add_argument(

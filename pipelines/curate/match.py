@@ -45,7 +45,9 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def crops_compared(source: torch.Tensor, target: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
     """(P, n) correlation of each crop of each source with its target, the crop resized to the
-    target's size (bilinear). source, target: (P, 1, S, S) floats; crops: (P, n, 4) in pixels."""
+    target's size (bilinear). source, target: (P, 1, S, S) floats; crops: (P, n, 4) in pixels.
+    One affine grid for every crop: Kornia's `crop_and_resize` gives the same scores, slower
+    (docs/BENCHMARKS.md, "Curation")."""
     pairs, count, side = source.shape[0], crops.shape[1], source.shape[-1]
     x, y, w, h = crops.unbind(-1)
     theta = torch.zeros(pairs, count, 2, 3)  # output [-1, 1] -> the crop's span of the source, normalised
