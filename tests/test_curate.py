@@ -150,6 +150,25 @@ def test_balancing_over_clusters_evens_out_a_ten_times_larger_concept(tmp_path):
     assert again == selected
 
 
+def test_the_same_seed_clusters_and_draws_the_same_images_whatever_the_files_order(tmp_path):
+    """`selfsup embed` writes its rows in whatever order Ray Data's tasks finish (two embeds of the
+    same shards differed), so the clusters must not depend on it: the same rows shuffled into
+    other files give the same centroids, partitions and draw."""
+    vectors, _ = blobs([1200] + [75] * 4, spread=0.3, seed=5)  # 1,500 rows: level 1 samples 1,024
+    ids = [f"img{i:05d}" for i in range(len(vectors))]
+    order = np.random.default_rng(0).permutation(len(vectors))
+    first = as_embeddings(embeddings_table(vectors, ids), tmp_path / "a").with_center(256)
+    second = as_embeddings(embeddings_table(vectors[order], [ids[i] for i in order]), tmp_path / "b", 4)
+    second = second.with_center(256)
+    assert np.allclose(first.center, second.center, atol=1e-6)
+    # fewer rows sampled than the set holds: which rows are sampled must not depend on the order
+    levels = [cluster_levels(embeddings, (4, 2), 0, frozenset(), 256) for embeddings in (first, second)]
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(*levels))
+    drawn = [assign_and_select(embeddings, found, 100, 0, frozenset(), str(tmp_path / name), 256)[0]
+             for embeddings, found, name in ((first, levels[0], "a"), (second, levels[1], "b"))]
+    assert drawn[0] == drawn[1]
+
+
 def test_removed_images_are_neither_clustered_nor_selected(tmp_path):
     vectors, _ = blobs([200, 200], seed=4)
     ids = [f"img{i:05d}" for i in range(len(vectors))]

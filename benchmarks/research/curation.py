@@ -3,8 +3,8 @@ times as frequent (tests/helpers/curation_sample.py), printed as tables for docs
 
     # duplicates found (pairs found, pair precision and recall against the injection record, recall
     # per kind) at each threshold, then class frequencies before and after the last one:
-    python -m benchmarks.research.curation quality --checkpoint RUN --work DIR [--sample mnist-m]
-        [--threshold 0.9,0.95,0.97] [--match 0.93|off] [--clusters 30,10] [--target 300]
+    python -m benchmarks.research.curation quality (--checkpoint RUN | --init-from WEIGHTS) --work DIR
+        [--sample mnist-m] [--threshold 0.9,0.95,0.97] [--match 0.93|off] [--clusters 30,10] [--target 300]
     # peak memory of curating the sample and 10x the sample (repeated with augmentation):
     python -m benchmarks.research.curation memory --checkpoint RUN --work DIR --repeats 1,10
     # the pixel match (curate.match) of every true pair against each image's 6 nearest others by
@@ -41,8 +41,8 @@ from kornia.geometry.transform import crop_and_resize
 
 from benchmarks.performance.ingest_memory import peak_during
 from pipelines.curate import match as pixel_match
-from pipelines.curate.balance import assign_and_select, cluster_levels, draw_rank, hierarchical_shares
-from pipelines.curate.duplicates import Embeddings, centroid_index, nearest, spherical_kmeans, unit_vectors
+from pipelines.curate.balance import assign_and_select, cluster_levels, hierarchical_shares
+from pipelines.curate.duplicates import Embeddings, centroid_index, id_rank, nearest, spherical_kmeans, unit_vectors
 from pipelines.curate.match import match_scores
 from pipelines.images.shards import parquet_files
 from tests.helpers.curation_sample import (
@@ -70,9 +70,16 @@ def build(sample: str, folder: str, repeats: int = 1) -> list:
         return [tuple(row) for row in json.load(stream)]
 
 
-def curate_cli(data: str, out: str, checkpoint: str, *options: str) -> dict:
+def encoder(args) -> list[str]:
+    """curate's options naming the encoder: `--checkpoint RUN`, or `--init-from WEIGHTS --method simclr`."""
+    if args.checkpoint:
+        return ["--checkpoint", args.checkpoint]
+    return ["--init-from", args.init_from, "--method", "simclr"]
+
+
+def curate_cli(data: str, out: str, encoder_options: list[str], *options: str) -> dict:
     """`selfsup curate` in a process of its own; its JSON line."""
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "curate", "--data", data, "--checkpoint", checkpoint,
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "curate", "--data", data, *encoder_options,
                            "--out", out, *options], capture_output=True, text=True)
     if done.returncode:
         sys.exit(done.stderr[-3000:])
@@ -89,7 +96,7 @@ def quality(args) -> None:
     truth = true_pairs(record)
     for threshold in args.threshold.split(","):  # the last one's curated shards are kept; embedded once
         options = ["--threshold", threshold, "--match", args.match, "--clusters", args.clusters, "--num-cpus", "2"]
-        result = curate_cli(shards, curated, args.checkpoint, *options, *(["--target", str(args.target)]
+        result = curate_cli(shards, curated, encoder(args), *options, *(["--target", str(args.target)]
                                                                          if args.target else []))
         found = found_pairs(pq.read_table(os.path.join(curated, "curation", "duplicates.parquet")))
         recall = {kind: len(pairs & found) / len(pairs) for kind in KINDS
@@ -115,7 +122,7 @@ def memory(args) -> None:
         out = os.path.join(folder, f"curated-{os.getpid()}")
 
         def run():
-            return curate_cli(os.path.join(folder, "shards"), out, args.checkpoint, *options)
+            return curate_cli(os.path.join(folder, "shards"), out, encoder(args), *options)
 
         (peak, processes, _), result = peak_during(run)
         print(f"| x{repeats} | ~{rows:,} images | {result['left_after_duplicates']:,} left | peak PSS {peak:,.0f} MB "
@@ -158,7 +165,8 @@ def run_embeddings(work: str) -> tuple[pa.Table, Embeddings, frozenset]:
     """A `quality` run's embeddings (the table and, centred, the files) and the ids it removed as
     duplicates."""
     filesystem, files = parquet_files(os.path.join(work, "curated", "curation", "embeddings"))
-    table = pa.concat_tables([pq.read_table(path, filesystem=filesystem) for path in files])
+    # in id order: the files' order is the order Ray Data's tasks finished in
+    table = pa.concat_tables([pq.read_table(path, filesystem=filesystem) for path in files]).sort_by("id")
     embeddings = Embeddings(filesystem, files, table.num_rows, table.schema.field("embedding").type.list_size)
     groups = pq.read_table(os.path.join(work, "curated", "curation", "duplicates.parquet"))
     reasons = zip(groups.column("id").to_pylist(), groups.column("reason").to_pylist())
@@ -187,10 +195,10 @@ def purity(args) -> None:
 def drawn_ratio(first_level: np.ndarray, top_of: np.ndarray, labels: np.ndarray, ids: list[str], target: int,
                 seed: int) -> float:
     """max/min of the classes curate's draw takes: `target` even over the top clusters (`top_of`:
-    each first-level cluster's), then over their first-level clusters, lowest `draw_rank`s."""
+    each first-level cluster's), then over their first-level clusters, lowest `id_rank`s."""
     shares = hierarchical_shares(np.bincount(first_level, minlength=len(top_of)), [top_of], target)
     chosen = [row for cluster, share in enumerate(shares) for row in sorted(
-        np.flatnonzero(first_level == cluster), key=lambda row: draw_rank(ids[row], seed))[:share]]
+        np.flatnonzero(first_level == cluster), key=lambda row: id_rank(ids[row], seed))[:share]]
     counts = np.bincount(labels[chosen], minlength=10)
     return counts.max() / max(1, counts.min())
 
@@ -287,7 +295,10 @@ def main() -> None:
         command.add_argument("--sample", default="mnist-m")
         command.add_argument("--clusters", default={"purity": "10,100", "bound": "30,100,200"}.get(name, "30,10"))
         if name in ("quality", "memory"):
-            command.add_argument("--checkpoint", required=True)
+            named = command.add_mutually_exclusive_group(required=True)
+            named.add_argument("--checkpoint", help="a pretraining run (its newest checkpoint)")
+            named.add_argument("--init-from", help="a SimCLR ResNet's weights (`selfsup export`, or a classifier "
+                                                   "`selfsup finetune --out` wrote)")
     commands.choices["quality"].add_argument("--threshold", default="0.9", help="one, or several: 0.9,0.95,0.97")
     commands.choices["quality"].add_argument("--match", default="0.93", help="curate's --match (or 'off')")
     commands.choices["quality"].add_argument("--target", type=int, default=300)

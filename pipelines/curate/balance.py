@@ -3,7 +3,7 @@ Clustering-Based Approach", 2024): hierarchical k-means over the embeddings, the
 of images sampled evenly over the top-level clusters, each cluster's share split evenly over its
 children, down to the first level's clusters, where images are drawn at random (seeded).
 
-Level 1 clusters the images (k-means trained on an evenly spaced sample of at most
+Level 1 clusters the images (k-means trained on a sample, `id_sample`, of at most
 POINTS_PER_CENTROID images per centroid), level 2 clusters level 1's centroids, and so on: a
 concept that fills many fine clusters still gets one top-level share. Every pass over the
 images streams their embeddings; memory holds the sample, the centroids and the target's ids.
@@ -11,7 +11,6 @@ images streams their embeddings; memory holds the sample, the centroids and the 
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 
 import numpy as np
@@ -22,8 +21,9 @@ from pipelines.curate.duplicates import (
     POINTS_PER_CENTROID,
     Embeddings,
     centroid_index,
+    id_rank,
+    id_sample,
     nearest,
-    spaced_sample,
     spherical_kmeans,
 )
 from pipelines.images.shards import resolve_location
@@ -36,7 +36,7 @@ def cluster_levels(embeddings: Embeddings, counts: tuple[int, ...], seed: int, r
                    batch_rows: int) -> list[np.ndarray]:
     """The centroids of each level, first (finest) to top: level 1 over a sample of the images not
     in `removed`, each next level over the centroids of the one before."""
-    points = spaced_sample(embeddings, counts[0] * POINTS_PER_CENTROID, batch_rows, skip=removed)
+    points = id_sample(embeddings, counts[0] * POINTS_PER_CENTROID, batch_rows, skip=removed)
     levels = []
     for level, count in enumerate(counts):
         points = spherical_kmeans(points, min(count, len(points)), seed + level)
@@ -85,16 +85,11 @@ def hierarchical_shares(sizes: np.ndarray, up: list[np.ndarray], target: int) ->
     return shares
 
 
-def draw_rank(item: str, seed: int) -> int:
-    """A seeded random rank of an id, the same in every process and rerun."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{item}".encode(), digest_size=8).digest(), "big")
-
-
 def assign_and_select(embeddings: Embeddings, levels: list[np.ndarray], target: int | None, seed: int,
                       removed: frozenset, work: str, batch_rows: int) -> tuple[set[str], np.ndarray, np.ndarray]:
     """Writes `work`/CLUSTERS_FILE: every image not in `removed`, its cluster at each level (`cluster`
     = the top level's) and whether it is `selected` (the `target` images of `hierarchical_shares`,
-    each first-level cluster's lowest `draw_rank`s; all of them without a target). Three streaming
+    each first-level cluster's lowest `id_rank`s; all of them without a target). Three streaming
     passes: assign to first-level clusters, draw, write. Returns (the selected ids, images per
     first-level cluster before and after the selection)."""
     filesystem, root = resolve_location(work)
@@ -113,7 +108,7 @@ def assign_and_select(embeddings: Embeddings, levels: list[np.ndarray], target: 
     heaps: list[list[tuple[int, str]]] = [[] for _ in sizes]  # per cluster, a max-heap of (-rank, id)
     for batch in pq.ParquetFile(assigned, filesystem=filesystem).iter_batches(batch_size=batch_rows):
         for item, cluster in zip(batch.column("id").to_pylist(), batch.column("cluster_level1").to_pylist()):
-            rank, heap = draw_rank(item, seed), heaps[cluster]
+            rank, heap = id_rank(item, seed), heaps[cluster]
             if len(heap) < shares[cluster]:
                 heapq.heappush(heap, (-rank, item))
             elif heap and rank < -heap[0][0]:

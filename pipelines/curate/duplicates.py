@@ -4,7 +4,7 @@ Exact duplicates share a `content_hash` (equal encoded bytes); near-duplicates a
 embeddings have a cosine similarity of at least a threshold, found by faiss's exact inner-product
 range search over L2-normalised vectors, and, with a match threshold, whose thumbnails then match
 pixel by pixel (`curate.match`: a crop, recolouring or re-encoding of the other). No process
-holds every embedding: a coarse k-means, trained on an evenly spaced sample of bounded size,
+holds every embedding: a coarse k-means, trained on a sample of bounded size (`id_sample`),
 splits the rows into partitions of about `partition_rows`; every row goes to the partitions of
 its `probes` nearest centroids, so a pair is missed only when neither image has the other's
 partition among its nearest (the same multi-probe idea as an IVF index); each partition is
@@ -15,6 +15,7 @@ keeps its smallest id, so a rerun keeps the same images.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import faiss
@@ -29,6 +30,7 @@ from pipelines.images.decode_tasks import CONTENT_HASH
 from pipelines.images.shards import resolve_location
 from pipelines.outputs.embed import EMBEDDING, THUMBNAIL
 
+SAMPLE_SALT = "k-means sample"  # `id_sample`'s `id_rank`: the same rows for every --seed, not the draw's
 # k-means samples per centroid: faiss's own default cap (it subsamples above it).
 POINTS_PER_CENTROID = 256
 DUPLICATES_FILE = "duplicates.parquet"
@@ -51,10 +53,10 @@ class Embeddings:
     center: tuple[float, ...] | None = None  # subtracted before normalising (`with_center`)
 
     def with_center(self, batch_rows: int, size: int = 100_000) -> Embeddings:
-        """These embeddings, centred on the mean of an evenly spaced sample of `size` rows: features
+        """These embeddings, centred on the mean of a sample of about `size` rows (`id_sample`): features
         after a ReLU are all positive, and their raw cosine says little (unrelated images of the
         MNIST-M sample sit at 0.97, docs/BENCHMARKS.md, "Curation")."""
-        sample = spaced_sample(self, size, batch_rows, unit=False)
+        sample = id_sample(self, size, batch_rows, unit=False)
         return replace(self, center=tuple(float(v) for v in sample.mean(axis=0)))
 
     def unit(self, batch: pa.RecordBatch) -> np.ndarray:
@@ -83,22 +85,30 @@ def unit_vectors(batch: pa.RecordBatch, center=None, unit: bool = True) -> np.nd
     return vectors
 
 
-def spaced_sample(embeddings: Embeddings, size: int, batch_rows: int, skip: frozenset = frozenset(),
-                  unit: bool = True) -> np.ndarray:
-    """About `size` vectors (`Embeddings.unit`'s, or raw when not `unit`) taken evenly over the file
-    order (every k-th row, rows in `skip` left out): a sorted set is sampled over all its classes,
-    and memory holds `size` rows, not the set."""
-    stride, taken, position = max(1, embeddings.rows // max(size, 1)), [], 0
+def id_rank(item: str, salt: int | str) -> int:
+    """A random rank of an id in [0, 2**64) for `salt` (a seed, or a use's name), the same in every
+    process and rerun."""
+    return int.from_bytes(hashlib.blake2b(f"{salt}:{item}".encode(), digest_size=8).digest(), "big")
+
+
+def id_sample(embeddings: Embeddings, size: int, batch_rows: int, skip: frozenset = frozenset(),
+              unit: bool = True) -> np.ndarray:
+    """About `size` vectors (`Embeddings.unit`'s, or raw when not `unit`), rows in `skip` left out,
+    in id order: the rows whose `id_rank` falls in the lowest `size / rows` of its range. Which
+    rows, and their order, depend on the ids alone, not on the files' order (`selfsup embed`
+    writes rows as Ray Data's tasks finish), so a seed gives the same k-means on every rerun;
+    memory holds `size` rows, not the set."""
+    below = (1 << 64) * min(1.0, size / max(embeddings.rows, 1))
+    taken: list[tuple[str, np.ndarray]] = []
     for batch in embeddings.batches(["id", EMBEDDING], batch_rows):
-        picks = list(range(-position % stride, batch.num_rows, stride))  # rows whose overall index divides
-        position += batch.num_rows
-        if skip:
-            ids = batch.column("id").to_pylist()
-            picks = [i for i in picks if ids[i] not in skip]
+        ids = batch.column("id").to_pylist()
+        picks = [i for i, item in enumerate(ids) if item not in skip and id_rank(item, SAMPLE_SALT) < below]
         if picks:
             picked = batch.take(pa.array(picks))
-            taken.append(embeddings.unit(picked) if unit else unit_vectors(picked, unit=False))
-    return np.concatenate(taken) if taken else np.zeros((0, embeddings.dim), np.float32)
+            vectors = embeddings.unit(picked) if unit else unit_vectors(picked, unit=False)
+            taken.extend(zip((ids[i] for i in picks), vectors))
+    taken.sort(key=lambda row: row[0])
+    return np.stack([vector for _, vector in taken]) if taken else np.zeros((0, embeddings.dim), np.float32)
 
 
 def spherical_kmeans(points: np.ndarray, k: int, seed: int, iterations: int = 20) -> np.ndarray:
@@ -145,7 +155,7 @@ def write_partitions(embeddings: Embeddings, folder: str, partition_rows: int, p
     (Equal bytes give equal embeddings, so an exact duplicate shares its original's partitions.)"""
     count = max(1, -(-embeddings.rows // partition_rows))
     if count > 1:
-        index = centroid_index(spherical_kmeans(spaced_sample(embeddings, count * POINTS_PER_CENTROID, batch_rows),
+        index = centroid_index(spherical_kmeans(id_sample(embeddings, count * POINTS_PER_CENTROID, batch_rows),
                                                 count, seed))
     filesystem, root = resolve_location(folder)
     filesystem.create_dir(root, recursive=True)
