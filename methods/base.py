@@ -60,7 +60,7 @@ class LabelFreeObjective:
         if self.spearman is None:
             return (f"its agreement with labels is not measured for {method}: treat the ranking as a screen against "
                     "collapse and give a small labeled --val where you have one")
-        measured = (f"it ranked {self.trials} {method} trials against their kNN at Spearman {self.spearman:+.2f} "
+        measured = (f"it ranked {self.trials} {method} trials against their kNN at Spearman {self.spearman:+.3g} "
                     "(docs/FINDINGS.md, \"Label-free model selection\")")
         if self.spearman < TRUSTED_SPEARMAN:
             return measured + (f", under the {TRUSTED_SPEARMAN:+.1f} a trusted objective needs: give a small labeled "

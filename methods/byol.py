@@ -102,9 +102,9 @@ class BYOL(Method):
     Hyperparameters = BYOLHyperparameters
     lr_scaling = "linear"
     search_space = ["hparams.target_momentum=uniform(0.9, 0.999)", "batch_size=choice(64, 128, 256)"]
-    # The label-free study's best metric for BYOL, on one search of the digits sample: alpha-ReQ, higher
+    # The label-free study's best metric for BYOL, on two searches of the digits sample: alpha-ReQ, higher
     # better (docs/FINDINGS.md, "Label-free model selection", whose row tests/test_tune.py holds these to).
-    label_free = LabelFreeObjective("alpha_req", "max", spearman=0.93, trials=8)
+    label_free = LabelFreeObjective("alpha_req", "max", spearman=0.497, trials=16)
     # Its healthy runs' medians (docs/BENCHMARKS.md, "Health on one scale per method").
     health = HealthScale(embedding_std=0.56, rankme_fraction=0.36)
     smoke_sets = {"views.view1.size": 16, "views.view2.size": 16, "backbone.kwargs.channels": [8, 16, 32, 64],

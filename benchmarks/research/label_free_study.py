@@ -16,7 +16,11 @@ are too close to separate).
 SimCLR's search runs on MNIST-M with the demo's recipe; BYOL, DINO and MAE on the digits sample
 with their "it learns" runs (tests/helpers/runs.py, LEARNS), where their trials differ. A search
 that exists under `--work` is resumed (finished trials are kept), so the command can be stopped
-and run again; `--report-only` reads the finished searches.
+and run again; `--report-only` reads the finished searches, and with `--pool` the trials of kept
+`trials.csv` files as one set:
+
+    python -m benchmarks.research.label_free_study --data data/digits --methods byol --report-only \
+        --pool docs/findings/label_free_digits_byol.csv docs/findings/label_free_digits_byol_heldout.csv
 """
 
 from __future__ import annotations
@@ -79,9 +83,7 @@ def trials(work: str, method: str) -> list[dict]:
     (the trials that reached their last epoch)."""
     path = os.path.join(work, method, "trials.csv")
     if os.path.exists(path):
-        with open(path) as stream:
-            rows = [r for r in csv.DictReader(stream) if r["status"] == "finished" and r.get("lidar")]
-        return [{**r, **{k: float(r[k]) for k in REPORTED}} for r in rows]
+        return csv_trials(path)
     from pipelines.train.tracking import read_history
 
     rows = []
@@ -90,6 +92,13 @@ def trials(work: str, method: str) -> list[dict]:
         if history and history[-1].get("step") == history[-1].get("total_steps") and "lidar" in history[-1]:
             rows.append({"trial_id": os.path.basename(trial), **{k: history[-1][k] for k in REPORTED}})
     return rows
+
+
+def csv_trials(path: str) -> list[dict]:
+    """The finished trials of a search's trials.csv (or a copy kept in docs/findings/)."""
+    with open(path) as stream:
+        rows = [r for r in csv.DictReader(stream) if r["status"] == "finished" and r.get("lidar")]
+    return [{**r, **{k: float(r[k]) for k in REPORTED}} for r in rows]
 
 
 def concordance_by_gap(values: list[float], knn: list[float]) -> list[tuple[float, float, int, float]]:
@@ -157,13 +166,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=12, help="trials per search")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--picture", help="PNG: each label-free metric against kNN, one row per method")
+    parser.add_argument("--pool", nargs="+", metavar="CSV",
+                        help="with --report-only and one method: the study of these trials.csv files as one set")
     args = parser.parse_args()
+    if args.pool and not (args.report_only and len(args.methods) == 1):
+        parser.error("--pool reads kept trials only: give --report-only and one --methods")
     work = os.path.abspath(args.work)
     results = {}
     for method in args.methods:
         if not args.report_only:
             search(method, args.data, work, args.samples)
-        rows = trials(work, method)
+        rows = [row for path in args.pool for row in csv_trials(path)] if args.pool else trials(work, method)
         if len(rows) >= 3:
             results[method] = rows
             print(json.dumps({"method": method, **study(rows)}), flush=True)
