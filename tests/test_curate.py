@@ -153,7 +153,7 @@ def test_balancing_over_clusters_evens_out_a_ten_times_larger_concept(tmp_path):
 def test_the_same_seed_clusters_and_draws_the_same_images_whatever_the_files_order(tmp_path):
     """`selfsup embed` writes its rows in whatever order Ray Data's tasks finish (two embeds of the
     same shards differed), so the clusters must not depend on it: the same rows shuffled into
-    other files give the same centroids, partitions and draw."""
+    other files give the same centre, centroids and draw."""
     vectors, _ = blobs([1200] + [75] * 4, spread=0.3, seed=5)  # 1,500 rows: level 1 samples 1,024
     ids = [f"img{i:05d}" for i in range(len(vectors))]
     order = np.random.default_rng(0).permutation(len(vectors))
