@@ -766,5 +766,15 @@ def _root_cause(error: BaseException) -> str:
     return (errors or lines or [type(error).__name__])[-1]
 
 
+def script() -> None:
+    """The `selfsup` command (and `python -m pipelines.cli`): `main`, then stdout stays off limits
+    until the process ends. Ray's shutdown at exit can still print its raylets' warnings on the
+    driver's stdout, after `main` has handed stdout back (an interrupted run's stdout once held one:
+    docs/BENCHMARKS.md, "Each run's Ray processes")."""
+    code = main()
+    sys.stdout = stdout_while_running()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

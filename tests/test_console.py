@@ -152,3 +152,21 @@ def test_a_command_on_a_terminal_says_at_once_what_it_is_loading(monkeypatch, tm
     opening = f"{clear}[selfsup] pretrain: loading PyTorch and Ray, then checking the inputs{clear}"
     assert terminal.text.startswith(opening) and terminal.text[len(opening):].startswith("selfsup pretrain: error: ")
     assert terminal.text.count("\n") == 1  # the error, one line
+
+
+def test_a_line_printed_on_stdout_after_the_command_has_returned_goes_to_stderr(tmp_path):
+    """Ray's shutdown at exit may print a raylet's warning on the driver's stdout after `main` has
+    returned; the `selfsup` script keeps stdout for the JSON line even then (here: a refused command,
+    then a library's line at exit)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import atexit, sys; atexit.register(lambda: print('a late line from a library')); "
+            "from pipelines.cli import script; "
+            f"sys.argv = ['selfsup', 'prepare', {str(tmp_path / 'missing')!r}, '--out', {str(tmp_path / 'out')!r}]; "
+            "script()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr[-2000:])
+    assert "a late line from a library" in done.stderr and "selfsup prepare: error:" in done.stderr
